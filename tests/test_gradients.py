@@ -1,0 +1,102 @@
+"""The hook-based projected gradients equal the dense projection of exact autograd gradients."""
+
+import pytest
+import torch
+
+from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
+from trackstar.correction import build_correction, rank1_scales
+from trackstar.examples import collate
+from trackstar.gradients import HookProjector, reference_encode
+from trackstar.layers import find_layers
+from trackstar.projection import projection_matrix
+
+
+def hook_encode(model, layers, examples, k, seed, correction, batch_size):
+    proj = HookProjector(model, layers, k, seed, correction, plain=True)
+    rows, plain = [], []
+    with proj.attached():
+        for i in range(0, len(examples), batch_size):
+            c, p = proj.encode_batch(collate(examples[i:i + batch_size], pad_id=0))
+            rows.append(c)
+            plain.append(p)
+    return torch.cat(rows), torch.cat(plain)
+
+
+MODELS = {
+    "llama": lambda: tiny_llama(),
+    "llama_tied": lambda: tiny_llama(tie=True),
+    "gpt2_conv1d": lambda: tiny_gpt2(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["none", "adam_rank1"])
+@pytest.mark.parametrize("query", [False, True])
+def test_hook_path_equals_dense_reference(name, kind, query):
+    model = MODELS[name]()
+    layers = find_layers(model, include_lm_head=True)
+    kinds = {l.kind for l in layers}
+    assert ("conv1d" in kinds) == (name == "gpt2_conv1d")
+    corr = build_correction(kind, layers, random_moments(model), 1e-8)
+    ex = random_examples(7, query=query)
+    ref_c, ref_p = reference_encode(model, layers, ex, 0, k=4, seed=3, correction=corr, rank1=True)
+    for bs in (1, 3, 7):  # batch-size invariance, padding included
+        got_c, got_p = hook_encode(model, layers, ex, 4, 3, corr, bs)
+        torch.testing.assert_close(got_c, ref_c, rtol=1e-4, atol=1e-5 * ref_c.abs().max().item())
+        torch.testing.assert_close(got_p, ref_p, rtol=1e-4, atol=1e-5 * ref_p.abs().max().item())
+    assert ref_c.shape == (7, 16 * len(layers))
+
+
+def test_tied_head_block_is_the_head_usage_only():
+    """With tied embeddings the head block must not include the embedding-lookup gradient."""
+    model = tiny_llama(tie=True)
+    layers = find_layers(model, include_lm_head=True)
+    head = [l for l in layers if l.name == "lm_head"][0]
+    assert head.param_name == "model.embed_tokens.weight"
+    ex = random_examples(2)
+    b = collate(ex[:1], 0)
+    hidden = model.model(input_ids=b["input_ids"]).last_hidden_state.detach().requires_grad_(False)
+    logits = hidden @ model.lm_head.weight.detach().T
+    logits.requires_grad_(True)
+    from trackstar.examples import per_example_loss
+    per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum().backward()
+    G = logits.grad[0].T @ hidden[0]  # sum_t delta_t h_t^T
+    P_out = projection_matrix(3, "lm_head", "out", 4, head.n_out)
+    P_in = projection_matrix(3, "lm_head", "in", 4, head.n_in)
+    want = (P_out @ G @ P_in.T).reshape(-1)
+    got, _ = hook_encode(model, layers, ex[:1], 4, 3, None, 1)
+    i = layers.index(head)
+    torch.testing.assert_close(got[0, i * 16:(i + 1) * 16], want, rtol=1e-4, atol=1e-6)
+
+
+def test_rank1_scales_fit_a_rank1_matrix_exactly():
+    r, c = torch.rand(5) + 0.1, torch.rand(3) + 0.1
+    v = torch.outer(r, c)
+    s_out, s_in = rank1_scales(v, eps=0.0)
+    torch.testing.assert_close(torch.outer(s_out, s_in), v.rsqrt(), rtol=1e-5, atol=0)
+
+
+def test_exact_correction_matches_elementwise_division():
+    model = tiny_llama()
+    layers = find_layers(model)
+    mom = random_moments(model)
+    corr = build_correction("adam", layers, mom, 1e-8)
+    ex = random_examples(2)
+    exact, plain = reference_encode(model, layers, ex, 0, 4, 3, corr)
+    none, _ = reference_encode(model, layers, ex, 0, 4, 3, None)
+    torch.testing.assert_close(plain, none)
+    assert not torch.allclose(exact, none)
+
+
+def test_projection_seed_depends_on_layer_name_only():
+    a = projection_matrix(0, "model.layers.0.mlp.up_proj", "in", 8, 32)
+    b = projection_matrix(0, "model.layers.0.mlp.up_proj", "in", 8, 32)
+    c = projection_matrix(0, "model.layers.1.mlp.up_proj", "in", 8, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(a.var().item() - 1 / 8) < 0.05
+
+
+def test_adam_without_state_is_refused_with_advice():
+    model = tiny_llama()
+    with pytest.raises(Exception, match="estimated"):
+        build_correction("adam_rank1", find_layers(model), None, 1e-8)

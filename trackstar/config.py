@@ -1,0 +1,220 @@
+"""The params.yaml schema: one pydantic model per section, unknown keys and bad values refused.
+
+Each DVC stage reads only its own sections, so an edit invalidates exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where the corpus and queries come from: the generated fact world or the user's files."""
+
+    source: Literal["generate", "files"] = "generate"
+    corpus: str = "inputs/data/corpus.jsonl"  # read when source == files
+    queries: str = "inputs/data/queries.jsonl"
+    seed: int = 0
+    entities: int = Field(200, ge=2)
+    relations: int = Field(4, ge=1)
+    paraphrases: int = Field(3, ge=1)
+    question_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    distractors_per_entity: int = Field(2, ge=0)
+
+
+class ModelParams(_Section):
+    """The checkpoint: trained in the pipeline (source=train) or a user's HF checkpoint directory."""
+
+    source: Literal["train", "checkpoint"] = "train"
+    checkpoint: str = "inputs/checkpoint"
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_length: int = Field(64, ge=8)
+    tie_embeddings: bool = False
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class GradientsParams(_Section):
+    """Which layers' weight gradients are encoded (nn.Linear / GPT-2 Conv1D modules)."""
+
+    include: str = ".*"  # regex on module names
+    exclude: str = "^$"  # regex on module names
+    include_lm_head: bool = True
+    max_length: int = Field(64, ge=4)
+    truncation: Literal["truncate", "refuse"] = "truncate"
+
+
+class CorrectionParams(_Section):
+    """Optimizer second-moment correction g / sqrt(v + eps) (DESIGN §2 step 2)."""
+
+    kind: Literal["adam_rank1", "adam", "estimated", "none"] = "adam_rank1"
+    eps: float = Field(1e-8, gt=0)
+    estimate_samples: int = Field(256, ge=1)  # passages for kind=estimated
+    seed: int = 0
+
+
+class ProjectionParams(_Section):
+    """Per-layer Kronecker projection to k x k; d = k^2 x number of layers."""
+
+    k: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class EncodeParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    chunk_mb: float = Field(32.0, gt=0)
+    compressor: Literal["none", "zstd", "blosc"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_plain: bool = True  # also store uncorrected projections (ladder rungs dot/cosine)
+
+
+class HessianParams(_Section):
+    mix_k: int = Field(100, ge=1)  # eigen-crossing component (1-based), ~1.5 % of d
+    lambda_: Optional[float] = Field(None, alias="lambda", ge=0.0, le=1.0)
+    damping: float = Field(0.001, ge=0)
+    block_diagonal: bool = False
+    train_sample: int = Field(0, ge=0)  # 0 = all training rows
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class IndexParams(_Section):
+    kind: Literal["flat", "ivf_flat", "ivf_pq"] = "flat"
+    nlist: int = Field(64, ge=1)
+    nprobe: int = Field(8, ge=1)
+    pq_m: int = Field(64, ge=1)
+    pq_bits: int = Field(8, ge=1, le=16)
+    opq: bool = False
+    rerank: int = Field(0, ge=0)  # ANN candidates rescored exactly from the store (0 = off)
+    train_sample: int = Field(100_000, ge=1)
+    seed: int = 0
+
+
+class RetrieveParams(_Section):
+    k: int = Field(10, ge=1)
+    methods: list[Literal["dot", "cosine", "optimizer", "r_train", "trackstar"]] = [
+        "dot", "cosine", "optimizer", "r_train"]
+    query_batch: int = Field(1024, ge=1)
+
+
+class Bm25Params(_Section):
+    k: int = Field(10, ge=1)
+    k1: float = Field(1.5, ge=0)
+    b: float = Field(0.75, ge=0, le=1)
+
+
+class EvalParams(_Section):
+    tail_patch_lr: float = Field(1e-5, gt=0)
+    tail_patch_ks: list[int] = [1, 10]
+    tail_patch_queries: int = Field(100, ge=0)  # 0 = skip tail-patch
+    seed: int = 0
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    gradients: GradientsParams = GradientsParams()
+    correction: CorrectionParams = CorrectionParams()
+    projection: ProjectionParams = ProjectionParams()
+    encode: EncodeParams = EncodeParams()
+    hessian: HessianParams = HessianParams()
+    index: IndexParams = IndexParams()
+    retrieve: RetrieveParams = RetrieveParams()
+    bm25: Bm25Params = Bm25Params()
+    eval: EvalParams = EvalParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.model.source == "train" and self.model.hidden_size % self.model.heads:
+            raise ValueError("model.hidden_size must be divisible by model.heads")
+        return self
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _line_of(text: str | None, loc: tuple) -> int | None:
+    """1-based line of a dotted key in the YAML text (None if not found)."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == str(part):
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+def parse_params(raw: dict, path: str = "params.yaml", text: str | None = None) -> Params:
+    """Validate a params mapping; errors name the file, line, dotted key and the valid choices."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            line = _line_of(text, err["loc"])
+            where = f"{path}:{line}" if line else path
+            if err["type"] == "extra_forbidden":
+                valid = ", ".join(_valid_keys(Params, err["loc"]))
+                lines.append(f"{where}: unknown key '{key}' (valid keys here: {valid})")
+            else:
+                lines.append(f"{where}: field '{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (a missing file means all defaults)."""
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return parse_params(raw, str(path), text)

@@ -1,0 +1,176 @@
+"""Per-example loss gradients of linear layers, corrected and randomly projected.
+
+Fast path (`HookProjector`): forward hooks project each layer's input a_t (P_in s_in*a_t) and a
+tensor hook projects its output-gradient delta_t (P_out s_out*delta_t); the k x k block
+sum_t (P_out delta_t)(P_in a_t)^T is the projected per-example weight gradient, never forming
+the n_out x n_in matrix. Weight gradients themselves are not computed (parameters frozen).
+Reference path (`reference_encode`): full per-example gradients by autograd, one example at a
+time, corrected element-wise or by the rank-1 scales, then densely projected.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .correction import Correction, apply_exact, apply_rank1
+from .examples import Example, collate, per_example_loss
+from .layers import Layer, output_head_name
+from .projection import project_dense, projection_matrix
+
+
+class HookProjector:
+    """Computes [B, d] projected (corrected and optionally plain) gradients for a batch."""
+
+    def __init__(self, model: nn.Module, layers: list[Layer], k: int, seed: int,
+                 correction: Correction | None, plain: bool, device: torch.device | str = "cpu"):
+        if correction is not None and correction.exact:
+            raise ValueError("correction.kind: adam is element-wise and cannot run on the hook path; "
+                             "use the reference encoder, or adam_rank1")
+        self.model, self.layers, self.k, self.plain = model, layers, k, plain
+        dev = torch.device(device)
+        self.p_out = {l.name: projection_matrix(seed, l.name, "out", k, l.n_out).to(dev) for l in layers}
+        self.p_in = {l.name: projection_matrix(seed, l.name, "in", k, l.n_in).to(dev) for l in layers}
+        self.scaled = correction is not None and correction.scales is not None
+        if self.scaled:
+            # fold the rank-1 scales into the projections: P diag(s) x = (P * s) x
+            self.c_out = {n: self.p_out[n] * correction.scales[n][0].to(dev) for n in self.p_out}
+            self.c_in = {n: self.p_in[n] * correction.scales[n][1].to(dev) for n in self.p_in}
+        self._mask: torch.Tensor | None = None
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._plain_blocks: dict[str, torch.Tensor] = {}
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return
+            a = inputs[0].float() * self._mask[..., None]
+            a_c = a @ (self.c_in[name] if self.scaled else self.p_in[name]).T
+            a_p = a @ self.p_in[name].T if (self.plain and self.scaled) else None
+
+            def tensor_hook(grad: torch.Tensor):
+                d = grad.float()
+                d_c = d @ (self.c_out[name] if self.scaled else self.p_out[name]).T
+                blk = torch.einsum("btk,btl->bkl", d_c, a_c).flatten(1)
+                self._blocks[name] = self._blocks.get(name, 0) + blk
+                if self.plain:
+                    if a_p is None:  # no correction: plain == corrected
+                        self._plain_blocks[name] = self._blocks[name]
+                    else:
+                        d_p = d @ self.p_out[name].T
+                        pb = torch.einsum("btk,btl->bkl", d_p, a_p).flatten(1)
+                        self._plain_blocks[name] = self._plain_blocks.get(name, 0) + pb
+
+            output.register_hook(tensor_hook)
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator["HookProjector"]:
+        """Register hooks and freeze parameters (activation gradients only) for the duration."""
+        mods = dict(self.model.named_modules())
+        handles = [mods[l.name].register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+        emb = self.model.get_input_embeddings()
+        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+        req = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(req[n])
+
+    def encode_batch(self, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected per-example gradients of one collated batch: (corrected [B, d], plain [B, d] or None)."""
+        dev = next(self.model.parameters()).device
+        ids, att, lm = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
+        self._mask = att.float()
+        self._blocks, self._plain_blocks = {}, {}
+        with torch.enable_grad():
+            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = self.model(input_ids=ids, attention_mask=att).logits
+            per_example_loss(logits, ids, lm).sum().backward()
+        zeros = torch.zeros(ids.shape[0], self.k * self.k, device=dev)
+        out = torch.cat([self._blocks.get(l.name, zeros) for l in self.layers], dim=1)
+        plain = torch.cat([self._plain_blocks.get(l.name, zeros) for l in self.layers], dim=1) if self.plain else None
+        self._blocks, self._plain_blocks, self._mask = {}, {}, None
+        return out, plain
+
+
+@contextmanager
+def _untied_head(model: nn.Module) -> Iterator[None]:
+    """Give a tied output head its own weight copy, so its gradient is the head's usage only
+    (what the hook path sees), not the sum with the input-embedding lookup."""
+    head_name = output_head_name(model)
+    head = dict(model.named_modules()).get(head_name) if head_name else None
+    emb = model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        yield
+        return
+    shared = head.weight
+    head.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    try:
+        yield
+    finally:
+        head.weight = shared
+
+
+def per_example_grads(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+    """Full weight gradients per example, (out, in) orientation, by plain autograd one at a time."""
+    mods = dict(model.named_modules())
+    with _untied_head(model):
+        weights = {l.name: mods[l.name].weight for l in layers}
+        for ex in examples:
+            b = collate([ex], pad_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum()
+            grads = torch.autograd.grad(loss, [weights[l.name] for l in layers], allow_unused=True)
+            yield {l.name: (l.weight_grad_out_in(g).float() if g is not None else
+                            torch.zeros(l.n_out, l.n_in)) for l, g in zip(layers, grads)}
+
+
+def reference_encode(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int,
+                     k: int, seed: int, correction: Correction | None, rank1: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-example gradients, corrected (element-wise, or rank-1 scales if `rank1`) and densely
+    projected with the same seeded matrices as the hook path: (corrected [N, d], plain [N, d])."""
+    p = {l.name: (projection_matrix(seed, l.name, "out", k, l.n_out), projection_matrix(seed, l.name, "in", k, l.n_in))
+         for l in layers}
+    rows, plain_rows = [], []
+    for g in per_example_grads(model, layers, examples, pad_id):
+        cor, pl = [], []
+        for l in layers:
+            G = g[l.name]
+            pl.append(project_dense(G, *p[l.name]))
+            if correction is None or correction.kind == "none":
+                Gc = G
+            elif rank1:
+                Gc = apply_rank1(G, *correction.scales[l.name])
+            else:
+                Gc = apply_exact(G, correction.v[l.name], correction.eps)
+            cor.append(project_dense(Gc, *p[l.name]))
+        rows.append(torch.cat(cor))
+        plain_rows.append(torch.cat(pl))
+    return torch.stack(rows), torch.stack(plain_rows)
+
+
+def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int
+                            ) -> dict[str, torch.Tensor]:
+    """Mean squared per-example gradient over `examples`, keyed by parameter name (Adam's v stand-in)."""
+    acc = {l.name: torch.zeros(l.n_out, l.n_in, dtype=torch.float64) for l in layers}
+    n = 0
+    for g in per_example_grads(model, layers, examples, pad_id):
+        for l in layers:
+            acc[l.name] += g[l.name].double() ** 2
+        n += 1
+    if n == 0:
+        raise ValueError("cannot estimate second moments from zero examples")
+    # back to parameter names and the parameter's own orientation
+    return {l.param_name: l.weight_grad_out_in((acc[l.name] / n).float()) for l in layers}
