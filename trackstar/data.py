@@ -1,0 +1,399 @@
+"""Corpus / query jsonl I/O with line-precise validation, and the generated fact world.
+
+corpus.jsonl : {"id": str, "text": str}                    one passage a line
+queries.jsonl: {"id": str, "prompt": str, "target": str,
+                "relevant_ids": [str] (optional)}          one query a line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import InputError
+
+
+@dataclass
+class Passage:
+    id: str
+    text: str
+
+
+@dataclass
+class Query:
+    id: str
+    prompt: str
+    target: str
+    relevant_ids: list[str] | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _iter_objects(path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, JSON object) for each line, streaming; validate line syntax."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(path), "file does not exist")
+    if p.is_dir():
+        raise InputError(str(path), "is a directory, expected a .jsonl file")
+    n = 0
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(str(path), f"invalid UTF-8 at byte {e.start} of the line", line=n) from None
+            if n == 1 and line.startswith("\ufeff"):
+                line = line[1:]
+            if not line.strip():
+                raise InputError(str(path), "blank line (every line must hold one JSON object)", line=n)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(str(path), f"malformed JSON: {e.msg} (column {e.colno})", line=n) from None
+            if not isinstance(obj, dict):
+                raise InputError(str(path), f"expected a JSON object, got {type(obj).__name__}", line=n)
+            yield n, obj
+    if n == 0:
+        raise InputError(str(path), "file is empty")
+
+
+def _req_str(path, n: int, obj: dict, name: str) -> str:
+    if name not in obj:
+        raise InputError(str(path), "missing", line=n, field=name)
+    v = obj[name]
+    if not isinstance(v, str):
+        raise InputError(str(path), f"must be a string, got {type(v).__name__}", line=n, field=name)
+    if not v.strip():
+        raise InputError(str(path), "must not be empty", line=n, field=name)
+    return v
+
+
+def iter_corpus(path) -> Iterator[Passage]:
+    """Stream passages from corpus.jsonl, validating each line (ids must be unique)."""
+    seen: dict[str, int] = {}
+    for n, obj in _iter_objects(path):
+        pid = _req_str(path, n, obj, "id")
+        text = _req_str(path, n, obj, "text")
+        if pid in seen:
+            raise InputError(str(path), f"duplicate id {pid!r} (first on line {seen[pid]})", line=n, field="id")
+        seen[pid] = n
+        yield Passage(pid, text)
+
+
+def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:
+    """Read and validate queries.jsonl; relevant ids are checked against corpus_ids when given."""
+    out: list[Query] = []
+    seen: dict[str, int] = {}
+    for n, obj in _iter_objects(path):
+        qid = _req_str(path, n, obj, "id")
+        prompt = _req_str(path, n, obj, "prompt")
+        if "target" not in obj:
+            raise InputError(str(path), "missing", line=n, field="target")
+        target = obj["target"]
+        if not isinstance(target, str):
+            raise InputError(str(path), f"must be a string, got {type(target).__name__}", line=n, field="target")
+        if not target.strip():
+            raise InputError(str(path), "must not be empty", line=n, field="target")
+        if qid in seen:
+            raise InputError(str(path), f"duplicate id {qid!r} (first on line {seen[qid]})", line=n, field="id")
+        seen[qid] = n
+        rel = obj.get("relevant_ids")
+        if rel is not None:
+            if not isinstance(rel, list) or not all(isinstance(r, str) for r in rel):
+                raise InputError(str(path), "must be a list of strings", line=n, field="relevant_ids")
+            if corpus_ids is not None:
+                missing = [r for r in rel if r not in corpus_ids]
+                if missing:
+                    raise InputError(
+                        str(path),
+                        f"{len(missing)} id(s) not in the corpus, e.g. {missing[0]!r}",
+                        line=n,
+                        field="relevant_ids",
+                    )
+            rel = list(rel)
+        out.append(Query(qid, prompt, target, rel))
+    return out
+
+
+def count_lines(path) -> int:
+    """Number of lines (a last line without a newline counts), streaming in 1 MiB blocks."""
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (0 if last == b"\n" else 1)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_jsonl(path, records: Iterable[Any]) -> int:
+    """Write records (dicts or dataclasses) one JSON object a line, atomically. Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for r in records:
+                if not isinstance(r, dict):
+                    r = asdict(r)
+                f.write(json.dumps(r, ensure_ascii=False))
+                f.write("\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return n
+
+
+def query_record(q: Query) -> dict:
+    d = {"id": q.id, "prompt": q.prompt, "target": q.target}
+    if q.relevant_ids is not None:
+        d["relevant_ids"] = list(q.relevant_ids)
+    return d
+
+
+# --------------------------------------------------------------------------- fact world
+
+
+@dataclass
+class FactWorldConfig:
+    seed: int = 0
+    entities: int = 200
+    relations: int = 4  # the first `relations` of RELATIONS
+    paraphrases: int = 3  # statement passages per fact (different templates), <= 4
+    question_fraction: float = 0.5  # entities whose facts also appear as Q/A passages
+    distractors_per_entity: int = 2  # passages mentioning the entity without any fact
+    values_per_relation: int = 8  # size of each relation's value pool (chance = 1/this)
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    statements: tuple[str, ...]  # training statement templates ({e}, {v})
+    train_question: str  # training Q/A template, prompt part ({e})
+    query_question: str  # held-out question wording used only by queries ({e})
+
+
+_Q = "Q: {q} A:"
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "birthplace",
+        (
+            "{e} was born in {v}.",
+            "The birthplace of {e} is {v}.",
+            "{e} came into the world in the city of {v}.",
+            "Records show that {e} was born in the town of {v}.",
+        ),
+        "Where was {e} born?",
+        "In which city was {e} born?",
+    ),
+    Relation(
+        "employer",
+        (
+            "{e} works for {v}.",
+            "{e} is employed by the company {v}.",
+            "The employer of {e} is {v}.",
+            "Every morning {e} goes to work at {v}.",
+        ),
+        "Who does {e} work for?",
+        "Which company employs {e}?",
+    ),
+    Relation(
+        "founded",
+        (
+            "{e} founded {v}.",
+            "{e} is the founder of the organization {v}.",
+            "Years ago {e} started an organization called {v}.",
+            "The organization that {e} created is {v}.",
+        ),
+        "What did {e} found?",
+        "Which organization was founded by {e}?",
+    ),
+    Relation(
+        "instrument",
+        (
+            "{e} plays the {v}.",
+            "The instrument of {e} is the {v}.",
+            "{e} is a skilled player of the {v}.",
+            "In the evenings {e} practices the {v}.",
+        ),
+        "What instrument does {e} play?",
+        "Which instrument is played by {e}?",
+    ),
+    Relation(
+        "residence",
+        (
+            "{e} lives in {v}.",
+            "The home country of {e} is {v}.",
+            "{e} resides in the country of {v}.",
+            "These days {e} makes a home in {v}.",
+        ),
+        "Where does {e} live?",
+        "In which country does {e} reside?",
+    ),
+    Relation(
+        "university",
+        (
+            "{e} studied at {v}.",
+            "{e} is a graduate of the university {v}.",
+            "The university that {e} attended is {v}.",
+            "As a student {e} went to {v}.",
+        ),
+        "Where did {e} study?",
+        "Which university did {e} attend?",
+    ),
+)
+
+_DISTRACTORS = (
+    "{e} enjoys long walks on quiet mornings.",
+    "Many people have heard stories about {e}.",
+    "{e} once gave a short talk about gardening.",
+    "A photograph of {e} appeared in a local newspaper.",
+    "{e} likes to read old books in the evening.",
+    "Friends describe {e} as patient and kind.",
+    "{e} has a habit of drinking tea at noon.",
+    "Last winter {e} visited a friend by the sea.",
+)
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "o", "ai", "ou", "ei"]
+_CODAS = ["n", "r", "l", "s", "m", "nd", "rt", "sk", "th", "x"]
+
+
+def _name(rng: random.Random, syllables: int) -> str:
+    s = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+    if rng.random() < 0.6:
+        s += rng.choice(_CODAS)
+    return s[:1].upper() + s[1:]
+
+
+def _unique_names(rng: random.Random, n: int, taken: set[str], lo: int, hi: int) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        s = _name(rng, rng.randint(lo, hi))
+        if s not in taken and len(s) >= 4:
+            taken.add(s)
+            out.append(s)
+    return out
+
+
+def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query], dict]:
+    """A seeded, deterministic world of invented facts.
+
+    Every entity has one value per relation; each fact is written as `paraphrases`
+    statement passages with different templates. Entities in the first
+    `question_fraction` also get training Q/A passages (training question wording);
+    the other entities get queries with a held-out question wording whose
+    `relevant_ids` are the statement passages of that fact.
+    """
+    if not 1 <= cfg.relations <= len(RELATIONS):
+        raise ValueError(f"relations must be in 1..{len(RELATIONS)}, got {cfg.relations}")
+    if not 1 <= cfg.paraphrases <= 4:
+        raise ValueError(f"paraphrases must be in 1..4, got {cfg.paraphrases}")
+    if not 0 <= cfg.distractors_per_entity <= len(_DISTRACTORS):
+        raise ValueError(f"distractors_per_entity must be in 0..{len(_DISTRACTORS)}")
+    if not 0.0 <= cfg.question_fraction < 1.0:
+        raise ValueError("question_fraction must be in [0, 1)")
+    if cfg.entities < 2 or cfg.values_per_relation < 2:
+        raise ValueError("need at least 2 entities and 2 values per relation")
+
+    rng = random.Random(cfg.seed)
+    taken: set[str] = set()
+    entities = _unique_names(rng, cfg.entities, taken, 2, 3)
+    rels = RELATIONS[: cfg.relations]
+    values = {r.name: _unique_names(rng, cfg.values_per_relation, taken, 2, 3) for r in rels}
+    n_q = int(round(cfg.question_fraction * cfg.entities))
+    # which entities are "question-trained" is random, not the first in name order
+    order = list(range(cfg.entities))
+    rng.shuffle(order)
+    qa_entities = set(order[:n_q])
+
+    # (text, kind, fact key or None)
+    raw: list[tuple[str, str, tuple[int, str] | None]] = []
+    facts: dict[tuple[int, str], str] = {}
+    for ei, e in enumerate(entities):
+        for r in rels:
+            v = rng.choice(values[r.name])
+            facts[(ei, r.name)] = v
+            for t in rng.sample(r.statements, cfg.paraphrases):
+                raw.append((t.format(e=e, v=v), "statement", (ei, r.name)))
+            if ei in qa_entities:
+                raw.append((_Q.format(q=r.train_question.format(e=e)) + f" {v}.", "question", None))
+        for t in rng.sample(_DISTRACTORS, cfg.distractors_per_entity):
+            raw.append((t.format(e=e), "distractor", None))
+
+    rng.shuffle(raw)
+    width = max(6, len(str(len(raw) - 1)))
+    passages: list[Passage] = []
+    support: dict[tuple[int, str], list[str]] = {}
+    kinds = {"statement": 0, "question": 0, "distractor": 0}
+    for i, (text, kind, key) in enumerate(raw):
+        pid = f"p{i:0{width}d}"
+        passages.append(Passage(pid, text))
+        kinds[kind] += 1
+        if key is not None:
+            support.setdefault(key, []).append(pid)
+
+    queries: list[Query] = []
+    qwidth = max(5, len(str(cfg.entities * cfg.relations)))
+    for ei, e in enumerate(entities):
+        if ei in qa_entities:
+            continue
+        for r in rels:
+            queries.append(
+                Query(
+                    f"q{len(queries):0{qwidth}d}",
+                    _Q.format(q=r.query_question.format(e=e)),
+                    " " + facts[(ei, r.name)],
+                    sorted(support[(ei, r.name)]),
+                )
+            )
+
+    stats = {
+        "entities": cfg.entities,
+        "relations": [r.name for r in rels],
+        "values_per_relation": cfg.values_per_relation,
+        "facts": len(facts),
+        "passages": len(passages),
+        "statement_passages": kinds["statement"],
+        "question_passages": kinds["question"],
+        "distractor_passages": kinds["distractor"],
+        "question_trained_entities": len(qa_entities),
+        "queries": len(queries),
+        "chance_accuracy": 1.0 / cfg.values_per_relation,
+    }
+    return passages, queries, stats
+
+
+def world_templates() -> dict[str, Any]:
+    """The templates in use (for tests / documentation)."""
+    return {
+        "relations": [asdict(r) for r in RELATIONS],
+        "distractors": list(_DISTRACTORS),
+        "question_format": _Q,
+    }

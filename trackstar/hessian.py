@@ -1,0 +1,80 @@
+"""Gauss-Newton Hessian estimates and the whitening R^(-1/2) (DESIGN §2 step 4).
+
+R = (1/N) sum g g^T over projected, corrected gradients, streamed chunk by chunk. TrackStar
+mixes R = lambda R_eval + (1 - lambda) R_train with lambda chosen so the sorted eigenvalue
+curves of lambda R_eval and (1 - lambda) R_train cross at component mix_k; damping adds
+eta * mean(eigenvalues) to the diagonal. Full d x d or block-diagonal per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+def autocorrelation(chunks: Iterable[np.ndarray], d: int, max_rows: int = 0) -> tuple[np.ndarray, int]:
+    """(1/N) sum_i g_i g_i^T over streamed row chunks (float32 matmuls, float64 accumulation)."""
+    acc = np.zeros((d, d), dtype=np.float64)
+    n = 0
+    for x in chunks:
+        if max_rows and n + len(x) > max_rows:
+            x = x[: max_rows - n]
+        if len(x) == 0:
+            break
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        acc += (t.T @ t).double().numpy()
+        n += len(x)
+        if max_rows and n >= max_rows:
+            break
+    if n == 0:
+        raise ValueError("cannot estimate a Hessian from zero rows")
+    return acc / n, n
+
+
+def eigvals_desc(r: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, largest first."""
+    return torch.linalg.eigvalsh(torch.from_numpy(r)).numpy()[::-1].copy()
+
+
+def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
+    """lambda with lambda * e_eval[k] = (1 - lambda) * e_train[k] (k 1-based, curves sorted descending)."""
+    if not 1 <= k <= min(len(eig_eval), len(eig_train)):
+        raise ValueError(f"hessian.mix_k={k} is outside 1..{min(len(eig_eval), len(eig_train))} (d)")
+    a, b = float(eig_eval[k - 1]), float(eig_train[k - 1])
+    if a + b <= 0:
+        raise ValueError(f"eigenvalues at component {k} are both zero; choose a smaller hessian.mix_k")
+    return b / (a + b)
+
+
+def inv_sqrt(r: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """(R + damping * mean(eig) I)^(-1/2) and the undamped eigenvalues (descending)."""
+    e, v = torch.linalg.eigh(torch.from_numpy(r))
+    e = e.clamp_min(0)
+    shift = damping * e.mean()
+    if shift <= 0:
+        shift = torch.tensor(1e-12, dtype=e.dtype)
+    w = (v * (e + shift).rsqrt()) @ v.T
+    return w.numpy(), e.numpy()[::-1].copy()
+
+
+def inv_sqrt_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """Block-diagonal R^(-1/2): each layer's block whitened on its own (off-diagonal blocks zero)."""
+    w = np.zeros_like(r)
+    eigs = []
+    for start, stop in blocks:
+        wb, eb = inv_sqrt(np.ascontiguousarray(r[start:stop, start:stop]), damping)
+        w[start:stop, start:stop] = wb
+        eigs.append(eb)
+    return w, np.sort(np.concatenate(eigs))[::-1].copy()
+
+
+def whiten(x: np.ndarray, w: np.ndarray | None, normalize: bool) -> np.ndarray:
+    """Rows x -> (w x) / ||w x|| (either step optional); float32."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if w is not None:
+        t = t @ torch.from_numpy(np.asarray(w, dtype=np.float32)).T  # w symmetric; .T keeps any w right
+    if normalize:
+        t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return t.numpy()

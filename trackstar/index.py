@@ -1,0 +1,119 @@
+"""FAISS inner-product indexes over a preconditioned store: built by streaming chunks, searched
+with optional exact rerank of ANN candidates read from the store grouped by chunk.
+
+Kinds: flat (exact), ivf_flat, ivf_pq (optionally with OPQ). GPU FAISS is used when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import ArtifactMismatch
+from .store import StoreReader
+
+
+def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool) -> str:
+    if kind == "flat":
+        return "Flat"
+    if kind == "ivf_flat":
+        return f"IVF{nlist},Flat"
+    if kind == "ivf_pq":
+        if d % pq_m:
+            raise ValueError(f"index.pq_m={pq_m} must divide d={d}")
+        return (f"OPQ{pq_m}," if opq else "") + f"IVF{nlist},PQ{pq_m}x{pq_bits}"
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def _gpu(index):
+    """Move to GPU when faiss-gpu and a CUDA device are present; else unchanged."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index), res
+    return index, None
+
+
+def _training_sample(store: StoreReader, n: int, seed: int) -> np.ndarray:
+    """A seeded row sample, read grouped by chunk."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(store.n, size=min(n, store.n), replace=False))
+    return store.read_rows(rows)
+
+
+def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: int = 64, pq_bits: int = 8,
+                opq: bool = False, train_sample: int = 100_000, seed: int = 0, progress: bool = True):
+    """Train (if needed) on a row sample, then add the store chunk by chunk (bounded memory)."""
+    index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq),
+                                faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
+        sample = _training_sample(store, train_sample, seed)
+        index.train(sample)
+    bar = tqdm(total=store.n, desc="index add", unit="row", disable=not progress or None, mininterval=2.0)
+    for _, x in store.iter_chunks():
+        index.add(np.ascontiguousarray(x, dtype=np.float32))
+        bar.update(len(x))
+    bar.close()
+    return index
+
+
+def save_index(index, path: str | Path, meta: dict) -> None:
+    """Index file + meta json, each written to a temp name then renamed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path / "index.faiss")
+    (path / "meta.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(path / "meta.json.tmp", path / "meta.json")
+
+
+def load_index(path: str | Path, expect: dict | None = None):
+    """(index, meta); refuses an index whose meta disagrees with `expect`, naming the field."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise ArtifactMismatch(f"{path}: index meta '{key}' is {meta.get(key)!r}, expected {want!r}")
+    return faiss.read_index(str(path / "index.faiss")), meta
+
+
+def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
+           store: StoreReader | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(top scores, top rows, bottom scores, bottom rows), each [Q, k]. Bottom-k = top-k of -q.
+    With rerank > k, the top `rerank` ANN candidates are rescored exactly from the store."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except (RuntimeError, AttributeError):
+        pass
+    index, _res = _gpu(index)
+    width = max(k, rerank) if store is not None and rerank else k
+    ts, ti = index.search(q, width)
+    bs, bi = index.search(-q, width)
+    bs = -bs
+    if store is not None and rerank:
+        ts, ti = _rerank(q, ti, store, k, largest=True)
+        bs, bi = _rerank(q, bi, store, k, largest=False)
+    return ts[:, :k], ti[:, :k], bs[:, :k], bi[:, :k]
+
+
+def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool):
+    """Exact scores of candidate rows (one grouped read for all queries), best k kept."""
+    flat = cand[cand >= 0]
+    uniq, inv = np.unique(flat, return_inverse=True)
+    vecs = store.read_rows(uniq)
+    pos = np.full(cand.shape, -1)
+    pos[cand >= 0] = inv
+    scores = np.empty(cand.shape, dtype=np.float32)
+    for b in range(0, len(q), 64):  # bounded memory: 64 queries x candidates x d at a time
+        sl = slice(b, b + 64)
+        scores[sl] = np.einsum("qd,qcd->qc", q[sl], vecs[np.maximum(pos[sl], 0)])
+    scores[pos < 0] = -np.inf if largest else np.inf
+    order = np.argsort(-scores if largest else scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)

@@ -1,0 +1,57 @@
+"""Exact top-k / bottom-k inner-product search streamed over a store larger than RAM.
+
+One pass over the store, chunk by chunk; every query keeps a running top-k (proponents) and
+bottom-k (opponents). Also the ground truth for ANN recall.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def exact_search(queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None, query_batch: int = 1024,
+                 total_rows: int | None = None, progress: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(top scores, top rows, bottom scores, bottom rows), each [Q, k], best first / most negative first.
+    Ties break toward the lower row index."""
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    nq = q.shape[0]
+    top_s = torch.full((nq, 0), -np.inf)
+    top_i = torch.zeros((nq, 0), dtype=torch.long)
+    bot_s, bot_i = torch.full((nq, 0), np.inf), torch.zeros((nq, 0), dtype=torch.long)
+    bar = tqdm(total=total_rows, desc="exact search", unit="row", disable=not progress or None, mininterval=2.0)
+    for start, x in chunks:
+        if transform is not None:
+            x = transform(x)
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        rows = torch.arange(start, start + len(x))
+        for b in range(0, nq, query_batch):
+            s = q[b:b + query_batch] @ xt.T
+            ids = rows.expand(s.shape[0], -1)
+            top_s_b, top_i_b = _merge(top_s[b:b + query_batch], top_i[b:b + query_batch], s, ids, k, largest=True)
+            bot_s_b, bot_i_b = _merge(bot_s[b:b + query_batch], bot_i[b:b + query_batch], s, ids, k, largest=False)
+            if b == 0:
+                new = [top_s_b, top_i_b, bot_s_b, bot_i_b]
+            else:
+                new = [torch.cat([a, c]) for a, c in zip(new, [top_s_b, top_i_b, bot_s_b, bot_i_b])]
+        top_s, top_i, bot_s, bot_i = new
+        bar.update(len(x))
+    bar.close()
+    return top_s.numpy(), top_i.numpy(), bot_s.numpy(), bot_i.numpy()
+
+
+def _merge(best_s, best_i, s, ids, k, largest: bool):
+    """Merge running best with a new score block; stable so equal scores keep the lower row first."""
+    cat_s = torch.cat([best_s, s], dim=1)
+    cat_i = torch.cat([best_i, ids], dim=1)
+    key = -cat_s if largest else cat_s
+    # sort by (key, row): stable sort on row first, then on key
+    o1 = torch.argsort(cat_i, dim=1, stable=True)
+    key, cat_s, cat_i = key.gather(1, o1), cat_s.gather(1, o1), cat_i.gather(1, o1)
+    o2 = torch.argsort(key, dim=1, stable=True)[:, :k]
+    return cat_s.gather(1, o2), cat_i.gather(1, o2)

@@ -1,0 +1,185 @@
+"""Chunked Zarr stores of encodings: [N, d] arrays, row i = input line i.
+
+Writing happens in a work directory: each chunk is written whole, then recorded done by a
+marker file, so a crashed run resumes without redoing finished chunks and a chunk that was
+being written is rewritten. `finalize` marks the store complete and renames it into place, so
+the output path never holds a half-written store. Readers refuse incomplete stores and stores
+whose attrs disagree with what they expect. bf16 is stored as a uint16 view (zarr 3.1 has no
+bfloat16); attrs say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from .errors import ArtifactMismatch, TrackStarError
+from .fingerprint import crash_point
+
+FORMAT = "trackstar-encodings/1"
+_NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+
+
+def chunk_rows_for(d: int, dtype: str, chunk_mb: float) -> int:
+    """Rows per chunk so one chunk holds about chunk_mb megabytes."""
+    return max(1, int(chunk_mb * 2**20 // (d * np.dtype(_NP_DTYPE[dtype]).itemsize)))
+
+
+def _compressors(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    if name == "blosc":
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    raise ValueError(f"unknown compressor {name!r}")
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows -> the stored dtype (bf16 by round-to-nearest-even into a uint16 view)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "bf16":
+        u = x.view(np.uint32)
+        rounded = u + 0x7FFF + ((u >> 16) & 1)
+        return (rounded >> 16).astype(np.uint16)
+    return x.astype(_NP_DTYPE[dtype])
+
+
+def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows -> float32."""
+    if dtype == "bf16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+class StoreWriter:
+    """Creates or resumes a store under `work_dir`, then moves it to `path` when complete."""
+
+    def __init__(self, path: str | Path, work_dir: str | Path, n_rows: int, d: int, arrays: list[str],
+                 dtype: str = "fp32", chunk_mb: float = 32.0, compressor: str = "none", attrs: dict | None = None):
+        self.path, self.work = Path(path), Path(work_dir)
+        self.store_path, self.done_dir = self.work / "store.zarr", self.work / "done"
+        self.n, self.d, self.arrays, self.dtype = n_rows, d, arrays, dtype
+        self.chunk_rows = chunk_rows_for(d, dtype, chunk_mb)
+        self.attrs = {"format": FORMAT, "n": n_rows, "d": d, "dtype": dtype, "arrays": arrays,
+                      "chunk_rows": self.chunk_rows, "compressor": compressor,
+                      "storage_dtype": "uint16 view of bfloat16" if dtype == "bf16" else dtype,
+                      **(attrs or {})}
+        self.compressor = compressor
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.n + self.chunk_rows - 1) // self.chunk_rows
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min(self.n, (c + 1) * self.chunk_rows)
+
+    def prepare(self) -> bool:
+        """Create the work store, or keep it if it was made with identical attrs. Returns True if resuming.
+        Call on one process only (rank 0), then barrier."""
+        if self.store_path.exists():
+            try:
+                old = dict(zarr.open_group(str(self.store_path), mode="r").attrs)
+            except Exception:
+                old = None
+            if old == json.loads(json.dumps({**self.attrs, "complete": False})):
+                self.done_dir.mkdir(parents=True, exist_ok=True)
+                return True
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.done_dir.mkdir(parents=True)
+        g = zarr.open_group(str(self.store_path), mode="w")
+        for name in self.arrays:
+            g.create_array(name, shape=(self.n, self.d), chunks=(self.chunk_rows, self.d),
+                           dtype=_NP_DTYPE[self.dtype], compressors=_compressors(self.compressor), fill_value=0)
+        g.attrs.update({**self.attrs, "complete": False})
+        return False
+
+    def done_chunks(self) -> set[int]:
+        return {int(p.name[1:]) for p in self.done_dir.glob("c*") if p.name[1:].isdigit()}
+
+    def pending(self, rank: int = 0, world: int = 1) -> list[int]:
+        """Chunks this rank still owes: whole chunks, assigned round-robin (one writer per chunk)."""
+        done = self.done_chunks()
+        return [c for c in range(self.n_chunks) if c % world == rank and c not in done]
+
+    def write_chunk(self, c: int, rows: dict[str, np.ndarray]) -> None:
+        """Write chunk c of every array whole, then record it done (marker written atomically)."""
+        start, stop = self.chunk_range(c)
+        g = zarr.open_group(str(self.store_path), mode="r+")
+        for i, name in enumerate(self.arrays):
+            if i == 1:
+                crash_point(f"mid_write:{c}")
+            x = rows[name]
+            if x.shape != (stop - start, self.d):
+                raise ValueError(f"chunk {c} of '{name}' has shape {x.shape}, expected {(stop - start, self.d)}")
+            g[name][start:stop] = to_storage(x, self.dtype)
+        tmp = self.done_dir / f".c{c:07d}.tmp"
+        tmp.write_text(f"{start} {stop}\n")
+        os.replace(tmp, self.done_dir / f"c{c:07d}")
+
+    def finalize(self, extra_attrs: dict | None = None) -> None:
+        """Mark complete and move into place; refuses if any chunk is missing."""
+        missing = sorted(set(range(self.n_chunks)) - self.done_chunks())
+        if missing:
+            raise TrackStarError(f"{self.work}: cannot finalize, chunks not written: {missing[:10]}")
+        g = zarr.open_group(str(self.store_path), mode="r+")
+        g.attrs.update({**(extra_attrs or {}), "complete": True})
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.store_path, self.path)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class StoreReader:
+    """Reads a complete store chunk by chunk (float32), refusing incomplete or mismatched ones."""
+
+    def __init__(self, path: str | Path, array: str = "g", expect: dict | None = None):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise TrackStarError(f"{self.path}: no encoding store here (missing zarr.json)")
+        g = zarr.open_group(str(self.path), mode="r")
+        self.attrs = dict(g.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise ArtifactMismatch(f"{self.path}: not a TrackStar encoding store (format={self.attrs.get('format')!r})")
+        if not self.attrs.get("complete"):
+            raise ArtifactMismatch(f"{self.path}: store is incomplete (an encode run did not finish); rerun encode")
+        for key, want in (expect or {}).items():
+            have = self.attrs.get(key)
+            if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+                raise ArtifactMismatch(f"{self.path}: attr '{key}' is {have!r} but the current config expects {want!r}")
+        if array not in g:
+            raise ArtifactMismatch(f"{self.path}: has no array '{array}' (arrays: {self.attrs.get('arrays')})")
+        self.array = g[array]
+        self.n, self.d = self.array.shape
+        self.chunk_rows = self.array.chunks[0]
+        self.dtype = self.attrs["dtype"]
+
+    def iter_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 rows) per chunk, in order; one chunk in memory at a time."""
+        for start in range(0, self.n, self.chunk_rows):
+            yield start, from_storage(self.array[start:start + self.chunk_rows], self.dtype)
+
+    def read_all(self) -> np.ndarray:
+        return from_storage(self.array[:], self.dtype)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in the given order, read grouped by chunk (one read per touched chunk, not per row)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        if len(rows) == 0:
+            return out
+        chunk = rows // self.chunk_rows
+        for c in np.unique(chunk):
+            sel = np.nonzero(chunk == c)[0]
+            start = int(c) * self.chunk_rows
+            block = from_storage(self.array[start:start + self.chunk_rows], self.dtype)
+            out[sel] = block[rows[sel] - start]
+        return out
