@@ -137,3 +137,17 @@ def test_deterministic():
     a = bm25_search(CORPUS, QUERIES, k=9)
     b = bm25_search(iter(CORPUS), iter(QUERIES), k=9)
     assert a == b
+
+
+def test_top_k_selection_stable_under_ties():
+    import numpy as np
+
+    from trackstar.bm25 import _top_k_stable
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        s = rng.choice([0.0, 0.5, 1.0, 2.0, -1.0], size=n) * rng.choice([1, 0], size=n)
+        k = int(rng.integers(1, 70))
+        ref = sorted(range(n), key=lambda i: (-s[i], i))[:k]
+        assert list(_top_k_stable(s, k)) == ref

@@ -38,12 +38,17 @@ def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, n)
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    if k < n:
-        kth = np.partition(scores, n - k)[n - k]  # the k-th largest value
-        cand = np.flatnonzero(scores >= kth)  # ascending index order
-    else:
-        cand = np.arange(n)
-    order = np.argsort(-scores[cand], kind="stable")
+    # Most passages score exactly 0 (no shared word); selecting among the positive ones
+    # first avoids np.partition on a mostly-constant array, which is very slow.
+    cand = np.flatnonzero(scores > 0)
+    if cand.shape[0] < k:
+        cand = np.arange(n)  # too few matches: rank everything (zeros follow in corpus order)
+    sub = scores[cand]
+    if k < cand.shape[0]:
+        kth = np.partition(sub, sub.shape[0] - k)[sub.shape[0] - k]  # the k-th largest value
+        keep = sub >= kth
+        cand, sub = cand[keep], sub[keep]  # still in ascending index order
+    order = np.argsort(-sub, kind="stable")
     return cand[order[:k]]
 
 
