@@ -1,0 +1,203 @@
+import json
+import os
+
+import pytest
+
+from trackstar.data import (
+    RELATIONS,
+    FactWorldConfig,
+    Passage,
+    Query,
+    count_lines,
+    generate_fact_world,
+    iter_corpus,
+    query_record,
+    read_queries,
+    write_jsonl,
+)
+from trackstar.errors import InputError
+
+GOOD_P = '{"id": "p1", "text": "Alpha was born in Beta."}'
+GOOD_Q = '{"id": "q1", "prompt": "Q: Where? A:", "target": " Beta", "relevant_ids": ["p1"]}'
+
+
+def _write(tmp_path, name, data: bytes | str):
+    p = tmp_path / name
+    p.write_bytes(data.encode() if isinstance(data, str) else data)
+    return p
+
+
+def _expect(exc: InputError, path, line, field=None):
+    msg = str(exc)
+    assert os.path.basename(str(path)) in msg
+    if line is not None:
+        assert f":{line}:" in msg
+        assert exc.line == line
+    if field is not None:
+        assert f"'{field}'" in msg
+        assert exc.field == field
+
+
+@pytest.mark.parametrize(
+    "second_line, field, needle",
+    [
+        (b'{"id": "p2", "text": "ok \xff\xfe"}', None, "UTF-8"),
+        ('{"id": "p2", "text": "unterminated}', None, "malformed JSON"),
+        ('["p2", "text"]', None, "JSON object"),
+        ('{"text": "no id"}', "id", "missing"),
+        ('{"id": "", "text": "empty id"}', "id", "empty"),
+        ('{"id": 7, "text": "int id"}', "id", "string"),
+        ('{"id": "p2"}', "text", "missing"),
+        ('{"id": "p2", "text": "   "}', "text", "empty"),
+        ('{"id": "p2", "text": ["a"]}', "text", "string"),
+        ('{"id": "p1", "text": "duplicate"}', "id", "duplicate"),
+        ("", None, "blank line"),
+        ("   ", None, "blank line"),
+    ],
+)
+def test_corpus_errors_name_file_line_field(tmp_path, second_line, field, needle):
+    sl = second_line if isinstance(second_line, bytes) else second_line.encode()
+    path = _write(tmp_path, "corpus.jsonl", GOOD_P.encode() + b"\n" + sl + b"\n" + GOOD_P.replace("p1", "p3").encode() + b"\n")
+    with pytest.raises(InputError) as ei:
+        list(iter_corpus(path))
+    _expect(ei.value, path, 2, field)
+    assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "second_line, field, needle",
+    [
+        ('{"id": "q2", "target": " x"}', "prompt", "missing"),
+        ('{"id": "q2", "prompt": "", "target": " x"}', "prompt", "empty"),
+        ('{"id": "q2", "prompt": "p"}', "target", "missing"),
+        ('{"id": "q2", "prompt": "p", "target": ""}', "target", "empty"),
+        ('{"id": "q2", "prompt": "p", "target": 3}', "target", "string"),
+        ('{"id": "q1", "prompt": "p", "target": " x"}', "id", "duplicate"),
+        ('{"id": "q2", "prompt": "p", "target": " x", "relevant_ids": "p1"}', "relevant_ids", "list of strings"),
+        ('{"id": "q2", "prompt": "p", "target": " x", "relevant_ids": [1]}', "relevant_ids", "list of strings"),
+        ('{"id": "q2", "prompt": "p", "target": " x", "relevant_ids": ["p9"]}', "relevant_ids", "not in the corpus"),
+        ("{bad json", None, "malformed JSON"),
+        ("42", None, "JSON object"),
+    ],
+)
+def test_query_errors_name_file_line_field(tmp_path, second_line, field, needle):
+    path = _write(tmp_path, "queries.jsonl", GOOD_Q + "\n" + second_line + "\n")
+    with pytest.raises(InputError) as ei:
+        read_queries(path, corpus_ids={"p1"})
+    _expect(ei.value, path, 2, field)
+    assert needle in str(ei.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = _write(tmp_path, "empty.jsonl", "")
+    with pytest.raises(InputError, match="empty.jsonl.*empty"):
+        list(iter_corpus(empty))
+    with pytest.raises(InputError, match="empty.jsonl.*empty"):
+        read_queries(empty)
+    with pytest.raises(InputError, match="nope.jsonl"):
+        list(iter_corpus(tmp_path / "nope.jsonl"))
+
+
+def test_good_files_and_optional_relevant_ids(tmp_path):
+    c = _write(tmp_path, "c.jsonl", GOOD_P + "\n" + '{"id": "p2", "text": "x", "extra": 1}\r\n')
+    ps = list(iter_corpus(c))
+    assert ps == [Passage("p1", "Alpha was born in Beta."), Passage("p2", "x")]
+    q = _write(tmp_path, "q.jsonl", GOOD_Q + "\n" + '{"id": "q2", "prompt": "p", "target": " x"}')  # no final newline
+    qs = read_queries(q, corpus_ids={"p1", "p2"})
+    assert qs[0].relevant_ids == ["p1"] and qs[1].relevant_ids is None
+    # unchecked when no corpus ids are given
+    q2 = _write(tmp_path, "q2.jsonl", GOOD_Q.replace('"p1"', '"p77"') + "\n")
+    assert read_queries(q2)[0].relevant_ids == ["p77"]
+    assert count_lines(c) == 2 and count_lines(q) == 2
+
+
+def test_iter_corpus_streams(tmp_path):
+    # the error on line 3 is raised only after the first two passages were yielded
+    path = _write(tmp_path, "c.jsonl", GOOD_P + "\n" + GOOD_P.replace("p1", "p2") + "\n" + "oops\n")
+    it = iter_corpus(path)
+    assert next(it).id == "p1" and next(it).id == "p2"
+    with pytest.raises(InputError, match=r"c\.jsonl:3"):
+        next(it)
+
+
+def test_write_jsonl_atomic_roundtrip(tmp_path):
+    out = tmp_path / "sub" / "out.jsonl"
+    n = write_jsonl(out, [{"id": "a", "text": "é ü"}, Passage("b", "two")])
+    assert n == 2
+    assert [p.text for p in iter_corpus(out)] == ["é ü", "two"]
+
+    def bad():
+        yield {"id": "c", "text": "x"}
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(out, bad())
+    # the old file is intact and no temp file is left behind
+    assert [p.id for p in iter_corpus(out)] == ["a", "b"]
+    assert sorted(os.listdir(out.parent)) == ["out.jsonl"]
+
+
+def _entity_of(prompt):
+    import re
+
+    for r in RELATIONS:
+        pat = re.escape("Q: " + r.query_question + " A:").replace(re.escape("{e}"), "(\\w+)")
+        m = re.fullmatch(pat, prompt)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no held-out template matches {prompt!r}")
+
+
+def test_fact_world_deterministic_and_consistent(tmp_path):
+    cfg = FactWorldConfig(seed=3, entities=30, relations=4, paraphrases=3, distractors_per_entity=2)
+    p1, q1, s1 = generate_fact_world(cfg)
+    p2, q2, s2 = generate_fact_world(cfg)
+    assert p1 == p2 and q1 == q2 and s1 == s2
+    p3, _, _ = generate_fact_world(FactWorldConfig(seed=4, entities=30))
+    assert [p.text for p in p3] != [p.text for p in p1]
+
+    n_qa = round(0.5 * 30)
+    assert s1["passages"] == len(p1) == 30 * 4 * 3 + n_qa * 4 + 30 * 2
+    assert s1["queries"] == len(q1) == (30 - n_qa) * 4
+    assert len({p.id for p in p1}) == len(p1) and all(p.id.startswith("p") and len(p.id) == 7 for p in p1)
+    assert len({q.id for q in q1}) == len(q1) and all(q.id.startswith("q") and len(q.id) == 6 for q in q1)
+
+    by_id = {p.id: p.text for p in p1}
+    train_questions = [p.text for p in p1 if p.text.startswith("Q: ")]
+    assert len(train_questions) == n_qa * 4
+    held_out = [r.query_question.split("{e}")[0] for r in RELATIONS[:4]]
+    train_q = [r.train_question.split("{e}")[0] for r in RELATIONS[:4]]
+    assert not set(held_out) & set(train_q)
+    for q in q1:
+        assert q.target.startswith(" ") and not q.prompt.endswith(" ")
+        assert q.target.strip() not in q.prompt
+        # held-out wording: no training passage starts with the query's question
+        assert not any(t.startswith(q.prompt[: q.prompt.index("?")]) for t in train_questions)
+        assert len(q.relevant_ids) == 3
+        entity = _entity_of(q.prompt)
+        for rid in q.relevant_ids:
+            assert q.target.strip() in by_id[rid] and entity in by_id[rid]
+            assert not by_id[rid].startswith("Q: ")
+        # the entity of a query never appears in a question-form training passage
+        assert not any(f" {entity} " in t or f" {entity}?" in t for t in train_questions)
+
+    # the files written through write_jsonl validate
+    write_jsonl(tmp_path / "corpus.jsonl", ({"id": p.id, "text": p.text} for p in p1))
+    write_jsonl(tmp_path / "queries.jsonl", (query_record(q) for q in q1))
+    ids = {p.id for p in iter_corpus(tmp_path / "corpus.jsonl")}
+    assert read_queries(tmp_path / "queries.jsonl", ids) == q1
+    for line in (tmp_path / "queries.jsonl").read_text().splitlines():
+        assert set(json.loads(line)) == {"id", "prompt", "target", "relevant_ids"}
+
+
+def test_fact_world_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        generate_fact_world(FactWorldConfig(relations=99))
+    with pytest.raises(ValueError):
+        generate_fact_world(FactWorldConfig(paraphrases=0))
+    with pytest.raises(ValueError):
+        generate_fact_world(FactWorldConfig(question_fraction=1.0))
+
+
+def test_query_dataclass_default():
+    assert Query("q", "p", " t").relevant_ids is None
