@@ -115,14 +115,16 @@ class IndexParams(_Section):
 
 
 class RetrieveParams(_Section):
-    k: int = Field(10, ge=1)
-    methods: list[Literal["dot", "cosine", "optimizer", "r_train", "trackstar"]] = [
+    """Proponents/opponents per query; MRR is computed within these k, so keep k well above 10."""
+
+    k: int = Field(100, ge=1)
+    methods: list[Literal["dot", "cosine", "optimizer", "r_train"]] = [
         "dot", "cosine", "optimizer", "r_train"]
     query_batch: int = Field(1024, ge=1)
 
 
 class Bm25Params(_Section):
-    k: int = Field(10, ge=1)
+    k: int = Field(100, ge=1)
     k1: float = Field(1.5, ge=0)
     b: float = Field(0.75, ge=0, le=1)
 

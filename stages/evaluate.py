@@ -1,0 +1,66 @@
+"""DVC stage `evaluate`: attribution (MRR, recall@10) and tail-patch influence per method, model accuracy."""
+
+import json
+import time
+from pathlib import Path
+
+from trackstar.checkpoint import load_checkpoint, load_second_moments
+from trackstar.config import load_params
+from trackstar.data import iter_corpus, read_queries
+from trackstar.evaluate import metrics_table, plot_methods, random_ranking
+from trackstar.examples import passage_example, query_example
+from trackstar.results import read_results
+from trackstar.runner import run_main
+from trackstar.tailpatch import tail_patch
+from trackstar.train import accuracy
+
+ORDER = ["dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random"]
+
+
+def main() -> None:
+    params = load_params()
+    e = params.eval
+    t0 = time.time()
+    queries = read_queries("data/queries.jsonl")
+    relevant = {q.id: set(q.relevant_ids or []) for q in queries}
+    rankings = {"trackstar": read_results("retrievals/trackstar.jsonl"), "bm25": read_results("retrievals/bm25.jsonl")}
+    for path in sorted(Path("retrievals/ladder").glob("*.jsonl")):
+        rankings[path.stem] = read_results(path)
+    ranked = {m: {r.example_id: r.proponent_ids for r in res} for m, res in rankings.items()}
+    passage_ids = [p.id for p in iter_corpus("data/corpus.jsonl")]
+    k = max(len(v) for v in ranked["trackstar"].values())
+    ranked["random"] = dict(zip([q.id for q in queries], random_ranking(passage_ids, len(queries), k, e.seed)))
+    metrics = metrics_table(ranked, relevant)
+
+    model, tok = load_checkpoint("model")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    max_len = params.gradients.max_length
+    acc = accuracy(model, tok, queries, max_len)
+    if e.tail_patch_queries:
+        sample = queries[: e.tail_patch_queries]
+        need = {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
+        text = {p.id: p.text for p in iter_corpus("data/corpus.jsonl") if p.id in need}
+        state = load_second_moments("model")
+        props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
+                     for q in sample] for m in ranked}
+        qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
+        tp = tail_patch(model, qex, props, pad, state[0] if state else None, e.tail_patch_lr, e.tail_patch_ks)
+        for m in metrics:
+            metrics[m].update(tp[m])
+            metrics[m]["tail_patch_queries"] = len(sample)
+    ordered = {m: metrics[m] for m in ORDER if m in metrics}
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/metrics.json").write_text(json.dumps(ordered, indent=2))
+    Path("metrics/model.json").write_text(json.dumps({"accuracy": acc, "queries": len(queries),
+                                                      "eval_seconds": round(time.time() - t0, 1)}, indent=2))
+    with open("metrics/methods.csv", "w") as f:
+        cols = [c for c in next(iter(ordered.values())) if not c.startswith("n_")]
+        f.write("method," + ",".join(cols) + "\n")
+        for m, row in ordered.items():
+            f.write(m + "," + ",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) + "\n")
+    plot_methods(ordered, "metrics/methods.png", title=f"TrackStar ladder (model accuracy {acc:.0%})")
+    print(json.dumps({"accuracy": acc, **{m: round(v["mrr"], 3) for m, v in ordered.items()}}))
+
+
+if __name__ == "__main__":
+    run_main(main)

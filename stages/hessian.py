@@ -1,0 +1,59 @@
+"""DVC stage `hessian`: R_train, R_eval, lambda by eigen-crossing, damped R^(-1/2) (mix and train-only)."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from trackstar.config import load_params
+from trackstar.hessian import autocorrelation, eigvals_desc, inv_sqrt, inv_sqrt_blocks, mix_lambda
+from trackstar.plots import plot_eigen_crossing
+from trackstar.runner import run_main
+from trackstar.store import StoreReader
+
+OUT = Path("hessian")
+
+
+def main() -> None:
+    h = load_params().hessian
+    t0 = time.time()
+    train = StoreReader("encodings/raw/train.zarr")
+    query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
+    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks()), train.d, h.train_sample)
+    r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks()), query.d)
+    blocks = [(l["start"], l["stop"]) for l in train.attrs["layout"]]
+
+    def whitening(r):
+        return inv_sqrt_blocks(r, blocks, h.damping) if h.block_diagonal else inv_sqrt(r, h.damping)
+
+    w_train, e_train = whitening(r_train)
+    e_eval = eigvals_desc(r_eval) if not h.block_diagonal else inv_sqrt_blocks(r_eval, blocks, 0.0)[1]
+    lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
+    w_mix, e_mix = whitening(lam * r_eval + (1 - lam) * r_train)
+
+    OUT.mkdir(exist_ok=True)
+    tmp = OUT / "hessian.safetensors.tmp"
+    save_file({"r_train": r_train.astype(np.float32), "r_eval": r_eval.astype(np.float32),
+               "w_mix": w_mix.astype(np.float32), "w_train": w_train.astype(np.float32)}, str(tmp))
+    os.replace(tmp, OUT / "hessian.safetensors")
+    meta = {"lambda": lam, "lambda_source": "fixed" if h.lambda_ is not None else f"eigen-crossing at component {h.mix_k}",
+            "mix_k": h.mix_k, "damping": h.damping, "block_diagonal": h.block_diagonal, "n_train": n_train,
+            "n_eval": n_eval, "d": train.d, "checkpoint_hash": train.attrs["checkpoint_hash"],
+            "encode_config": train.attrs["config"]}
+    (OUT / "hessian.json").write_text(json.dumps(meta, indent=2))
+    with open(OUT / "eigenvalues.csv", "w") as f:
+        f.write("component,train,eval,train_scaled,eval_scaled\n")
+        for i in range(len(e_train)):
+            f.write(f"{i + 1},{e_train[i]:.6g},{e_eval[i]:.6g},{(1 - lam) * e_train[i]:.6g},{lam * e_eval[i]:.6g}\n")
+    plot_eigen_crossing(e_train, e_eval, lam, h.mix_k, OUT / "eigen_crossing.png")
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/hessian.json").write_text(json.dumps({"lambda": lam, "n_train": n_train, "n_eval": n_eval,
+                                                        "d": train.d, "seconds": round(time.time() - t0, 1)}, indent=2))
+    print(json.dumps({"lambda": lam, "d": train.d}))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,25 @@
+"""DVC stage `index`: a FAISS inner-product index over the final train encodings."""
+
+import json
+import time
+
+from trackstar.config import load_params
+from trackstar.index import build_index, factory_string, save_index
+from trackstar.runner import run_main
+from trackstar.store import StoreReader
+
+
+def main() -> None:
+    p = load_params().index
+    t0 = time.time()
+    store = StoreReader("encodings/final/train.zarr")
+    index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed)
+    meta = {"kind": p.kind, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq),
+            "rows": store.n, "d": store.d, "checkpoint_hash": store.attrs["checkpoint_hash"],
+            "hessian_sha256": store.attrs["hessian_sha256"], "config": store.attrs["config"]}
+    save_index(index, "index", meta)
+    print(json.dumps({"rows": store.n, "d": store.d, "seconds": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,38 @@
+"""DVC stage `precondition@{train,query}`: G = R_mix^(-1/2) g, unit-normalized, into the final store."""
+
+import json
+import sys
+
+from safetensors.numpy import load_file
+
+from trackstar.fingerprint import file_sha256
+from trackstar.hessian import whiten
+from trackstar.runner import run_main
+from trackstar.store import StoreReader, StoreWriter
+
+
+def main() -> None:
+    split = sys.argv[1]
+    meta = json.load(open("hessian/hessian.json"))
+    raw = StoreReader(f"encodings/raw/{split}.zarr", expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"],
+                                                             "config": meta["encode_config"]})
+    w = load_file("hessian/hessian.safetensors")["w_mix"]
+    attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
+                                       "config", "split", "input_sha256")}
+    attrs.update(hessian_sha256=file_sha256("hessian/hessian.safetensors"), preconditioned=True, normalized=True)
+    writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
+                         raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
+    writer.prepare()
+    todo = set(writer.pending())
+    rows = {}
+    for start, x in raw.iter_chunks():  # chunk boundaries coincide: same n, d, dtype and chunk_mb
+        c = start // writer.chunk_rows
+        if c in todo:
+            rows = {"g": whiten(x, w, normalize=True)}
+            writer.write_chunk(c, rows)
+    writer.finalize()
+    print(json.dumps({"rows": raw.n, "d": raw.d}))
+
+
+if __name__ == "__main__":
+    run_main(main)

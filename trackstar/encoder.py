@@ -1,0 +1,116 @@
+"""The configured gradient encoder: checkpoint + layer selection + correction + projection.
+
+One object used by the encode stage, the trace CLI and tests, so a query is encoded exactly the
+same way everywhere, and the attrs it records let consumers refuse mismatched artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
+from .config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams
+from .correction import Correction, build_correction
+from .data import iter_corpus, read_queries
+from .encode import encode_chunk
+from .errors import InputError
+from .examples import Example, passage_example, query_example
+from .gradients import HookProjector, estimate_second_moments
+from .layers import find_layers, layout
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("encode.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class Encoder:
+    def __init__(self, model_dir: str | Path, gradients: GradientsParams, correction: CorrectionParams,
+                 projection: ProjectionParams, encode: EncodeParams, corpus: str | Path | None = None):
+        self.model_dir = Path(model_dir)
+        self.g, self.c, self.p, self.e = gradients, correction, projection, encode
+        self.device = pick_device(encode.device)
+        self.model, self.tok = load_checkpoint(self.model_dir)
+        self.model.to(self.device)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self.layers = find_layers(self.model, gradients.include, gradients.exclude, gradients.include_lm_head)
+        self.d = projection.k ** 2 * len(self.layers)
+        self.ckpt_hash = checkpoint_hash(self.model_dir)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.correction = self._correction(corpus)
+        self.truncated = 0
+
+    def _correction(self, corpus: str | Path | None) -> Correction:
+        kind = self.c.kind
+        if kind == "estimated":
+            if corpus is None:
+                raise ValueError("correction.kind: estimated needs the corpus to sample from")
+            sample = self._sample_passages(corpus, self.c.estimate_samples, self.c.seed)
+            moments = estimate_second_moments(self.model.cpu(), self.layers, sample, self.pad_id)
+            self.model.to(self.device)
+            return build_correction("estimated", self.layers, moments, self.c.eps)
+        state = load_second_moments(self.model_dir) if kind in ("adam", "adam_rank1") else None
+        moments = state[0] if state else None
+        return build_correction(kind, self.layers, moments, self.c.eps, checkpoint=str(self.model_dir))
+
+    def _sample_passages(self, corpus, n: int, seed: int) -> list[Example]:
+        """Reservoir sample of n passages (one streaming pass), seeded."""
+        rng = random.Random(seed)
+        res: list[str] = []
+        for i, p in enumerate(iter_corpus(corpus)):
+            if len(res) < n:
+                res.append(p.text)
+            else:
+                j = rng.randint(0, i)
+                if j < n:
+                    res[j] = p.text
+        return [passage_example(self.tok, t, self.g.max_length) for t in res]
+
+    @property
+    def attrs(self) -> dict:
+        """What a store made by this encoder records (and what readers check)."""
+        return {"d": self.d, "k": self.p.k, "projection_seed": self.p.seed, "correction": self.c.kind,
+                "checkpoint_hash": self.ckpt_hash, "layout": layout(self.layers, self.p.k),
+                "config": {"gradients": self.g.model_dump(), "correction": self.c.model_dump(),
+                           "projection": self.p.model_dump()}}
+
+    def _check(self, ex: Example, path, line: int) -> Example:
+        if ex.truncated:
+            if self.g.truncation == "refuse":
+                raise InputError(str(path), f"longer than gradients.max_length={self.g.max_length} tokens "
+                                 "(set gradients.truncation: truncate to cut it)", line=line, field="text")
+            self.truncated += 1
+        return ex
+
+    def passages(self, path) -> Iterator[Example]:
+        for i, p in enumerate(iter_corpus(path)):
+            yield self._check(passage_example(self.tok, p.text, self.g.max_length), path, i + 1)
+
+    def queries(self, path) -> Iterator[Example]:
+        for i, q in enumerate(read_queries(path)):
+            yield self._check(query_example(self.tok, q.prompt, q.target, self.g.max_length), path, i + 1)
+
+    def query_example(self, prompt: str, target: str) -> Example:
+        return query_example(self.tok, prompt, target, self.g.max_length)
+
+    def encode(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+        """(corrected, plain) rows for a small list of examples (the trace CLI, tests)."""
+        projector = None if self.correction.exact else HookProjector(
+            self.model, self.layers, self.p.k, self.p.seed, self.correction, plain=True, device=self.device)
+        if projector is None:
+            return encode_chunk(self.model, examples, None, self.layers, self.p.k, self.p.seed, self.correction,
+                                self.e.batch_size, self.pad_id)
+        with projector.attached():
+            return encode_chunk(self.model, examples, projector, self.layers, self.p.k, self.p.seed,
+                                self.correction, self.e.batch_size, self.pad_id, self.autocast)

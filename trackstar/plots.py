@@ -1,0 +1,47 @@
+"""Self-contained matplotlib figures (PNG), so results can be looked at offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_eigen_crossing(e_train: np.ndarray, e_eval: np.ndarray, lam: float, k: int, path: str | Path) -> None:
+    """Sorted eigenvalue curves of (1-lambda) R_train and lambda R_eval, crossing at component k."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(1, len(e_train) + 1)
+    ax.loglog(x, np.maximum((1 - lam) * e_train, 1e-30), label="(1-λ) R_train")
+    ax.loglog(x, np.maximum(lam * e_eval, 1e-30), label="λ R_eval")
+    ax.axvline(k, color="gray", ls="--", lw=0.8, label=f"mix_k = {k}")
+    ax.set_xlabel("component (sorted)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"Task-specific Hessian mixing, λ = {lam:.3f}")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_sweep(xs: list[float], series: dict[str, list[float]], xlabel: str, path: str | Path, logx: bool = True) -> None:
+    """Metric curves against a swept parameter (e.g. MRR and tail-patch against d)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.legend()
+    _save(fig, path)

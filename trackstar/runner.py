@@ -1,0 +1,21 @@
+"""Entry-point wrapper: user-facing errors print one clear message and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from .errors import TrackStarError
+
+
+def run_main(fn: Callable[[], None]) -> None:
+    """Run a stage or CLI main; TrackStarError -> 'error: ...' on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "bm25s", "numcodecs", "zarr", "faiss", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        fn()
+    except TrackStarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
