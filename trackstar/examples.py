@@ -68,7 +68,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed token cross-entropy per example: position t's logits predict token t+1."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    x = logits[:, :-1]
+    lp = torch.log_softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
     tgt = input_ids[:, 1:]
     nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
     return (nll * loss_mask[:, 1:]).sum(dim=1)

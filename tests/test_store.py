@@ -1,0 +1,57 @@
+"""Store writing, resume after a partial run, bf16 round trip and refusals."""
+
+import numpy as np
+import pytest
+
+from trackstar.errors import ArtifactMismatch
+from trackstar.store import StoreReader, StoreWriter, from_storage, to_storage
+
+
+def test_partial_run_resumes_and_skips_finished_chunks(tmp_path):
+    x = np.arange(40 * 8, dtype=np.float32).reshape(40, 8)
+    mk = lambda: StoreWriter(tmp_path / "out.zarr", tmp_path / "work", 40, 8, ["g"], chunk_mb=8 * 4 * 6 / 2**20,
+                             attrs={"seed": 1})
+    w = mk()
+    assert w.chunk_rows == 6 and w.n_chunks == 7
+    assert w.prepare() is False
+    for c in [0, 1, 2]:
+        a, b = w.chunk_range(c)
+        w.write_chunk(c, {"g": x[a:b]})
+    assert not (tmp_path / "out.zarr").exists()  # nothing in place until complete
+    w2 = mk()
+    assert w2.prepare() is True
+    assert w2.pending() == [3, 4, 5, 6]
+    assert w2.pending(rank=1, world=2) == [3, 5]
+    for c in w2.pending():
+        a, b = w2.chunk_range(c)
+        w2.write_chunk(c, {"g": x[a:b]})
+    w2.finalize()
+    r = StoreReader(tmp_path / "out.zarr", expect={"seed": 1})
+    np.testing.assert_array_equal(r.read_all(), x)
+    np.testing.assert_array_equal(r.read_rows(np.array([39, 0, 13, 14])), x[[39, 0, 13, 14]])
+    with pytest.raises(ArtifactMismatch, match="attr 'seed' is 1 but the current config expects 2"):
+        StoreReader(tmp_path / "out.zarr", expect={"seed": 2})
+
+
+def test_changed_attrs_restart_from_scratch(tmp_path):
+    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"], attrs={"seed": 1})
+    w.prepare()
+    w.write_chunk(0, {"g": np.ones((10, 4), np.float32)})
+    w2 = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"], attrs={"seed": 2})
+    assert w2.prepare() is False and w2.pending() == [0]
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"])
+    w.prepare()
+    with pytest.raises(ArtifactMismatch, match="incomplete"):
+        StoreReader(tmp_path / "w" / "store.zarr")
+    with pytest.raises(Exception, match="chunks not written"):
+        w.finalize()
+
+
+def test_bf16_round_trip_is_round_to_nearest():
+    import torch
+    x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    want = torch.from_numpy(x).bfloat16().float().numpy()
+    np.testing.assert_array_equal(from_storage(to_storage(x, "bf16"), "bf16"), want)
