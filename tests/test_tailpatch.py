@@ -22,12 +22,13 @@ def test_small_lr_matches_first_order_prediction_and_is_linear():
     grads = torch.autograd.grad(logp, list(params.values()))
     first_order = sum(-(g * u[n]).sum() for (n, _), g in zip(params.items(), grads)).item()
     base = target_logprob(model, query, 0)
-    for lr in (1e-9, 1e-8):
+    # (Llama's RMSNorm computes in float32 even in a float64 model: ~1e-9 absolute noise, so lr >= 1e-6)
+    for lr in (1e-6, 3e-6):
         got = patched_delta(model, query, u, lr, 0, base)
-        assert abs(got - lr * first_order) <= 1e-3 * abs(lr * first_order)
-    d1 = patched_delta(model, query, u, 1e-9, 0, base)
-    d2 = patched_delta(model, query, u, 2e-9, 0, base)
-    assert abs(d2 / d1 - 2.0) < 1e-3
+        assert abs(got - lr * first_order) <= 1e-2 * abs(lr * first_order)
+    d1 = patched_delta(model, query, u, 1e-6, 0, base)
+    d2 = patched_delta(model, query, u, 2e-6, 0, base)
+    assert abs(d2 / d1 - 2.0) < 2e-2
 
 
 def test_u_is_gradient_over_sqrt_v():
