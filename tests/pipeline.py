@@ -1,0 +1,83 @@
+"""Helpers for end-to-end tests: a throwaway git+DVC copy of this repo with tiny params."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1},
+    "model": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "vocab_size": 300},
+    "train": {"epochs": 2},
+    "projection": {"k": 4},
+    "hessian": {"mix_k": 5},
+    "retrieve": {"k": 10},
+    "bm25": {"k": 10},
+    "eval": {"tail_patch_queries": 4},
+}
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [f for f in out if (ROOT / f).is_file()]
+
+
+def make_repo(dest: Path, overrides: dict | None = None) -> Path:
+    """Copy the project's files into dest, apply tiny params (+ overrides), git init and commit."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in tracked_files():
+        if f.startswith(("metrics/", "benchmarks/results/")):
+            continue
+        target = dest / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((ROOT / f).read_bytes())
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in {**TINY, **(overrides or {})}.items():
+        params.setdefault(section, {}).update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "init")
+    return dest
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, env=env).stdout
+
+
+def run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(list(cmd), cwd=repo, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def repro(repo: Path, *args: str) -> list[str]:
+    """Run `dvc repro` and return the stages it actually ran, in order."""
+    out = dvc(repo, "repro", *args).stdout
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    node = params
+    *path, last = dotted.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
