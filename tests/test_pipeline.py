@@ -45,3 +45,25 @@ def test_mix_k_edit_reruns_exactly_the_hessian_downstream(repo):
     assert sorted(ran) == sorted(["hessian", "precondition@train", "precondition@query", "index", "retrieve",
                                   "evaluate"])
     assert repro(repo) == []
+
+
+def test_trace_cli_reproduces_the_pipeline_and_refuses_stale_artifacts(repo):
+    import sys
+
+    from tests.pipeline import run
+
+    first = json.loads((repo / "retrievals/trackstar.jsonl").read_text().splitlines()[0])
+    out = run(repo, sys.executable, "-m", "trackstar.cli", "trace", first["inputs_plaintext"], "--target",
+              first["targets_plaintext"], "-k", "5", "--json").stdout
+    got = json.loads(out)
+    assert got["proponent_ids"] == first["proponent_ids"][:5]
+    assert got["opponent_ids"] == first["opponent_ids"][:5]
+    for a, b in zip(got["proponent_scores"], first["proponent_scores"]):
+        assert abs(a - b) < 1e-4
+    set_param(repo, "projection.k", 5)
+    try:
+        bad = run(repo, sys.executable, "-m", "trackstar.cli", "trace", "x", "--target", " y", check=False)
+        assert bad.returncode == 2
+        assert "encodings/final/train.zarr" in bad.stderr and "'d' differs" in bad.stderr
+    finally:
+        set_param(repo, "projection.k", 4)
