@@ -45,13 +45,15 @@ def main() -> None:
     if world > 1:
         dist.barrier()
     examples = enc.passages if split == "train" else enc.queries
-    encode_to_store(enc.model, lambda: examples(src), writer, enc.layers, enc.p.k, enc.p.seed, enc.correction,
-                    params.encode.batch_size, enc.pad_id, rank, world, enc.autocast, desc=f"encode@{split}")
+    written = encode_to_store(enc.model, lambda: examples(src), writer, enc.layers, enc.p.k, enc.p.seed,
+                              enc.correction, params.encode.batch_size, enc.pad_id, rank, world, enc.autocast,
+                              desc=f"encode@{split}")
     if world > 1:
         dist.barrier()
     if rank == 0:
         writer.finalize({"truncated": enc.truncated})
-        print(json.dumps({"rows": n, "d": enc.d, "chunks": writer.n_chunks, "truncated": enc.truncated}))
+        print(json.dumps({"rows": n, "d": enc.d, "chunks": writer.n_chunks, "written": written,
+                          "truncated": enc.truncated}))
     if world > 1:
         dist.destroy_process_group()
 
