@@ -19,12 +19,12 @@ def main() -> None:
     m, t = params.model, params.train
     if m.source == "checkpoint":
         load_checkpoint(m.checkpoint)  # refuses a directory that is not a loadable HF checkpoint
+        has_state = load_second_moments(m.checkpoint) is not None  # refuses broken state before writing
         tmp = OUT.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(m.checkpoint, tmp)
         shutil.rmtree(OUT, ignore_errors=True)
         os.replace(tmp, OUT)
-        has_state = load_second_moments(OUT) is not None
         print(json.dumps({"checkpoint": m.checkpoint, "optimizer_state": has_state}))
         return
     from trackstar.checkpoint import save_checkpoint

@@ -76,7 +76,17 @@ def _req_str(path, n: int, obj: dict, name: str) -> str:
         raise InputError(str(path), f"must be a string, got {type(v).__name__}", line=n, field=name)
     if not v.strip():
         raise InputError(str(path), "must not be empty", line=n, field=name)
+    _check_unicode(path, n, v, name)
     return v
+
+
+def _check_unicode(path, n: int, v: str, name: str) -> None:
+    """JSON escapes can smuggle unpaired surrogates (\\ud800) that no tokenizer or writer accepts."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(str(path), f"not valid Unicode: unpaired surrogate {v[e.start]!r} at character {e.start}",
+                         line=n, field=name) from None
 
 
 def iter_corpus(path) -> Iterator[Passage]:
@@ -105,6 +115,7 @@ def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:
             raise InputError(str(path), f"must be a string, got {type(target).__name__}", line=n, field="target")
         if not target.strip():
             raise InputError(str(path), "must not be empty", line=n, field="target")
+        _check_unicode(path, n, target, "target")
         if qid in seen:
             raise InputError(str(path), f"duplicate id {qid!r} (first on line {seen[qid]})", line=n, field="id")
         seen[qid] = n
@@ -112,6 +123,8 @@ def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:
         if rel is not None:
             if not isinstance(rel, list) or not all(isinstance(r, str) for r in rel):
                 raise InputError(str(path), "must be a list of strings", line=n, field="relevant_ids")
+            for r in rel:
+                _check_unicode(path, n, r, "relevant_ids")
             if corpus_ids is not None:
                 missing = [r for r in rel if r not in corpus_ids]
                 if missing:

@@ -85,11 +85,11 @@ class Encoder:
                 "config": {"gradients": self.g.model_dump(), "correction": self.c.model_dump(),
                            "projection": self.p.model_dump()}}
 
-    def _check(self, ex: Example, path, line: int) -> Example:
+    def _check(self, ex: Example, path, line: int, field: str = "text") -> Example:
         if ex.truncated:
             if self.g.truncation == "refuse":
                 raise InputError(str(path), f"longer than gradients.max_length={self.g.max_length} tokens "
-                                 "(set gradients.truncation: truncate to cut it)", line=line, field="text")
+                                 "(set gradients.truncation: truncate to cut it)", line=line, field=field)
             self.truncated += 1
         return ex
 
@@ -99,7 +99,13 @@ class Encoder:
 
     def queries(self, path) -> Iterator[Example]:
         for i, q in enumerate(read_queries(path)):
-            yield self._check(query_example(self.tok, q.prompt, q.target, self.g.max_length), path, i + 1)
+            try:
+                ex = query_example(self.tok, q.prompt, q.target, self.g.max_length)
+            except ValueError as e:  # a target is never truncated: it tokenizes to nothing or does not fit
+                why = ("tokenizes to nothing" if "nothing" in str(e) else
+                       f"does not fit in gradients.max_length={self.g.max_length} tokens (targets are never truncated)")
+                raise InputError(str(path), why, line=i + 1, field="target") from None
+            yield self._check(ex, path, i + 1, field="prompt")
 
     def query_example(self, prompt: str, target: str) -> Example:
         return query_example(self.tok, prompt, target, self.g.max_length)
