@@ -1,0 +1,81 @@
+"""Determinism on CPU: two independent tiny repos with the same params give bit-identical results.
+
+The shared session build (tests/conftest.py) is one run; a second repo is made and reproduced from
+scratch here (own git repo, own DVC cache, nothing shared), then every artifact is compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from tests.conftest import ALL_STAGES, SHARED_OVERRIDES
+from tests.pipeline import make_repo, repro
+
+STORES = ["encodings/raw/train.zarr", "encodings/raw/query.zarr", "encodings/final/train.zarr",
+          "encodings/final/query.zarr"]
+FILES = ["data/corpus.jsonl", "data/queries.jsonl", "retrievals/trackstar.jsonl", "retrievals/bm25.jsonl",
+         "hessian/hessian.safetensors", "hessian/hessian.json", "metrics/metrics.json", "metrics/methods.csv"]
+# metrics files that carry wall-clock timings (excluded from byte comparison; other fields compared)
+TIMED = {"metrics/model.json": "eval_seconds", "metrics/hessian.json": "seconds"}
+
+
+def store_digest(path: Path) -> tuple[str, dict]:
+    """sha256 over every array's dtype, shape and bytes, and the store attrs (canonical JSON)."""
+    group = zarr.open_group(str(path), mode="r")
+    h = hashlib.sha256()
+    arrays = {}
+    for name in sorted(group.array_keys()):
+        a = np.asarray(group[name][...])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+        arrays[name] = a.shape
+    attrs = json.dumps(dict(group.attrs), sort_keys=True)
+    h.update(attrs.encode())
+    return h.hexdigest(), arrays
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def locked_outs(repo: Path) -> dict[str, str]:
+    """{output path: md5} of every stage output recorded in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o.get("md5") for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("determinism") / "repo", SHARED_OVERRIDES)
+    assert sorted(repro(repo)) == sorted(ALL_STAGES)
+    return repo
+
+
+def test_encodings_are_bit_identical(built_repo, second):
+    for store in STORES:
+        da, shapes = store_digest(built_repo / store)
+        db, _ = store_digest(second / store)
+        assert shapes and da == db, store
+
+
+def test_retrievals_and_metrics_are_identical(built_repo, second):
+    for f in FILES + sorted(str(p.relative_to(built_repo)) for p in (built_repo / "retrievals/ladder").glob("*")):
+        assert sha(built_repo / f) == sha(second / f), f
+    for f, timing in TIMED.items():
+        a, b = (json.loads((r / f).read_text()) for r in (built_repo, second))
+        a.pop(timing), b.pop(timing)
+        assert a == b, f
+
+
+def test_every_cached_output_has_the_same_hash(built_repo, second):
+    a, b = locked_outs(built_repo), locked_outs(second)
+    assert set(a) == set(b)
+    differ = sorted(p for p in a if a[p] != b[p] and p not in TIMED)
+    assert not differ, f"outputs differ between two runs with the same params: {differ}"
