@@ -33,9 +33,10 @@ def autocorrelation(chunks: Iterable[np.ndarray], d: int, max_rows: int = 0) -> 
     return acc / n, n
 
 
-def eigvals_desc(r: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a symmetric matrix, largest first."""
-    return torch.linalg.eigvalsh(torch.from_numpy(r)).numpy()[::-1].copy()
+def eigvals_desc(r: np.ndarray, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, largest first (float32 eigensolvers by default: ~2x faster
+    than float64, and their error is far below the damping)."""
+    return torch.linalg.eigvalsh(torch.from_numpy(r).to(dtype)).double().numpy()[::-1].copy()
 
 
 def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
@@ -48,9 +49,10 @@ def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     return b / (a + b)
 
 
-def inv_sqrt(r: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+def inv_sqrt(r: np.ndarray, damping: float, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """(R + damping * mean(eig) I)^(-1/2) and the undamped eigenvalues (descending)."""
-    e, v = torch.linalg.eigh(torch.from_numpy(r))
+    e, v = torch.linalg.eigh(torch.from_numpy(r).to(dtype))
+    e, v = e.double(), v.double()
     e = e.clamp_min(0)
     shift = damping * e.mean()
     if shift <= 0:
@@ -59,12 +61,13 @@ def inv_sqrt(r: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     return w.numpy(), e.numpy()[::-1].copy()
 
 
-def inv_sqrt_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float) -> tuple[np.ndarray, np.ndarray]:
+def inv_sqrt_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float,
+                    dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """Block-diagonal R^(-1/2): each layer's block whitened on its own (off-diagonal blocks zero)."""
     w = np.zeros_like(r)
     eigs = []
     for start, stop in blocks:
-        wb, eb = inv_sqrt(np.ascontiguousarray(r[start:stop, start:stop]), damping)
+        wb, eb = inv_sqrt(np.ascontiguousarray(r[start:stop, start:stop]), damping, dtype)
         w[start:stop, start:stop] = wb
         eigs.append(eb)
     return w, np.sort(np.concatenate(eigs))[::-1].copy()
