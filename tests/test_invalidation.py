@@ -254,7 +254,7 @@ def write_docs(path: Path) -> None:
         "reruns `retrieve` only (same retrievals, so `evaluate` is skipped). Reverting any edit reruns",
         "nothing: DVC's run-cache restores the previous outputs.",
         "",
-        "| key | invalidated (`dvc status`) | reruns (`dvc repro`) |",
+        "| key | invalidated (`dvc status`) | reruns (`dvc repro`, when outputs change) |",
         "|---|---|---|",
     ]
     for key in EXPECTED:
