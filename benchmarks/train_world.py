@@ -31,7 +31,7 @@ def statement_queries(passages, queries):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, nargs="+", default=[20, 40])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[10, 20, 30])
     ap.add_argument("--entities", type=int, default=200)
     ap.add_argument("--relations", type=int, default=4)
     ap.add_argument("--paraphrases", type=int, default=3)

@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 20  # fact-world measurement: held-out question accuracy peaks near 20 (see benchmarks/train_world.py)
     batch_size: int = 32
     lr: float = 3e-3  # one-cycle peak
     warmup_fraction: float = 0.1  # OneCycleLR pct_start
