@@ -48,11 +48,11 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(30, ge=0)
+    epochs: int = Field(20, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
 
