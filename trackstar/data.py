@@ -8,13 +8,12 @@ queries.jsonl: {"id": str, "prompt": str, "target": str,
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .atomic import atomic_open
 from .errors import InputError
 
 
@@ -158,27 +157,14 @@ def count_lines(path) -> int:
 
 def write_jsonl(path, records: Iterable[Any]) -> int:
     """Write records (dicts or dataclasses) one JSON object a line, atomically. Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for r in records:
-                if not isinstance(r, dict):
-                    r = asdict(r)
-                f.write(json.dumps(r, ensure_ascii=False))
-                f.write("\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            if not isinstance(r, dict):
+                r = asdict(r)
+            f.write(json.dumps(r, ensure_ascii=False))
+            f.write("\n")
+            n += 1
     return n
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .atomic import atomic_open
 
 COUNT_KEYS = ("n_queries", "n_skipped")
 
@@ -191,19 +192,5 @@ def plot_methods(metrics: Mapping[str, Mapping[str, Any]], out_png: str | os.Pat
               bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
 
-    out_png = os.fspath(out_png)
-    folder = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", metadata={"Software": None})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_png)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", metadata={"Software": None})

@@ -43,10 +43,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from trackstar.atomic import atomic_open
 from trackstar.errors import InputError
 
 CORE_FIELDS = (
@@ -174,37 +174,23 @@ def write_results(path: str | os.PathLike, results: Iterable[QueryResult]) -> in
     mismatched list lengths, non-string ids or texts, non-finite scores, duplicate
     example_id. Returns the number of lines written.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
     n = 0
     seen: set[str] = set()
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for n, r in enumerate(results, start=1):
-                obj = r.to_json()
-                problems = _check_record(obj)
-                if problems:
-                    fld, msg = problems[0]
-                    raise ValueError(f"result #{n} (example_id={r.example_id!r}): field '{fld}': {msg}")
-                if obj["example_id"] in seen:
-                    raise ValueError(f"result #{n}: duplicate example_id {obj['example_id']!r}")
-                seen.add(obj["example_id"])
-                try:
-                    line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:  # extras that are not strict JSON
-                    raise ValueError(f"result #{n} (example_id={r.example_id!r}): {e}") from e
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
+        for n, r in enumerate(results, start=1):
+            obj = r.to_json()
+            problems = _check_record(obj)
+            if problems:
+                fld, msg = problems[0]
+                raise ValueError(f"result #{n} (example_id={r.example_id!r}): field '{fld}': {msg}")
+            if obj["example_id"] in seen:
+                raise ValueError(f"result #{n}: duplicate example_id {obj['example_id']!r}")
+            seen.add(obj["example_id"])
+            try:
+                line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as e:  # extras that are not strict JSON
+                raise ValueError(f"result #{n} (example_id={r.example_id!r}): {e}") from e
+            f.write(line + "\n")
     return n
 
 
