@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from trackstar.config import load_params
 from trackstar.data import iter_corpus, read_queries
 from trackstar.hessian import whiten
-from trackstar.index import load_index, search
+from trackstar.index import load_index, search, valid_hits
 from trackstar.results import make_result, write_results
 from trackstar.retrieve import exact_search
 from trackstar.runner import run_main
@@ -35,9 +35,10 @@ def passage_lookup(rows: set[int]) -> dict[int, tuple[str, str]]:
 def write(path: Path, queries, top_s, top_i, bot_s, bot_i, lookup, **extra) -> None:
     results = []
     for qi, q in enumerate(queries):
-        results.append(make_result(q.id, q.prompt, q.target, [lookup[r][0] for r in top_i[qi]], top_s[qi],
-                                   {lookup[r][0]: lookup[r][1] for r in np.concatenate([top_i[qi], bot_i[qi]])}.__getitem__,
-                                   [lookup[r][0] for r in bot_i[qi]], bot_s[qi], **extra))
+        (ts, ti), (bs, bi) = valid_hits(top_s[qi], top_i[qi]), valid_hits(bot_s[qi], bot_i[qi])
+        results.append(make_result(q.id, q.prompt, q.target, [lookup[r][0] for r in ti], ts,
+                                   {lookup[r][0]: lookup[r][1] for r in np.concatenate([ti, bi])}.__getitem__,
+                                   [lookup[r][0] for r in bi], bs, **extra))
     write_results(path, results)
 
 
@@ -52,6 +53,10 @@ def main() -> None:
                                               "rows": final_train.n})
     k = min(r.k, final_train.n)
     found = {"trackstar": search(index, final_query.read_all(), k, ix.nprobe, ix.rerank, final_train)}
+    short = int((found["trackstar"][1] < 0).any(axis=1).sum())
+    if short:
+        print(f"warning: {short} queries got fewer than k={k} index hits (probed IVF lists too small); "
+              f"raise index.nprobe (now {ix.nprobe}) or lower index.nlist", flush=True)
 
     w = load_file("hessian/hessian.safetensors")
     for method in r.methods:
@@ -65,8 +70,8 @@ def main() -> None:
 
     rows = set()
     for ts, ti, bs, bi in found.values():
-        rows.update(ti.ravel().tolist())
-        rows.update(bi.ravel().tolist())
+        rows.update(ti[ti >= 0].tolist())
+        rows.update(bi[bi >= 0].tolist())
     lookup = passage_lookup(rows)
     ladder = Path("retrievals/ladder")
     shutil.rmtree(ladder, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from trackstar.index import build_index, search
+from trackstar.index import build_index, search, valid_hits
 from trackstar.retrieve import exact_search
 from trackstar.store import StoreReader, StoreWriter
 
@@ -45,3 +45,18 @@ def test_faiss_flat_and_ivf_rerank_match_exact(tmp_path):
     ts, ti, _, _ = search(ivf, q, 5, nprobe=8, rerank=50, store=store)
     assert (ti[:, 0] == want[:, 0]).mean() == 1.0
     np.testing.assert_allclose(ts, np.take_along_axis(q @ x.T, ti, 1), rtol=1e-5)  # exact rescored
+
+
+def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):
+    """nprobe=1 over tiny lists cannot return k rows: the gaps are row -1 / NaN, and valid_hits drops them."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    store = _store(tmp_path, x)
+    ivf = build_index(store, "ivf_flat", nlist=16, progress=False)
+    ts, ti, bs, bi = search(ivf, x[:4], 30, nprobe=1)
+    assert (ti < 0).any()  # 64 rows / 16 lists: one probed list holds < 30 rows
+    assert np.isnan(ts[ti < 0]).all() and not np.isnan(ts[ti >= 0]).any()
+    for qi in range(4):
+        s, r = valid_hits(ts[qi], ti[qi])
+        assert (r >= 0).all() and len(r) == (ti[qi] >= 0).sum()
+        np.testing.assert_allclose(s, x[r] @ x[qi], rtol=1e-5)

@@ -31,7 +31,7 @@ def _trace(args: argparse.Namespace) -> None:
 
         from .encoder import Encoder
         from .hessian import whiten
-        from .index import load_index, search
+        from .index import load_index, search, valid_hits
         from .store import StoreReader
 
         enc = Encoder(root / "model", params.gradients, params.correction, params.projection, params.encode,
@@ -49,6 +49,8 @@ def _trace(args: argparse.Namespace) -> None:
         g, _ = enc.encode([enc.query_example(args.prompt, args.target)])
         q = whiten(g, w, normalize=True)
         ts, ti, bs, bi = search(index, q, args.k, params.index.nprobe, params.index.rerank, final)
+        (ts, ti), (bs, bi) = valid_hits(ts[0], ti[0]), valid_hits(bs[0], bi[0])
+        ts, ti, bs, bi = ts[None], ti[None], bs[None], bi[None]
         rows = set(ti[0].tolist()) | set(bi[0].tolist())
         text = {i: p for i, p in enumerate(iter_corpus(root / "data/corpus.jsonl")) if i in rows}
         top = [(text[r].id, float(s)) for r, s in zip(ti[0], ts[0])]

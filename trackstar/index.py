@@ -86,7 +86,9 @@ def load_index(path: str | Path, expect: dict | None = None):
 def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
            store: StoreReader | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(top scores, top rows, bottom scores, bottom rows), each [Q, k]. Bottom-k = top-k of -q.
-    With rerank > k, the top `rerank` ANN candidates are rescored exactly from the store."""
+    With rerank > k, the top `rerank` ANN candidates are rescored exactly from the store.
+    An IVF search whose probed lists hold fewer than k rows pads with row -1 (score NaN):
+    consumers drop those (`valid_hits`); raise `nprobe` to fill them."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -100,7 +102,16 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
     if store is not None and rerank:
         ts, ti = _rerank(q, ti, store, k, largest=True)
         bs, bi = _rerank(q, bi, store, k, largest=False)
-    return ts[:, :k], ti[:, :k], bs[:, :k], bi[:, :k]
+    ts, ti, bs, bi = ts[:, :k].astype(np.float32), ti[:, :k], bs[:, :k].astype(np.float32), bi[:, :k]
+    ts[ti < 0] = np.nan
+    bs[bi < 0] = np.nan
+    return ts, ti, bs, bi
+
+
+def valid_hits(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query's hits without the -1 padding of an under-filled IVF search."""
+    keep = rows >= 0
+    return scores[keep], rows[keep]
 
 
 def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool):
