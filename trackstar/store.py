@@ -180,6 +180,22 @@ class StoreReader:
         for c in np.unique(chunk):
             sel = np.nonzero(chunk == c)[0]
             start = int(c) * self.chunk_rows
-            block = from_storage(self.array[start:start + self.chunk_rows], self.dtype)
-            out[sel] = block[rows[sel] - start]
+            raw = self._mapped_chunk(int(c))
+            if raw is not None:  # only the needed rows' pages are read
+                out[sel] = from_storage(raw[rows[sel] - start], self.dtype)
+            else:
+                out[sel] = from_storage(self.array[start:start + self.chunk_rows], self.dtype)[rows[sel] - start]
         return out
+
+    def _mapped_chunk(self, c: int) -> np.ndarray | None:
+        """A memory map of chunk c's file when the store is uncompressed (zarr v3 keeps such a
+        chunk as raw little-endian C-order bytes of the full chunk shape); None otherwise."""
+        if self.attrs.get("compressor") != "none" or getattr(self.array.metadata, "zarr_format", 3) != 3:
+            return None
+        key = self.array.metadata.encode_chunk_key((c, 0))
+        path = self.path / self.array.path / key
+        shape = (self.chunk_rows, self.d)
+        dtype = np.dtype(_NP_DTYPE[self.dtype]).newbyteorder("<")
+        if not path.is_file() or path.stat().st_size != dtype.itemsize * shape[0] * shape[1]:
+            return None  # e.g. a chunk never written because it equals the fill value
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
