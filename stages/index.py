@@ -13,8 +13,9 @@ def main() -> None:
     p = load_params().index
     t0 = time.time()
     store = StoreReader("encodings/final/train.zarr")
-    index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed)
-    meta = {"kind": p.kind, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq),
+    index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed,
+                        on_disk="index" if p.on_disk else None)
+    meta = {"kind": p.kind, "on_disk": p.on_disk, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq),
             "rows": store.n, "d": store.d, "checkpoint_hash": store.attrs["checkpoint_hash"],
             "hessian_sha256": store.attrs["hessian_sha256"], "config": store.attrs["config"]}
     save_index(index, "index", meta)

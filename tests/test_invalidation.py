@@ -90,6 +90,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "index.rerank": (20, {"retrieve"}),  # a search-time knob
     "index.train_sample": (50, {"index"}),
     "index.seed": (1, {"index"}),
+    "index.on_disk": (True, {"index"}),
     "retrieve.k": (8, {"retrieve"}),
     "retrieve.methods": (["dot", "cosine"], {"retrieve"}),
     "retrieve.query_batch": (3, {"retrieve"}),

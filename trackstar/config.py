@@ -112,6 +112,13 @@ class IndexParams(_Section):
     rerank: int = Field(0, ge=0)  # ANN candidates rescored exactly from the store (0 = off)
     train_sample: int = Field(100_000, ge=1)
     seed: int = 0
+    on_disk: bool = False  # IVF inverted lists in a memory-mapped file (indexes larger than RAM)
+
+    @model_validator(mode="after")
+    def _on_disk_needs_ivf(self):
+        if self.on_disk and self.kind == "flat":
+            raise ValueError("on_disk: true needs kind ivf_flat or ivf_pq (a flat index has no inverted lists)")
+        return self
 
 
 class RetrieveParams(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import faiss
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 
 from .errors import ArtifactMismatch
 from .store import StoreReader
+
+ON_DISK_LISTS = "lists.ivfdata"
 
 
 def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool) -> str:
@@ -46,19 +49,71 @@ def _training_sample(store: StoreReader, n: int, seed: int) -> np.ndarray:
 
 
 def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: int = 64, pq_bits: int = 8,
-                opq: bool = False, train_sample: int = 100_000, seed: int = 0, progress: bool = True):
-    """Train (if needed) on a row sample, then add the store chunk by chunk (bounded memory)."""
+                opq: bool = False, train_sample: int = 100_000, seed: int = 0, progress: bool = True,
+                on_disk: str | Path | None = None, block_rows: int = 262_144):
+    """Train (if needed) on a row sample, then add the store chunk by chunk (bounded memory).
+
+    With `on_disk` (a directory; IVF kinds only) the inverted lists go to `on_disk/lists.ivfdata`
+    (FAISS OnDiskInvertedLists, memory-mapped at search time), so the index may exceed RAM: rows
+    are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk."""
     index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq),
                                 faiss.METRIC_INNER_PRODUCT)
+    if on_disk is not None and kind == "flat":
+        raise ValueError("index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not flat")
     if not index.is_trained:
         faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
         sample = _training_sample(store, train_sample, seed)
         index.train(sample)
     bar = tqdm(total=store.n, desc="index add", unit="row", disable=not progress or None, mininterval=2.0)
-    for _, x in store.iter_chunks():
-        index.add(np.ascontiguousarray(x, dtype=np.float32))
+    if on_disk is None:
+        for _, x in store.iter_chunks():
+            index.add(np.ascontiguousarray(x, dtype=np.float32))
+            bar.update(len(x))
+        bar.close()
+        return index
+    return _build_on_disk(index, store, Path(on_disk), block_rows, bar)
+
+
+def _build_on_disk(trained, store: StoreReader, out: Path, block_rows: int, bar):
+    """Shard indexes of `block_rows` rows each (global ids), merged into one on-disk list file."""
+    shards = out / "shards.tmp"
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir(parents=True)
+    files, block, pending = [], None, 0
+
+    def flush():
+        nonlocal block, pending
+        if block is not None and block.ntotal:
+            files.append(str(shards / f"s{len(files):05d}.faiss"))
+            faiss.write_index(block, files[-1])
+        block, pending = faiss.clone_index(trained), 0
+
+    flush()
+    for start, x in store.iter_chunks():
+        block.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.arange(start, start + len(x), dtype=np.int64))
+        pending += len(x)
         bar.update(len(x))
+        if pending >= block_rows:
+            flush()
+    flush()
     bar.close()
+    ivfs = []
+    for f in files:
+        part = faiss.read_index(f, faiss.IO_FLAG_MMAP)
+        ivf = faiss.extract_index_ivf(part)
+        ivfs.append(ivf.invlists)
+        ivf.own_invlists = False  # the merged lists copy the entries; keep the readers alive until then
+    index = faiss.clone_index(trained)
+    target = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(target.nlist, target.code_size, str(out / ON_DISK_LISTS))
+    vec = faiss.InvertedListsPtrVector()
+    for iv in ivfs:
+        vec.push_back(iv)
+    ntotal = lists.merge_from_multiple(vec.data(), vec.size(), False)
+    index.ntotal = target.ntotal = ntotal
+    target.replace_invlists(lists, True)
+    lists.this.disown()
+    shutil.rmtree(shards, ignore_errors=True)
     return index
 
 
@@ -80,7 +135,8 @@ def load_index(path: str | Path, expect: dict | None = None):
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ArtifactMismatch(f"{path}: index meta '{key}' is {meta.get(key)!r}, expected {want!r}")
-    return faiss.read_index(str(path / "index.faiss")), meta
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("on_disk") else 0  # lists memory-mapped from path
+    return faiss.read_index(str(path / "index.faiss"), flags), meta
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
@@ -94,7 +150,8 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
         faiss.extract_index_ivf(index).nprobe = nprobe
     except (RuntimeError, AttributeError):
         pass
-    index, _res = _gpu(index)
+    if not _on_disk(index):
+        index, _res = _gpu(index)
     width = max(k, rerank) if store is not None and rerank else k
     ts, ti = index.search(q, width)
     bs, bi = index.search(-q, width)
@@ -112,6 +169,14 @@ def valid_hits(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     """One query's hits without the -1 padding of an under-filled IVF search."""
     keep = rows >= 0
     return scores[keep], rows[keep]
+
+
+def _on_disk(index) -> bool:
+    try:
+        return isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists),
+                          faiss.OnDiskInvertedLists)
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool):
