@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+import scipy.linalg
 import torch
 
 
@@ -33,11 +34,13 @@ def autocorrelation(chunks: Iterable[np.ndarray], d: int, max_rows: int = 0) -> 
     return acc / n, n
 
 
-def eigvals_desc(r: np.ndarray, dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """Eigenvalues of a symmetric matrix, largest first (float32 eigensolvers by default: ~2x faster
-    than float64, and their error is far below the damping)."""
+def eigvals_desc(r: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, largest first. float32 divide-and-conquer LAPACK by default:
+    its error is far below the damping, and it is ~2x faster than float64 and ~3x faster than
+    torch.linalg.eigh on 2 CPU cores (measured at d=3000)."""
     scale = _scale(r)
-    return (torch.linalg.eigvalsh(torch.from_numpy(r / scale).to(dtype)).double() * scale).numpy()[::-1].copy()
+    e = scipy.linalg.eigh((r / scale).astype(dtype), eigvals_only=True, driver="evd", check_finite=False)
+    return (e.astype(np.float64) * scale)[::-1].copy()
 
 
 def _scale(r: np.ndarray) -> float:
@@ -56,21 +59,19 @@ def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     return b / (a + b)
 
 
-def inv_sqrt(r: np.ndarray, damping: float, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def inv_sqrt(r: np.ndarray, damping: float, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(R + damping * mean(eig) I)^(-1/2) and the undamped eigenvalues (descending)."""
     scale = _scale(r)  # unit mean eigenvalue: tiny entries would hit subnormal floats (very slow LAPACK)
-    e, v = torch.linalg.eigh(torch.from_numpy(r / scale).to(dtype))
-    e, v = e.double() * scale, v.double()
-    e = e.clamp_min(0)
-    shift = damping * e.mean()
-    if shift <= 0:
-        shift = torch.tensor(1e-12, dtype=e.dtype)
-    w = (v * (e + shift).rsqrt()) @ v.T
-    return w.numpy(), e.numpy()[::-1].copy()
+    e, v = scipy.linalg.eigh((r / scale).astype(dtype), driver="evd", check_finite=False)
+    e = np.clip(e.astype(np.float64), 0, None)  # in units of the mean eigenvalue
+    shift = max(damping * float(e.mean()), 1e-12)
+    # V diag((e + shift)^-1/2) V^T in the eigensolver's dtype (d^3 flops: float64 doubles the time)
+    w = (v * (1 / np.sqrt(e + shift)).astype(v.dtype)) @ v.T
+    return w.astype(np.float64) / np.sqrt(scale), (e * scale)[::-1].copy()
 
 
 def inv_sqrt_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float,
-                    dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+                    dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Block-diagonal R^(-1/2): each layer's block whitened on its own (off-diagonal blocks zero)."""
     w = np.zeros_like(r)
     eigs = []

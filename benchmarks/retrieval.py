@@ -1,0 +1,188 @@
+"""Retrieval at scale: FAISS index configs against streaming exact search, on >= 1M rows.
+
+Data (stated in the results): the pipeline's real preconditioned TrackStar encodings
+(`encodings/final/{train,query}.zarr`, run `dvc repro` first) are reduced to `--d` dimensions by a
+seeded Gaussian projection (as if encoded with a smaller projection), tiled to `--rows` rows, each
+copy perturbed by isotropic Gaussian noise of relative norm `--sigma`, and unit-normalized. Queries
+are the real query encodings under the same projection. The ground truth is `exact_search`
+streaming over the Zarr store, timed in the same run, so every speed figure is a ratio.
+
+Each config runs in its own process so that its peak RSS is its own.
+Writes benchmarks/results/retrieval.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+# name -> index kind and params (nprobe/rerank are search-time)
+CONFIGS = {
+    "flat": dict(kind="flat"),
+    "ivf_flat": dict(kind="ivf_flat", nlist=1024, nprobe=16),
+    "ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16),
+    "ivf_pq+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16, rerank=100),
+    "ivf_pq+rerank200": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=32, rerank=200),
+    "opq_ivf_pq+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, opq=True, nprobe=16, rerank=100),
+    "ivf_pq_on_disk+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16, rerank=100, on_disk=True),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_data(args) -> None:
+    """The tiled, perturbed store and the query matrix, in --work (skipped if already there)."""
+    from tqdm.auto import tqdm
+
+    from trackstar.store import StoreReader, StoreWriter
+
+    work = Path(args.work)
+    store_path = work / "train.zarr"
+    if store_path.exists() and (work / "queries.npy").exists():
+        return
+    base = StoreReader(Path(args.repo) / "encodings/final/train.zarr").read_all()
+    query = StoreReader(Path(args.repo) / "encodings/final/query.zarr").read_all()[: args.queries]
+    rng = np.random.default_rng(args.seed)
+    proj = rng.standard_normal((base.shape[1], args.d), dtype=np.float32) / np.sqrt(args.d)
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    base, query = norm(base @ proj), norm(query @ proj)
+    np.save(work / "queries.npy", query.astype(np.float32))
+    w = StoreWriter(store_path, work / "store.work", args.rows, args.d, ["g"], chunk_mb=32.0,
+                    attrs={"benchmark": "retrieval", "source_rows": len(base), "sigma": args.sigma})
+    w.prepare()
+    for c in tqdm(w.pending(), desc="generate", mininterval=5):
+        a, b = w.chunk_range(c)
+        noise = np.random.default_rng([args.seed, c]).standard_normal((b - a, args.d), dtype=np.float32)
+        x = base[np.arange(a, b) % len(base)] + args.sigma * noise / np.sqrt(args.d)
+        w.write_chunk(c, {"g": norm(x)})
+    w.finalize()
+
+
+def run_exact(args) -> dict:
+    """Streaming exact top/bottom-k over the store: the baseline and the ground truth."""
+    from trackstar.retrieve import exact_search
+    from trackstar.store import StoreReader
+
+    work = Path(args.work)
+    store, q = StoreReader(work / "train.zarr"), np.load(work / "queries.npy")
+    t = time.perf_counter()
+    ts, ti, bs, bi = exact_search(q, store.iter_chunks(), args.k, query_batch=len(q), total_rows=store.n)
+    sec = time.perf_counter() - t
+    np.save(work / "exact_top.npy", ti)
+    np.save(work / "exact_bottom.npy", bi)
+    return {"search_s": sec, "qps": len(q) / sec, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_config(args, name: str) -> dict:
+    """Build one index from the store, search all queries (both directions), compare with exact."""
+    import faiss
+
+    from trackstar.index import build_index, save_index, load_index, search
+    from trackstar.store import StoreReader
+
+    c = {"nlist": 64, "pq_m": 64, "nprobe": 8, "rerank": 0, "opq": False, "on_disk": False, **CONFIGS[name]}
+    work = Path(args.work)
+    store, q = StoreReader(work / "train.zarr"), np.load(work / "queries.npy")
+    out = work / f"index_{name}"
+    t = time.perf_counter()
+    index = build_index(store, c["kind"], c["nlist"], c["pq_m"], 8, c["opq"], args.train_sample, 0,
+                        on_disk=out if c["on_disk"] else None)
+    save_index(index, out, {"on_disk": c["on_disk"]})
+    build_s = time.perf_counter() - t
+    index_bytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".faiss", ".ivfdata"))
+    if c["on_disk"]:  # search the memory-mapped lists, as the retrieve stage would
+        del index
+        index, _ = load_index(out)
+    search(index, q[:8], args.k, c["nprobe"], c["rerank"], store)  # warm-up (threads, page cache)
+    t = time.perf_counter()
+    ts, ti, bs, bi = search(index, q, args.k, c["nprobe"], c["rerank"], store)
+    sec = time.perf_counter() - t
+    top, bottom = np.load(work / "exact_top.npy"), np.load(work / "exact_bottom.npy")
+    recall = lambda got, want: float(np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)]))
+    return {"config": c, "factory": _factory(faiss, c, store.d), "build_s": build_s, "search_s": sec,
+            "qps": len(q) / sec, "recall_at_10_vs_exact": recall(ti, top),
+            "opponents_recall_at_10_vs_exact": recall(bi, bottom), "index_bytes": index_bytes,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _factory(faiss, c: dict, d: int) -> str:
+    from trackstar.index import factory_string
+
+    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], 8, c["opq"])
+
+
+def child(args, what: str) -> dict:
+    """Run one measurement in a fresh process; returns its JSON."""
+    cmd = [sys.executable, __file__, "--child", what] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                                         if k not in ("child", "configs", "out")]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", default=".", help="a repo after `dvc repro` (its encodings/final stores)")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--sigma", type=float, default=0.5, help="relative norm of the per-copy perturbation")
+    ap.add_argument("--queries", type=int, default=400)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--train-sample", type=int, default=65536)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/trackstar-bench-retrieval")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=str(HERE / "results/retrieval.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = run_exact(args) if args.child == "exact" else run_config(args, args.child)
+        print(json.dumps(res))
+        return
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    make_data(args)
+    gen_s = time.perf_counter() - t
+    raw_bytes = args.rows * args.d * 4
+    exact = child(args, "exact")
+    print(f"exact streaming search: {exact['qps']:.1f} queries/s, peak RSS {exact['peak_rss_mb']:.0f} MB", flush=True)
+    rows = []
+    for name in args.configs.split(","):
+        r = child(args, name)
+        r.update(name=name, rows=args.rows, d=args.d, speedup_vs_exact=r["qps"] / exact["qps"],
+                 index_bytes_ratio=r["index_bytes"] / raw_bytes)
+        rows.append(r)
+        print(f"{name:26s} recall@10 {r['recall_at_10_vs_exact']:.3f}  speedup {r['speedup_vs_exact']:6.1f}x  "
+              f"index/raw {r['index_bytes_ratio']:.4f}  build {r['build_s']:.0f}s  peak RSS {r['peak_rss_mb']:.0f} MB",
+              flush=True)
+    ok = [r for r in rows if r["recall_at_10_vs_exact"] >= 0.97 and r["speedup_vs_exact"] >= 10
+          and r["index_bytes_ratio"] <= 0.05]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "data": {"rows": args.rows, "d": args.d, "queries": args.queries, "k": args.k, "sigma": args.sigma,
+                 "source": f"{args.repo}/encodings/final (real TrackStar encodings), Gaussian-projected to d, "
+                           "tiled with per-copy Gaussian perturbation, unit-normalized",
+                 "raw_fp32_bytes": raw_bytes, "generate_s": gen_s},
+        "exact": exact,
+        "configs": rows,
+        "meets_goal": [r["name"] for r in ok],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"goal (recall@10 >= 0.97, >= 10x exact, index <= 5% raw) met by: {result['meets_goal'] or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
