@@ -27,15 +27,16 @@ REPO = HERE.parent
 BIN = Path(sys.executable).parent
 
 
-def env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+def env(repo: Path) -> dict:
+    """This Python's bin first; the clone's own trackstar first (not an editable install elsewhere)."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
 
 
 def timed_repro(repo: Path, *args: str) -> tuple[float, dict[str, float], list[str]]:
     """Wall time of `dvc repro`, the time of each stage it ran (from its 'Running stage' lines), and their names."""
     t0 = time.perf_counter()
     marks: list[tuple[str, float]] = []
-    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env=env(repo), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:
@@ -79,7 +80,7 @@ def encode_scaling(repo: Path, work: Path, scales: list[int]) -> list[dict]:
                     rec["id"] = f"{rec['id']}~{r}"
                     f.write(json.dumps(rec) + "\n")
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(repo / "stages/encode.py"), "train"], cwd=d, env=env(),
+        proc = subprocess.Popen([sys.executable, str(repo / "stages/encode.py"), "train"], cwd=d, env=env(repo),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         sec = time.perf_counter() - t
