@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from safetensors.numpy import save_file
 
 from trackstar.config import load_params
@@ -17,13 +19,28 @@ from trackstar.store import StoreReader
 OUT = Path("hessian")
 
 
+def all_reduce_sum(x: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.numpy()
+
+
 def main() -> None:
     h = load_params().hessian
     t0 = time.time()
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    reduce = None
+    if world > 1:  # under torchrun: each rank sums its own chunks, an all-reduce adds them up
+        dist.init_process_group("gloo")
+        reduce = all_reduce_sum
     train = StoreReader("encodings/raw/train.zarr")
     query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
-    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks()), train.d, h.train_sample)
-    r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks()), query.d)
+    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d, reduce)
+    r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)
+    if world > 1:
+        dist.destroy_process_group()
+        if rank != 0:
+            return  # the eigensolves and outputs are rank 0's
     blocks = [(l["start"], l["stop"]) for l in train.attrs["layout"]]
 
     def whitening(r):

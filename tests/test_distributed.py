@@ -1,17 +1,22 @@
-"""encode under torchrun with 2 CPU processes (gloo): each rank writes its own whole chunks,
-and the store equals the single-process one."""
+"""encode and hessian under torchrun with 2 CPU processes (gloo): each rank writes its own whole
+chunks and the store equals the single-process one; the Hessian statistics are an all-reduce of
+per-rank sums, so R, lambda and the whitening equal the single-process run."""
 
+import json
 import shutil
 import sys
 
 import numpy as np
+import pytest
+from safetensors.numpy import load_file
 
 from tests.pipeline import make_repo, repro, run
 from trackstar.store import StoreReader
 
 
 def test_two_process_encode_equals_single_process(tmp_path):
-    repo = make_repo(tmp_path / "repo", {"encode": {"chunk_mb": 0.01}})
+    # train_sample 25 ends inside a chunk of ~10 rows: the row limit must hold across ranks
+    repo = make_repo(tmp_path / "repo", {"encode": {"chunk_mb": 0.01}, "hessian": {"mix_k": 5, "train_sample": 25}})
     repro(repo, "encode@train")
     single = StoreReader(repo / "encodings/raw/train.zarr")
     assert single.n // single.chunk_rows >= 3
@@ -25,3 +30,18 @@ def test_two_process_encode_equals_single_process(tmp_path):
         np.testing.assert_allclose(got, want[a], rtol=1e-5, atol=1e-6 * np.abs(want[a]).max())
     attrs = StoreReader(repo / "encodings/raw/train.zarr").attrs
     assert attrs["complete"] and attrs["d"] == single.d
+
+    # hessian: single process, then torchrun with 2 ranks over the same stores
+    run(repo, sys.executable, "stages/encode.py", "query")
+    run(repo, sys.executable, "stages/hessian.py")
+    want_h = load_file(repo / "hessian/hessian.safetensors")
+    want_meta = json.loads((repo / "hessian/hessian.json").read_text())
+    shutil.rmtree(repo / "hessian")
+    run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        "stages/hessian.py")
+    got_h = load_file(repo / "hessian/hessian.safetensors")
+    got_meta = json.loads((repo / "hessian/hessian.json").read_text())
+    assert got_meta["n_train"] == want_meta["n_train"] == 25 and got_meta["n_eval"] == want_meta["n_eval"]
+    assert got_meta["lambda"] == pytest.approx(want_meta["lambda"], rel=1e-5)
+    for key in ("r_train", "r_eval", "w_mix", "w_train"):
+        np.testing.assert_allclose(got_h[key], want_h[key], rtol=1e-4, atol=1e-5 * np.abs(want_h[key]).max())

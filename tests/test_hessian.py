@@ -12,9 +12,13 @@ def test_autocorrelation_streams_to_the_dense_value():
     r, n = autocorrelation([x[:20], x[20:37], x[37:]], 6)
     assert n == 50
     np.testing.assert_allclose(r, x.T.astype(np.float64) @ x / 50, rtol=1e-5)
-    r2, n2 = autocorrelation([x[:20], x[20:]], 6, max_rows=30)
-    assert n2 == 30
-    np.testing.assert_allclose(r2, x[:30].T.astype(np.float64) @ x[:30] / 30, rtol=1e-5)
+    # two "processes", each with its own chunks, summed by the all-reduce: the global value
+    parts = [[x[:20], x[37:]], [x[20:37]]]
+    partial = [autocorrelation(p, 6) for p in parts]
+    total = lambda a: sum(r * n for r, n in partial) if a.shape == (6, 6) else np.array([50.0])
+    r2, n2 = autocorrelation(parts[0], 6, all_reduce=total)
+    assert n2 == 50
+    np.testing.assert_allclose(r2, r, rtol=1e-12)
 
 
 def test_lambda_makes_the_scaled_curves_cross_at_component_k():

@@ -8,27 +8,26 @@ eta * mean(eigenvalues) to the diagonal. Full d x d or block-diagonal per layer.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import scipy.linalg
 import torch
 
 
-def autocorrelation(chunks: Iterable[np.ndarray], d: int, max_rows: int = 0) -> tuple[np.ndarray, int]:
-    """(1/N) sum_i g_i g_i^T over streamed row chunks (float32 matmuls, float64 accumulation)."""
+def autocorrelation(chunks: Iterable[np.ndarray], d: int,
+                    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+    """(1/N) sum_i g_i g_i^T over streamed row chunks (float32 matmuls, float64 accumulation).
+    With `all_reduce` (a sum over processes, each streaming its own chunks) the result is global."""
     acc = np.zeros((d, d), dtype=np.float64)
     n = 0
     for x in chunks:
-        if max_rows and n + len(x) > max_rows:
-            x = x[: max_rows - n]
-        if len(x) == 0:
-            break
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         acc += (t.T @ t).double().numpy()
         n += len(x)
-        if max_rows and n >= max_rows:
-            break
+    if all_reduce is not None:
+        acc = all_reduce(acc)
+        n = int(all_reduce(np.array([n], dtype=np.float64))[0])
     if n == 0:
         raise ValueError("cannot estimate a Hessian from zero rows")
     return acc / n, n

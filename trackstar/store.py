@@ -162,10 +162,13 @@ class StoreReader:
         self.chunk_rows = self.array.chunks[0]
         self.dtype = self.attrs["dtype"]
 
-    def iter_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(start row, float32 rows) per chunk, in order; one chunk in memory at a time."""
-        for start in range(0, self.n, self.chunk_rows):
-            yield start, from_storage(self.array[start:start + self.chunk_rows], self.dtype)
+    def iter_chunks(self, rank: int = 0, world: int = 1, stop: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 rows) per chunk, in order; one chunk in memory at a time. With `world` > 1
+        only this rank's chunks (round-robin, as encode writes them); `stop` > 0 ends at that row."""
+        end = min(self.n, stop) if stop else self.n
+        for c, start in enumerate(range(0, end, self.chunk_rows)):
+            if c % world == rank:
+                yield start, from_storage(self.array[start:min(start + self.chunk_rows, end)], self.dtype)
 
     def read_all(self) -> np.ndarray:
         return from_storage(self.array[:], self.dtype)
