@@ -11,7 +11,10 @@ import torch.distributed as dist
 from safetensors.numpy import save_file
 
 from trackstar.config import load_params
-from trackstar.hessian import autocorrelation, eigvals_desc, inv_sqrt, inv_sqrt_blocks, mix_lambda
+import trackstar.hessian as hessian_lib
+from trackstar.hessian import (autocorrelation, eigh_scaled, eigvals_desc, inv_sqrt, inv_sqrt_blocks,
+                               inv_sqrt_from_eig, mix_lambda)
+from trackstar.memo import Memo, code_hash, memo_key
 from trackstar.plots import plot_eigen_crossing
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
@@ -35,21 +38,37 @@ def main() -> None:
         reduce = all_reduce_sum
     train = StoreReader("encodings/raw/train.zarr")
     query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
-    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d, reduce)
-    r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)
+    # statistics and eigen-decompositions depend on the stores (their attrs pin config, checkpoint and
+    # input), train_sample, the layout and this code, not on mix_k / lambda / damping: memoized
+    memo = Memo(".work/hessian", keep=2)
+    key = memo_key(train=train.attrs, query=query.attrs, train_sample=h.train_sample, code=code_hash(hessian_lib))
+    stats = memo.load_arrays("stats", key)
+    if stats is None:
+        r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d, reduce)
+        r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)
+        if rank == 0:
+            memo.save_arrays("stats", key, {"r_train": r_train, "r_eval": r_eval, "n": np.array([n_train, n_eval])})
+    else:
+        r_train, r_eval, (n_train, n_eval) = stats["r_train"], stats["r_eval"], stats["n"].tolist()
     if world > 1:
         dist.destroy_process_group()
         if rank != 0:
             return  # the eigensolves and outputs are rank 0's
     blocks = [(l["start"], l["stop"]) for l in train.attrs["layout"]]
-
-    def whitening(r):
-        return inv_sqrt_blocks(r, blocks, h.damping) if h.block_diagonal else inv_sqrt(r, h.damping)
-
-    w_train, e_train = whitening(r_train)
-    e_eval = eigvals_desc(r_eval) if not h.block_diagonal else inv_sqrt_blocks(r_eval, blocks, 0.0)[1]
+    if h.block_diagonal:  # per-layer blocks: small eigensolves, not memoized
+        w_train, e_train = inv_sqrt_blocks(r_train, blocks, h.damping)
+        e_eval = inv_sqrt_blocks(r_eval, blocks, 0.0)[1]
+    else:
+        eig = memo.load_arrays("eig", key)
+        if eig is None:
+            e, v, scale = eigh_scaled(r_train)
+            eig = {"e": e, "v": v, "scale": np.array([scale]), "e_eval": eigvals_desc(r_eval)}
+            memo.save_arrays("eig", key, eig)
+        w_train = inv_sqrt_from_eig(eig["e"], eig["v"], float(eig["scale"][0]), h.damping)
+        e_train, e_eval = (eig["e"] * eig["scale"][0])[::-1].copy(), eig["e_eval"]
     lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
-    w_mix, e_mix = whitening(lam * r_eval + (1 - lam) * r_train)
+    r_mix = lam * r_eval + (1 - lam) * r_train
+    w_mix = inv_sqrt_blocks(r_mix, blocks, h.damping)[0] if h.block_diagonal else inv_sqrt(r_mix, h.damping)[0]
 
     OUT.mkdir(exist_ok=True)
     tmp = OUT / "hessian.safetensors.tmp"

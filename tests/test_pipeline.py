@@ -47,6 +47,25 @@ def test_mix_k_edit_reruns_exactly_the_hessian_downstream(repo):
     assert repro(repo) == []
 
 
+def test_memoized_intermediates_give_the_same_outputs_as_a_cold_run(repo):
+    """The mix_k rerun above reused .work/ memos (Hessian statistics, eigenvectors, unchanged methods'
+    tail-patch); recomputing everything from scratch must give byte-identical outputs."""
+    import shutil
+    import sys
+
+    from tests.pipeline import run
+
+    assert list((repo / ".work/hessian").glob("eig-*")) and list((repo / ".work/tailpatch").glob("tp-*"))
+    files = ["hessian/hessian.safetensors", "hessian/hessian.json", "metrics/metrics.json"]
+    warm = {f: (repo / f).read_bytes() for f in files}
+    shutil.rmtree(repo / ".work")
+    run(repo, sys.executable, "stages/hessian.py")
+    run(repo, sys.executable, "stages/evaluate.py")
+    for f in files:
+        assert (repo / f).read_bytes() == warm[f], f"{f} differs between memoized and cold runs"
+    assert repro(repo) == []
+
+
 def test_trace_cli_reproduces_the_pipeline_and_refuses_stale_artifacts(repo):
     import sys
 

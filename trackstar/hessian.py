@@ -58,15 +58,26 @@ def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     return b / (a + b)
 
 
+def eigh_scaled(r: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, float]:
+    """Eigen-decomposition of R / scale, scale = mean eigenvalue (tiny entries would hit subnormal
+    floats: very slow LAPACK): (eigenvalues ascending, clamped >= 0, float64; eigenvectors; scale)."""
+    scale = _scale(r)
+    e, v = scipy.linalg.eigh((r / scale).astype(dtype), driver="evd", check_finite=False)
+    return np.clip(e.astype(np.float64), 0, None), v, scale
+
+
+def inv_sqrt_from_eig(e: np.ndarray, v: np.ndarray, scale: float, damping: float) -> np.ndarray:
+    """(R + damping * mean(eig) I)^(-1/2) from `eigh_scaled`'s output; V diag V^T in the eigenvectors'
+    dtype (d^3 flops: float64 would double the time)."""
+    shift = max(damping * float(e.mean()), 1e-12)
+    w = (v * (1 / np.sqrt(e + shift)).astype(v.dtype)) @ v.T
+    return w.astype(np.float64) / np.sqrt(scale)
+
+
 def inv_sqrt(r: np.ndarray, damping: float, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(R + damping * mean(eig) I)^(-1/2) and the undamped eigenvalues (descending)."""
-    scale = _scale(r)  # unit mean eigenvalue: tiny entries would hit subnormal floats (very slow LAPACK)
-    e, v = scipy.linalg.eigh((r / scale).astype(dtype), driver="evd", check_finite=False)
-    e = np.clip(e.astype(np.float64), 0, None)  # in units of the mean eigenvalue
-    shift = max(damping * float(e.mean()), 1e-12)
-    # V diag((e + shift)^-1/2) V^T in the eigensolver's dtype (d^3 flops: float64 doubles the time)
-    w = (v * (1 / np.sqrt(e + shift)).astype(v.dtype)) @ v.T
-    return w.astype(np.float64) / np.sqrt(scale), (e * scale)[::-1].copy()
+    e, v, scale = eigh_scaled(r, dtype)
+    return inv_sqrt_from_eig(e, v, scale, damping), (e * scale)[::-1].copy()
 
 
 def inv_sqrt_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float,
