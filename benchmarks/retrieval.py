@@ -27,15 +27,21 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
-# name -> index kind and params (nprobe/rerank are search-time)
-CONFIGS = {
+# index name -> build params; each index is built once and searched with every (nprobe, rerank)
+# in SEARCHES (search-time knobs, as in the pipeline: `retrieve` reads them, `index` does not)
+INDEXES = {
     "flat": dict(kind="flat"),
-    "ivf_flat": dict(kind="ivf_flat", nlist=1024, nprobe=16),
-    "ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16),
-    "ivf_pq+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16, rerank=100),
-    "ivf_pq+rerank200": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=32, rerank=200),
-    "opq_ivf_pq+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, opq=True, nprobe=16, rerank=100),
-    "ivf_pq_on_disk+rerank100": dict(kind="ivf_pq", nlist=1024, pq_m=64, nprobe=16, rerank=100, on_disk=True),
+    "ivf_flat": dict(kind="ivf_flat", nlist=1024),
+    "ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=64),
+    "opq_ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=64, opq=True),
+    "ivf_pq_on_disk": dict(kind="ivf_pq", nlist=1024, pq_m=64, on_disk=True),
+}
+SEARCHES = {
+    "flat": [(1, 0)],
+    "ivf_flat": [(16, 0), (64, 0)],
+    "ivf_pq": [(16, 0), (16, 100), (64, 100), (128, 100), (128, 200), (256, 200)],
+    "opq_ivf_pq": [(64, 100), (128, 200)],
+    "ivf_pq_on_disk": [(128, 200)],
 }
 
 
@@ -86,39 +92,42 @@ def run_exact(args) -> dict:
     return {"search_s": sec, "qps": len(q) / sec, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_config(args, name: str) -> dict:
-    """Build one index from the store, search all queries (both directions), compare with exact."""
-    import faiss
-
-    from trackstar.index import build_index, save_index, load_index, search
+def run_config(args, name: str) -> list[dict]:
+    """Build one index from the store, then per search setting: search all queries (both
+    directions) and compare with the exact ground truth."""
+    from trackstar.index import build_index, load_index, save_index, search
     from trackstar.store import StoreReader
 
-    c = {"nlist": 64, "pq_m": 64, "nprobe": 8, "rerank": 0, "opq": False, "on_disk": False, **CONFIGS[name]}
+    c = {"nlist": 64, "pq_m": 64, "opq": False, "on_disk": False, **INDEXES[name]}
     work = Path(args.work)
     store, q = StoreReader(work / "train.zarr"), np.load(work / "queries.npy")
     out = work / f"index_{name}"
     t = time.perf_counter()
     index = build_index(store, c["kind"], c["nlist"], c["pq_m"], 8, c["opq"], args.train_sample, 0,
-                        on_disk=out if c["on_disk"] else None)
+                        on_disk=out if c["on_disk"] else None, progress=False)
     save_index(index, out, {"on_disk": c["on_disk"]})
     build_s = time.perf_counter() - t
     index_bytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".faiss", ".ivfdata"))
     if c["on_disk"]:  # search the memory-mapped lists, as the retrieve stage would
         del index
         index, _ = load_index(out)
-    search(index, q[:8], args.k, c["nprobe"], c["rerank"], store)  # warm-up (threads, page cache)
-    t = time.perf_counter()
-    ts, ti, bs, bi = search(index, q, args.k, c["nprobe"], c["rerank"], store)
-    sec = time.perf_counter() - t
     top, bottom = np.load(work / "exact_top.npy"), np.load(work / "exact_bottom.npy")
     recall = lambda got, want: float(np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)]))
-    return {"config": c, "factory": _factory(faiss, c, store.d), "build_s": build_s, "search_s": sec,
-            "qps": len(q) / sec, "recall_at_10_vs_exact": recall(ti, top),
-            "opponents_recall_at_10_vs_exact": recall(bi, bottom), "index_bytes": index_bytes,
-            "peak_rss_mb": peak_rss_mb()}
+    rows = []
+    for nprobe, rerank in SEARCHES[name]:
+        search(index, q[:8], args.k, nprobe, rerank, store)  # warm-up (threads, page cache)
+        t = time.perf_counter()
+        ts, ti, bs, bi = search(index, q, args.k, nprobe, rerank, store)
+        sec = time.perf_counter() - t
+        rows.append({"name": f"{name} nprobe={nprobe} rerank={rerank}", "index": name,
+                     "config": {**c, "nprobe": nprobe, "rerank": rerank}, "factory": _factory(c, store.d),
+                     "build_s": build_s, "search_s": sec, "qps": len(q) / sec,
+                     "recall_at_10_vs_exact": recall(ti, top), "opponents_recall_at_10_vs_exact": recall(bi, bottom),
+                     "index_bytes": index_bytes, "peak_rss_mb": peak_rss_mb()})
+    return rows
 
 
-def _factory(faiss, c: dict, d: int) -> str:
+def _factory(c: dict, d: int) -> str:
     from trackstar.index import factory_string
 
     return factory_string(c["kind"], d, c["nlist"], c["pq_m"], 8, c["opq"])
@@ -127,7 +136,7 @@ def _factory(faiss, c: dict, d: int) -> str:
 def child(args, what: str) -> dict:
     """Run one measurement in a fresh process; returns its JSON."""
     cmd = [sys.executable, __file__, "--child", what] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                         if k not in ("child", "configs", "out")]
+                                                         if k not in ("child", "indexes", "out", "reuse_exact")]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -143,9 +152,10 @@ def main() -> None:
     ap.add_argument("--train-sample", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/trackstar-bench-retrieval")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--indexes", default=",".join(INDEXES))
     ap.add_argument("--out", default=str(HERE / "results/retrieval.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reuse-exact", action="store_true", help="keep the ground truth of an earlier run in --work")
     args = ap.parse_args()
     if args.child:
         res = run_exact(args) if args.child == "exact" else run_config(args, args.child)
@@ -156,17 +166,22 @@ def main() -> None:
     make_data(args)
     gen_s = time.perf_counter() - t
     raw_bytes = args.rows * args.d * 4
-    exact = child(args, "exact")
+    exact_json = Path(args.work) / "exact.json"
+    if args.reuse_exact and exact_json.exists():
+        exact = json.loads(exact_json.read_text())
+    else:
+        exact = child(args, "exact")
+        exact_json.write_text(json.dumps(exact))
     print(f"exact streaming search: {exact['qps']:.1f} queries/s, peak RSS {exact['peak_rss_mb']:.0f} MB", flush=True)
     rows = []
-    for name in args.configs.split(","):
-        r = child(args, name)
-        r.update(name=name, rows=args.rows, d=args.d, speedup_vs_exact=r["qps"] / exact["qps"],
-                 index_bytes_ratio=r["index_bytes"] / raw_bytes)
-        rows.append(r)
-        print(f"{name:26s} recall@10 {r['recall_at_10_vs_exact']:.3f}  speedup {r['speedup_vs_exact']:6.1f}x  "
-              f"index/raw {r['index_bytes_ratio']:.4f}  build {r['build_s']:.0f}s  peak RSS {r['peak_rss_mb']:.0f} MB",
-              flush=True)
+    for name in args.indexes.split(","):
+        for r in child(args, name):
+            r.update(rows=args.rows, d=args.d, speedup_vs_exact=r["qps"] / exact["qps"],
+                     index_bytes_ratio=r["index_bytes"] / raw_bytes)
+            rows.append(r)
+            print(f"{r['name']:38s} recall@10 {r['recall_at_10_vs_exact']:.3f}  speedup {r['speedup_vs_exact']:6.1f}x  "
+                  f"index/raw {r['index_bytes_ratio']:.4f}  build {r['build_s']:.0f}s  peak RSS {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
     ok = [r for r in rows if r["recall_at_10_vs_exact"] >= 0.97 and r["speedup_vs_exact"] >= 10
           and r["index_bytes_ratio"] <= 0.05]
     result = {
