@@ -101,7 +101,43 @@ def sweep(rows: list) -> list[str]:
     return out + ["", "![MRR and tail-patch vs d](results/d_sweep.png)"]
 
 
+METHODS = ["dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random"]
+
+
+def readme_results() -> None:
+    """The root README's results block: the committed metrics/*.json and the pipeline timings."""
+    root = HERE.parent
+    m = json.loads((root / "metrics/metrics.json").read_text())
+    model = json.loads((root / "metrics/model.json").read_text())
+    hess = json.loads((root / "metrics/hessian.json").read_text())
+    lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |", "|---|---|---|---|---|---|---|"]
+    for name in [x for x in METHODS if x in m]:
+        v = m[name]
+        lines.append(f"| `{name}` | {v['mrr']:.3f} | {v['recall@10']:.3f} | {v.get('tail_patch@1', float('nan')):.4f} | "
+                     f"{v.get('tail_patch@10', float('nan')):.4f} | {v.get('tail_patch_prob@1', float('nan')):.4f} | "
+                     f"{v.get('tail_patch_prob@10', float('nan')):.4f} |")
+    n_tp = next(iter(m.values())).get("tail_patch_queries", 0)
+    lines += ["", f"Model accuracy on the {model['queries']} queries' targets: **{model['accuracy']:.1%}** (chance 12.5 %). "
+              f"d = {hess['d']}, λ = {hess['lambda']:.4f}. MRR and recall over all {model['queries']} queries; "
+              f"tail-patch over the first {n_tp}."]
+    p = load("pipeline")
+    if p:
+        lines += ["", f"Time of the README's `dvc repro` from a fresh clone: **{p['full_repro_s'] / 60:.1f} min** "
+                  f"(install not included; it took about 2 min here). A second `dvc repro` reruns nothing "
+                  f"({p['noop_repro_median_s']:.1f} s).", "",
+                  "| stage | " + " | ".join(f"`{k}`" for k in p["stage_s"]) + " |",
+                  "|---|" + "---|" * len(p["stage_s"]),
+                  "| seconds | " + " | ".join(f"{v:.0f}" for v in p["stage_s"].values()) + " |"]
+    readme = root / "README.md"
+    text = readme.read_text()
+    b, e = "<!-- results:begin -->", "<!-- results:end -->"
+    head, rest = text.split(b, 1)
+    readme.write_text(head + b + "\n" + "\n".join(lines) + "\n" + e + rest.split(e, 1)[1])
+
+
 def main() -> None:
+    if (HERE.parent / "metrics/metrics.json").exists():
+        readme_results()
     parts = []
     for name, fn in [("pipeline", pipeline), ("encode_throughput", encode), ("retrieval", retrieval),
                      ("correction_gap", gap), ("d_sweep", sweep)]:
