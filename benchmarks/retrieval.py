@@ -41,7 +41,7 @@ INDEXES = {
 SEARCHES = {
     "flat": [(1, 0)],
     "ivf_flat": [(16, 0), (64, 0), (256, 0)],
-    "ivf_pq": [(8, 0), (8, 100), (16, 200), (64, 200), (256, 1000)],
+    "ivf_pq": [(8, 0), (8, 100), (16, 200), (16, 600), (32, 1000), (64, 200), (256, 1000)],
     "ivf_pq_on_disk": [(16, 200)],
 }
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
@@ -155,7 +155,7 @@ def _factory(c: dict, d: int) -> str:
 def child(args, what: str) -> dict:
     """Run one measurement in a fresh process; returns its JSON."""
     cmd = [sys.executable, __file__, "--child", what] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                         if k not in ("child", "indexes", "out", "reuse_exact")]
+                                                         if k not in ("child", "indexes", "out", "reuse_exact", "update")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.exit(f"{what} failed:\n{res.stderr[-3000:]}")
@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results/retrieval.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--reuse-exact", action="store_true", help="keep the ground truth of an earlier run in --work")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of --indexes in an existing --out (same data, same exact baseline)")
     args = ap.parse_args()
     if args.child:
         res = run_exact(args) if args.child == "exact" else run_config(args, args.child)
@@ -205,6 +207,10 @@ def main() -> None:
             print(f"{r['queries']:17s} {r['name']:34s} recall@10 {r['recall_at_10_vs_exact']:.3f}  "
                   f"speedup {r['speedup_vs_exact']:6.1f}x  index/raw {r['index_bytes_ratio']:.4f}  "
                   f"build {r['build_s']:.0f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    if args.update and Path(args.out).exists():
+        done = set(args.indexes.split(","))
+        old = [r for r in json.loads(Path(args.out).read_text())["configs"] if r["index"] not in done]
+        rows = sorted(old + rows, key=lambda r: (list(INDEXES).index(r["index"]), r["queries"]))
     ok = [r for r in rows if r["recall_at_10_vs_exact"] >= 0.97 and r["speedup_vs_exact"] >= 10
           and r["index_bytes_ratio"] <= 0.05]
     result = {

@@ -37,32 +37,36 @@ class HookProjector:
         self.scaled = correction is not None and correction.scales is not None
         if self.scaled:
             # fold the rank-1 scales into the projections: P diag(s) x = (P * s) x
-            self.c_out = {n: self.p_out[n] * correction.scales[n][0].to(dev) for n in self.p_out}
-            self.c_in = {n: self.p_in[n] * correction.scales[n][1].to(dev) for n in self.p_in}
+            c_out = {n: self.p_out[n] * correction.scales[n][0].to(dev) for n in self.p_out}
+            c_in = {n: self.p_in[n] * correction.scales[n][1].to(dev) for n in self.p_in}
+        else:
+            c_out, c_in = self.p_out, self.p_in
+        # corrected and plain projections stacked [2k, n]: one matmul per side and one batched
+        # product per layer; the k x k diagonal blocks of the 2k x 2k result are the two encodings
+        self.fused = plain and self.scaled
+        self.w_out = {n: torch.cat([c_out[n], self.p_out[n]]) if self.fused else c_out[n] for n in self.p_out}
+        self.w_in = {n: torch.cat([c_in[n], self.p_in[n]]) if self.fused else c_in[n] for n in self.p_in}
         self._mask: torch.Tensor | None = None
         self._blocks: dict[str, torch.Tensor] = {}
         self._plain_blocks: dict[str, torch.Tensor] = {}
 
     def _forward_hook(self, name: str):
+        k = self.k
+
         def hook(module, inputs, output):
             if not torch.is_grad_enabled():
                 return
-            a = inputs[0].float() * self._mask[..., None]
-            a_c = a @ (self.c_in[name] if self.scaled else self.p_in[name]).T
-            a_p = a @ self.p_in[name].T if (self.plain and self.scaled) else None
+            a = (inputs[0].float() * self._mask[..., None]) @ self.w_in[name].T
 
             def tensor_hook(grad: torch.Tensor):
-                d = grad.float()
-                d_c = d @ (self.c_out[name] if self.scaled else self.p_out[name]).T
-                blk = torch.einsum("btk,btl->bkl", d_c, a_c).flatten(1)
-                self._blocks[name] = self._blocks.get(name, 0) + blk
+                blk = torch.bmm((grad.float() @ self.w_out[name].T).transpose(1, 2), a)
+                if self.fused:
+                    cor, pl = blk[:, :k, :k].flatten(1), blk[:, k:, k:].flatten(1)
+                else:
+                    cor = pl = blk.flatten(1)  # no correction: plain == corrected
+                self._blocks[name] = self._blocks.get(name, 0) + cor
                 if self.plain:
-                    if a_p is None:  # no correction: plain == corrected
-                        self._plain_blocks[name] = self._blocks[name]
-                    else:
-                        d_p = d @ self.p_out[name].T
-                        pb = torch.einsum("btk,btl->bkl", d_p, a_p).flatten(1)
-                        self._plain_blocks[name] = self._plain_blocks.get(name, 0) + pb
+                    self._plain_blocks[name] = self._plain_blocks.get(name, 0) + pl
 
             output.register_hook(tensor_hook)
         return hook
