@@ -54,10 +54,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:  # plain column names for `dvc plots`
+        flat = lambda key: key.replace(".", "_").replace("@", "_at_")
+        w = csv.DictWriter(f, fieldnames=[flat(k) for k in rows[0]])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({flat(k): v for k, v in r.items()} for r in rows)
     plot(rows, out.with_suffix(".png"))
 
 
