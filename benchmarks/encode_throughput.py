@@ -120,7 +120,8 @@ def _setup(args):
 def _model_info(model, args) -> dict:
     return {"name": Path(args.model).resolve().name, "type": type(model).__name__,
             "params": sum(p.numel() for p in model.parameters()),
-            "layers": int(getattr(model.config, "num_hidden_layers", 0) or 0)}
+            "layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
+            "hidden_size": int(getattr(model.config, "hidden_size", 0) or 0)}
 
 
 def _common(examples, batches, seconds: float, device) -> dict:

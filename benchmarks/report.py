@@ -70,13 +70,15 @@ def encode(r: dict) -> list[str]:
     out = [f"### Encode throughput (`encode_throughput.py`; {machine(r)})", ""]
     f = lambda x: "n/a" if x is None else f"{x:,.0f}"
     g = lambda x: "n/a" if x is None else f"{x:.2f}"
-    out += [f"Model {r.get('model', {}).get('name', '')}, {r.get('tokens')} tokens, batch {r.get('batch_size')}, "
+    mod = r.get("model", {})
+    out += [f"Model `{mod.get('name', '')}` ({mod.get('params', 0):,} parameters, hidden {mod.get('hidden_size', '?')}), "
+            f"{r.get('tokens')} tokens, batch {r.get('batch_size')}, "
             f"d = {r.get('d_ours')} (bergson {r.get('d_bergson')}).", "",
             "| measurement | tokens/s |", "|---|---|",
             f"| plain training step (fwd+bwd+AdamW) | {f(r.get('tokens_per_s_training'))} |",
             f"| ours (corrected + plain rows, as the stage) | {f(r.get('tokens_per_s_ours'))} |",
             f"| ours (corrected rows only) | {f(r.get('tokens_per_s_ours_corrected_only'))} |",
-            f"| bergson {r.get('bergson_version', '')} build | {f(r.get('tokens_per_s_bergson'))} |", "",
+            f"| bergson build (2.5.1, same batches) | {f(r.get('tokens_per_s_bergson'))} |", "",
             f"ours / training = **{g(r.get('ratio_vs_training'))}** (goal ≥ 0.85); ours / bergson = "
             f"**{g(r.get('ratio_vs_bergson'))}**, corrected-only / bergson = "
             f"**{g(r.get('ratio_corrected_only_vs_bergson'))}** (goal ≥ 1.6)."]
@@ -141,7 +143,8 @@ def main() -> None:
     if (HERE.parent / "metrics/metrics.json").exists():
         readme_results()
     parts = []
-    for name, fn in [("pipeline", pipeline), ("encode_throughput", encode), ("retrieval", retrieval),
+    encodes = sorted(p.stem for p in RES.glob("encode_throughput*.json")) or ["encode_throughput"]
+    for name, fn in [("pipeline", pipeline), *[(e, encode) for e in encodes], ("retrieval", retrieval),
                      ("correction_gap", gap), ("d_sweep", sweep)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
