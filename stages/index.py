@@ -3,7 +3,7 @@
 import json
 import time
 
-from trackstar.config import load_params
+from trackstar.config import load_params, param_error
 from trackstar.index import build_index, factory_string, save_index
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
@@ -11,6 +11,8 @@ from trackstar.store import StoreReader
 
 def main() -> None:
     p = load_params().index
+    if p.on_disk and p.kind == "flat":
+        raise param_error("index.on_disk", "true needs index.kind ivf_flat or ivf_pq (a flat index has no inverted lists)")
     t0 = time.time()
     store = StoreReader("encodings/final/train.zarr")
     index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed,

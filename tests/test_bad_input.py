@@ -231,6 +231,18 @@ def test_bad_params_name_file_line_key_and_choices(files_repo, case, section, ke
     no_leftovers(files_repo, "data/corpus.jsonl", "data/queries.jsonl")
 
 
+def test_on_disk_flat_index_is_refused_by_the_index_stage(files_repo):
+    """A cross-key check made by the one stage that reads both keys, still naming file, line and key."""
+    original = (files_repo / "params.yaml").read_text()
+    try:
+        line = edit_params(files_repo, "index", "on_disk", "true")
+        proc = run_py(files_repo, "stages/index.py")
+    finally:
+        (files_repo / "params.yaml").write_text(original)
+    assert_clean_error(proc, f"params.yaml:{line}: field 'index.on_disk': true needs index.kind ivf_flat or ivf_pq")
+    no_leftovers(files_repo, "index")
+
+
 # --------------------------------------------------------------------------- model, encodings, stores
 
 

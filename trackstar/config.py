@@ -112,13 +112,8 @@ class IndexParams(_Section):
     rerank: int = Field(0, ge=0)  # ANN candidates rescored exactly from the store (0 = off)
     train_sample: int = Field(100_000, ge=1)
     seed: int = 0
-    on_disk: bool = False  # IVF inverted lists in a memory-mapped file (indexes larger than RAM)
-
-    @model_validator(mode="after")
-    def _on_disk_needs_ivf(self):
-        if self.on_disk and self.kind == "flat":
-            raise ValueError("on_disk: true needs kind ivf_flat or ivf_pq (a flat index has no inverted lists)")
-        return self
+    on_disk: bool = False  # IVF inverted lists in a memory-mapped file (indexes larger than RAM); checked
+    # against `kind` by the index stage only, so that stages which do not read it never fail on it
 
 
 class RetrieveParams(_Section):
@@ -210,6 +205,13 @@ def parse_params(raw: dict, path: str = "params.yaml", text: str | None = None) 
             else:
                 lines.append(f"{where}: field '{key}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+
+
+def param_error(dotted: str, message: str, path: str | Path = "params.yaml") -> ConfigError:
+    """A ConfigError naming the file, the line of a dotted key and the key, for checks made by a stage."""
+    path = Path(path)
+    line = _line_of(path.read_text(encoding="utf-8") if path.exists() else None, tuple(dotted.split(".")))
+    return ConfigError(f"{path}{f':{line}' if line else ''}: field '{dotted}': {message}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
