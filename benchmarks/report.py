@@ -139,13 +139,23 @@ def readme_results() -> None:
     readme.write_text(head + b + "\n" + "\n".join(lines) + "\n" + e + rest.split(e, 1)[1])
 
 
+def experiments(r: dict) -> list[str]:
+    out = ["### Variants of the default pipeline (`dvc exp run -S ...`)", "", r["how"] + ".", "",
+           "| variant | " + " | ".join(f"{m} MRR / tail-patch@10" for m in ("optimizer", "r_train", "trackstar")) + " |",
+           "|---|---|---|---|"]
+    for name, m in r["experiments"].items():
+        out.append(f"| {name} | " + " | ".join(f"{m[k]['mrr']:.3f} / {m[k]['tail_patch@10']:.4f}"
+                                             for k in ("optimizer", "r_train", "trackstar")) + " |")
+    return out
+
+
 def main() -> None:
     if (HERE.parent / "metrics/metrics.json").exists():
         readme_results()
     parts = []
     encodes = sorted(p.stem for p in RES.glob("encode_throughput*.json")) or ["encode_throughput"]
     for name, fn in [("pipeline", pipeline), *[(e, encode) for e in encodes], ("retrieval", retrieval),
-                     ("correction_gap", gap), ("d_sweep", sweep)]:
+                     ("correction_gap", gap), ("experiments", experiments), ("d_sweep", sweep)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
     readme = HERE / "README.md"
