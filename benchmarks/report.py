@@ -82,6 +82,8 @@ def encode(r: dict) -> list[str]:
             f"ours / training = **{g(r.get('ratio_vs_training'))}** (goal ≥ 0.85); ours / bergson = "
             f"**{g(r.get('ratio_vs_bergson'))}**, corrected-only / bergson = "
             f"**{g(r.get('ratio_corrected_only_vs_bergson'))}** (goal ≥ 1.6)."]
+    if r.get("conditions"):
+        out += ["", f"*Conditions: {r['conditions']}.*"]
     return out
 
 
