@@ -1,4 +1,4 @@
-"""DVC stage `precondition@{train,query}`: G = R_mix^(-1/2) g, unit-normalized, into the final store."""
+"""DVC stage `precondition@{train,query}`: G = W_mix g (W^T W = R_mix^(-1)), unit-normalized, into the final store."""
 
 import json
 import sys
@@ -16,10 +16,10 @@ def main() -> None:
     meta = json.load(open("hessian/hessian.json"))
     raw = StoreReader(f"encodings/raw/{split}.zarr", expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"],
                                                              "config": meta["encode_config"]})
-    w = load_file("hessian/hessian.safetensors")["w_mix"]
+    w = load_file("hessian/w_mix.safetensors")["w"]
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}
-    attrs.update(hessian_sha256=file_sha256("hessian/hessian.safetensors"), preconditioned=True, normalized=True)
+    attrs.update(hessian_sha256=file_sha256("hessian/w_mix.safetensors"), preconditioned=True, normalized=True)
     writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
                          raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
     writer.prepare()

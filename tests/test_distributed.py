@@ -1,4 +1,4 @@
-"""encode and hessian under torchrun with 2 CPU processes (gloo): each rank writes its own whole
+"""encode and autocorrelation under torchrun with 2 CPU processes (gloo): each rank writes its own whole
 chunks and the store equals the single-process one; the Hessian statistics are an all-reduce of
 per-rank sums, so R, lambda and the whitening equal the single-process run."""
 
@@ -34,21 +34,27 @@ def test_two_process_encode_equals_single_process(tmp_path):
     attrs = StoreReader(repo / "encodings/raw/train.zarr").attrs
     assert attrs["complete"] and attrs["d"] == single.d
 
-    # hessian: single process, then torchrun with 2 ranks over the same stores
+    # autocorrelation: single process, then torchrun with 2 ranks over the same stores; then the
+    # Hessian factors from each
     run(repo, sys.executable, "stages/encode.py", "query")
+    run(repo, sys.executable, "stages/autocorrelation.py")
     run(repo, sys.executable, "stages/hessian.py")
-    want_h = load_file(repo / "hessian/hessian.safetensors")
+    want_r = load_file(repo / "hessian/stats.safetensors")
+    want_w = {k: load_file(repo / f"hessian/{k}.safetensors")["w"] for k in ("w_mix", "w_train")}
     want_meta = json.loads((repo / "hessian/hessian.json").read_text())
     shutil.rmtree(repo / "hessian")
-    shutil.rmtree(repo / ".work/hessian")  # no memo: the 2-process run must compute R through the all-reduce
+    shutil.rmtree(repo / ".work/hessian")  # no memo: the factors must come from the all-reduced R
     run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-        "stages/hessian.py")
-    got_h = load_file(repo / "hessian/hessian.safetensors")
+        "stages/autocorrelation.py")
+    run(repo, sys.executable, "stages/hessian.py")
+    got_r = load_file(repo / "hessian/stats.safetensors")
     got_meta = json.loads((repo / "hessian/hessian.json").read_text())
     assert got_meta["n_train"] == want_meta["n_train"] == 25 and got_meta["n_eval"] == want_meta["n_eval"]
     assert got_meta["lambda"] == pytest.approx(want_meta["lambda"], rel=1e-5)
     for key in ("r_train", "r_eval"):  # sums of the same float32 chunk products, added in another order
-        np.testing.assert_allclose(got_h[key], want_h[key], rtol=1e-6, atol=1e-9 * np.abs(want_h[key]).max())
-    for key in ("w_mix", "w_train"):  # float32 eigensolves: equal to float32 accuracy
-        err = np.linalg.norm(got_h[key] - want_h[key]) / np.linalg.norm(want_h[key])
+        np.testing.assert_allclose(got_r[key], want_r[key], rtol=1e-6, atol=1e-9 * np.abs(want_r[key]).max())
+    for key in ("w_mix", "w_train"):  # float32 eigensolves: W^T W (what the scores use) equal to float32 accuracy
+        got = load_file(repo / f"hessian/{key}.safetensors")["w"].astype(np.float64)
+        want = want_w[key].astype(np.float64)
+        err = np.linalg.norm(got.T @ got - want.T @ want) / np.linalg.norm(want.T @ want)
         assert err < 1e-3, (key, err)

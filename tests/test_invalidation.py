@@ -80,7 +80,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "hessian.lambda": (0.5, {"hessian"}),
     "hessian.damping": (0.01, {"hessian"}),
     "hessian.block_diagonal": (True, {"hessian"}),
-    "hessian.train_sample": (32, {"hessian"}),
+    "hessian.train_sample": (32, {"autocorrelation"}),
     "index.kind": ("ivf_flat", {"index"}),
     "index.nlist": (3, {"index"}),
     "index.nprobe": (1, {"retrieve"}),  # a search-time knob: the index itself is not rebuilt
@@ -91,9 +91,9 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "index.train_sample": (50, {"index"}),
     "index.seed": (1, {"index"}),
     "index.on_disk": (True, {"index"}),
-    "retrieve.k": (8, {"retrieve"}),
-    "retrieve.methods": (["dot", "cosine"], {"retrieve"}),
-    "retrieve.query_batch": (3, {"retrieve"}),
+    "retrieve.k": (8, {"retrieve", "ladder"}),
+    "retrieve.methods": (["dot", "cosine"], {"ladder"}),
+    "retrieve.query_batch": (3, {"ladder"}),
     "bm25.k": (8, {"bm25"}),
     "bm25.k1": (1.2, {"bm25"}),
     "bm25.b": (0.5, {"bm25"}),
@@ -103,10 +103,11 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.seed": (1, {"evaluate"}),
 }
 
-ALL = {"data", "train", *E, "hessian", *P, "index", "retrieve", "bm25", "evaluate"}
+ALL = {"data", "train", *E, "autocorrelation", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
 FROM_TRAIN = ALL - {"data", "bm25"}
-FROM_ENCODE = E | {"hessian", *P, "index", "retrieve", "evaluate"}
-FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "evaluate"}
+FROM_ENCODE = E | {"autocorrelation", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+# damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline)
+FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate"}
 
 # (b) one key per params group -> the stages `dvc repro` must run after the edit. Groups whose keys
 # invalidate the same stages (model+train: `train`; gradients+correction+projection+encode: `encode@*`)
@@ -126,7 +127,7 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
     # byte-identical, so DVC does not rerun evaluate
     ("index.nprobe",): {"retrieve"},
-    ("retrieve.k",): {"retrieve", "evaluate"},
+    ("retrieve.k",): {"retrieve", "ladder", "evaluate"},
     ("bm25.k1",): {"bm25", "evaluate"},
     ("eval.seed",): {"evaluate"},
 }
@@ -223,8 +224,8 @@ def test_repro_reruns_exactly_the_downstream_stages_then_nothing_after_revert(re
 
 _RESULTS: dict[str, dict] = {}
 
-ORDER = ["data", "train", "encode@train", "encode@query", "hessian", "precondition@train", "precondition@query",
-         "index", "retrieve", "bm25", "evaluate"]
+ORDER = ["data", "train", "encode@train", "encode@query", "autocorrelation", "hessian", "precondition@train",
+         "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 
 def _fmt(stages) -> str:

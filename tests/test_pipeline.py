@@ -6,8 +6,8 @@ import pytest
 
 from tests.pipeline import make_repo, repro, set_param
 
-ALL = ["data", "train", "encode@train", "encode@query", "hessian", "precondition@train", "precondition@query",
-       "index", "retrieve", "bm25", "evaluate"]
+ALL = ["data", "train", "encode@train", "encode@query", "autocorrelation", "hessian", "precondition@train",
+       "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def test_full_run_produces_every_artifact(repo):
         assert 0.0 <= m["mrr"] <= 1.0 and "tail_patch@1" in m and "tail_patch@10" in m
     assert json.loads((repo / "metrics/model.json").read_text())["queries"] > 0
     for path in ["model/config.json", "model/optimizer_state.safetensors", "encodings/raw/train.zarr/zarr.json",
-                 "encodings/final/query.zarr/zarr.json", "hessian/hessian.safetensors", "index/index.faiss",
+                 "encodings/final/query.zarr/zarr.json", "hessian/stats.safetensors", "hessian/w_mix.safetensors",
+                 "hessian/w_train.safetensors", "index/index.faiss",
                  "retrievals/trackstar.jsonl", "retrievals/bm25.jsonl", "retrievals/ladder/dot.jsonl",
                  "metrics/methods.png", "hessian/eigen_crossing.png"]:
         assert (repo / path).exists(), path
@@ -40,23 +41,27 @@ def test_second_repro_reruns_nothing(repo):
 
 
 def test_mix_k_edit_reruns_exactly_the_hessian_downstream(repo):
+    w_train = (repo / "hessian/w_train.safetensors").read_bytes()
     set_param(repo, "hessian.mix_k", 6)
     ran = repro(repo)
+    # not autocorrelation (R does not depend on mix_k) nor ladder: W_train comes out byte-identical
     assert sorted(ran) == sorted(["hessian", "precondition@train", "precondition@query", "index", "retrieve",
                                   "evaluate"])
+    assert (repo / "hessian/w_train.safetensors").read_bytes() == w_train
+    assert json.loads((repo / "hessian/hessian.json").read_text())["mix_solver"] == "low-rank update"
     assert repro(repo) == []
 
 
 def test_memoized_intermediates_give_the_same_outputs_as_a_cold_run(repo):
-    """The mix_k rerun above reused .work/ memos (Hessian statistics, eigenvectors, unchanged methods'
-    tail-patch); recomputing everything from scratch must give byte-identical outputs."""
+    """The mix_k rerun above reused .work/ memos (R_train's eigenvectors, unchanged methods' tail-patch);
+    recomputing everything from scratch must give byte-identical outputs."""
     import shutil
     import sys
 
     from tests.pipeline import run
 
     assert list((repo / ".work/hessian").glob("eig-*")) and list((repo / ".work/tailpatch").glob("tp-*"))
-    files = ["hessian/hessian.safetensors", "hessian/hessian.json", "metrics/metrics.json"]
+    files = ["hessian/w_mix.safetensors", "hessian/w_train.safetensors", "hessian/hessian.json", "metrics/metrics.json"]
     warm = {f: (repo / f).read_bytes() for f in files}
     shutil.rmtree(repo / ".work")
     run(repo, sys.executable, "stages/hessian.py")

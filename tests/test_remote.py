@@ -15,7 +15,7 @@ from tests.pipeline import dvc, git, repro
 
 METRICS = ["metrics/metrics.json", "metrics/model.json", "metrics/hessian.json"]
 PULLED = ["model/config.json", "encodings/raw/train.zarr/zarr.json", "encodings/final/query.zarr/zarr.json",
-          "hessian/hessian.safetensors", "index/index.faiss", "retrievals/trackstar.jsonl", "data/corpus.jsonl"]
+          "hessian/w_mix.safetensors", "index/index.faiss", "retrievals/trackstar.jsonl", "data/corpus.jsonl"]
 
 
 def free_port() -> int:

@@ -42,8 +42,7 @@ def _trace(args: argparse.Namespace) -> None:
                 raise ArtifactMismatch(
                     f"{root / 'encodings/final/train.zarr'}: '{key}' differs from the current params.yaml/model "
                     f"(stored {str(final.attrs[key])[:80]!r}); run `dvc repro` first")
-        meta = json.loads((root / "hessian/hessian.json").read_text())
-        w = load_file(str(root / "hessian/hessian.safetensors"))["w_mix"]
+        w = load_file(str(root / "hessian/w_mix.safetensors"))["w"]
         index, _ = load_index(root / "index", expect={"hessian_sha256": final.attrs["hessian_sha256"],
                                                       "rows": final.n})
         g, _ = enc.encode([enc.query_example(args.prompt, args.target)])
@@ -55,7 +54,6 @@ def _trace(args: argparse.Namespace) -> None:
         text = {i: p for i, p in enumerate(iter_corpus(root / "data/corpus.jsonl")) if i in rows}
         top = [(text[r].id, float(s)) for r, s in zip(ti[0], ts[0])]
         bottom = [(text[r].id, float(s)) for r, s in zip(bi[0], bs[0])]
-        _ = meta
     need = {i for i, _ in top + bottom}
     texts = {p.id: p.text for p in iter_corpus(root / "data/corpus.jsonl") if p.id in need}
     if args.json:

@@ -1,0 +1,45 @@
+"""DVC stage `ladder`: the ablation-ladder rungs (DESIGN §3) by streaming exact search over the raw
+store, each whitened on the fly: dot, cosine (plain gradients), optimizer (corrected), r_train
+(corrected, whitened by R_train alone). A `hessian.mix_k` edit leaves their inputs unchanged."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from safetensors.numpy import load_file
+
+from trackstar.config import load_params
+from trackstar.data import read_queries
+from trackstar.hessian import whiten
+from trackstar.retrieve import exact_search, write_retrievals
+from trackstar.runner import run_main
+from trackstar.store import StoreReader
+
+# rung -> (raw array, uses W_train, unit-normalize)
+LADDER = {"dot": ("g_plain", False, False), "cosine": ("g_plain", False, True), "optimizer": ("g", False, True),
+          "r_train": ("g", True, True)}
+OUT = Path("retrievals/ladder")
+
+
+def main() -> None:
+    r = load_params().retrieve
+    t0 = time.time()
+    queries = read_queries("data/queries.jsonl")
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    w_train = load_file("hessian/w_train.safetensors")["w"] if "r_train" in r.methods else None
+    for method in r.methods:
+        array, whitened, norm = LADDER[method]
+        train = StoreReader("encodings/raw/train.zarr", array=array)
+        query = StoreReader("encodings/raw/query.zarr", array=array, expect={"checkpoint_hash": train.attrs["checkpoint_hash"]})
+        w = w_train if whitened else None
+        found = exact_search(whiten(query.read_all(), w, norm), train.iter_chunks(), min(r.k, train.n),
+                             transform=lambda x, w=w, norm=norm: whiten(x, w, norm), query_batch=r.query_batch,
+                             total_rows=train.n)
+        write_retrievals(OUT / f"{method}.jsonl", queries, found, "data/corpus.jsonl", method)
+    print(json.dumps({"queries": len(queries), "methods": r.methods, "seconds": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    run_main(main)
