@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from trackstar.evaluate import METHODS
+
 HERE = Path(__file__).resolve().parent
-METHODS = ["trackstar", "r_train", "optimizer", "cosine", "dot", "bm25", "random"]
 
 
 def dvc(*args: str) -> str:

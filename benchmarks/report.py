@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trackstar.evaluate import METHODS
+
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
@@ -107,7 +109,6 @@ def sweep(rows: list) -> list[str]:
     return out + ["", "![MRR and tail-patch vs d](results/d_sweep.png)"]
 
 
-METHODS = ["dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random"]
 
 
 def readme_results() -> None:

@@ -8,15 +8,13 @@ import trackstar.tailpatch as tailpatch_lib
 from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
 from trackstar.data import iter_corpus, read_queries
-from trackstar.evaluate import metrics_table, plot_methods, random_ranking
+from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
 from trackstar.examples import passage_example, query_example
 from trackstar.memo import Memo, code_hash, memo_key
 from trackstar.results import read_results
 from trackstar.runner import run_main
 from trackstar.tailpatch import tail_patch
 from trackstar.train import accuracy
-
-ORDER = ["dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random"]
 
 
 def main() -> None:
@@ -64,7 +62,7 @@ def main() -> None:
         for m in metrics:
             metrics[m].update(tp[m])
             metrics[m]["tail_patch_queries"] = len(sample)
-    ordered = {m: metrics[m] for m in ORDER if m in metrics}
+    ordered = {m: metrics[m] for m in METHODS if m in metrics}
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/metrics.json").write_text(json.dumps(ordered, indent=2))
     Path("metrics/model.json").write_text(json.dumps({"accuracy": acc, "queries": len(queries),

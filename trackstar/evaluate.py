@@ -22,6 +22,8 @@ import numpy as np
 from .atomic import atomic_open
 
 COUNT_KEYS = ("n_queries", "n_skipped")
+# every method the pipeline evaluates, in the order of the ablation ladder (DESIGN §3), then the baselines
+METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
 
 
 def _pairs(ranked: Sequence[Sequence[str]], relevant: Sequence[Iterable[str] | None]):

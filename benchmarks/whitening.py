@@ -1,0 +1,84 @@
+"""The mixed-Hessian whitening: the low-rank update (what the `hessian` stage does when queries < d/2)
+against the dense float32 eigensolve of R_mix (the previous solver), both against a float64 reference.
+
+Per solver: seconds (in this run, same machine), relative error of W^T W against (R_mix + shift I)^-1
+in float64, max |score error| of the whitened, normalized query x passage scores, top-10 overlap with
+the reference and the TrackStar MRR it gives. Run after `dvc repro` in a pipeline checkout (needs
+hessian/, encodings/raw/, data/). Writes benchmarks/results/whitening.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from safetensors.numpy import load_file
+
+from trackstar.data import iter_corpus, read_queries
+from trackstar.evaluate import mrr
+from trackstar.hessian import damped_shift, eig_factor, eigh_scaled, low_rank_update, whiten, whitening
+from trackstar.store import StoreReader
+
+
+def scores(w: np.ndarray, q: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return (torch.from_numpy(whiten(q, w, True)).double() @ torch.from_numpy(whiten(p, w, True)).double().T).numpy()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    meta = json.loads(Path("hessian/hessian.json").read_text())
+    stats = load_file("hessian/stats.safetensors")
+    lam, damping, d = meta["lambda"], meta["damping"], meta["d"]
+    r_train, r_eval = stats["r_train"].astype(np.float64), stats["r_eval"].astype(np.float64)
+    u = StoreReader("encodings/raw/query.zarr").read_all()
+    p = StoreReader("encodings/raw/train.zarr").read_all()
+    r_mix = lam * r_eval + (1 - lam) * r_train
+    shift = damped_shift(float(np.trace(r_mix)), d, damping)
+
+    t0 = time.perf_counter()
+    e, v = scipy.linalg.eigh(r_mix + shift * np.eye(d), driver="evd", check_finite=False)
+    w_ref = (v * (1 / np.sqrt(np.clip(e, 1e-300, None)))).T
+    t_ref = time.perf_counter() - t0
+    inv_ref = w_ref.T @ w_ref
+
+    t0 = time.perf_counter()
+    w_dense, _ = whitening(r_mix, damping)
+    t_dense = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    et, vt, scale = eigh_scaled(r_train)  # once per statistics: memoized by the stage
+    t_eig_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w_low = low_rank_update(eig_factor(et, vt, scale, 1 - lam, shift), np.sqrt(lam / len(u)) * u)
+    t_low = time.perf_counter() - t0
+
+    queries = read_queries("data/queries.jsonl")
+    pids = np.array([x.id for x in iter_corpus("data/corpus.jsonl")])
+    rel = [q.relevant_ids for q in queries]
+    s_ref = scores(w_ref, u, p)
+    top_ref = np.argsort(-s_ref, axis=1, kind="stable")[:, :10]
+    out = {"d": d, "n_eval": len(u), "n_train": len(p), "lambda": lam, "damping": damping,
+           "reference": {"solver": "float64 eigensolve", "seconds": round(t_ref, 2),
+                         "mrr": mrr([pids[r[:100]] for r in np.argsort(-s_ref, axis=1, kind="stable")], rel)}}
+    for name, w, sec in (("dense_f32_eigensolve", w_dense, t_dense), ("low_rank_update", w_low, t_low)):
+        w64 = w.astype(np.float64)
+        s = scores(w, u, p)
+        order = np.argsort(-s, axis=1, kind="stable")
+        out[name] = {"seconds": round(sec, 2),
+                     "rel_error_inverse": float(np.linalg.norm(w64.T @ w64 - inv_ref) / np.linalg.norm(inv_ref)),
+                     "max_abs_score_error": float(np.abs(s - s_ref).max()),
+                     "top10_overlap_vs_reference": float(np.mean([len(set(a) & set(b)) / 10
+                                                                  for a, b in zip(order[:, :10], top_ref)])),
+                     "mrr": mrr([pids[r[:100]] for r in order], rel)}
+    out["low_rank_update"]["seconds_eig_r_train_memoized"] = round(t_eig_train, 2)
+    out["speedup_low_rank_vs_dense"] = round(t_dense / t_low, 1)
+    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+    Path("benchmarks/results/whitening.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
