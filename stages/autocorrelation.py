@@ -41,6 +41,7 @@ def main() -> None:
         return
     OUT.parent.mkdir(exist_ok=True)
     meta = {"n_train": n_train, "n_eval": n_eval, "d": train.d, "train_sample": h.train_sample,
+            "trace_train": float(np.trace(r_train)), "trace_eval": float(np.trace(r_eval)),
             "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"]}
     tmp = OUT.with_suffix(".tmp")
     save_file({"r_train": r_train.astype(np.float32), "r_eval": r_eval.astype(np.float32)}, str(tmp),

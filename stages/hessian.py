@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import trackstar.hessian as hessian_lib
 from trackstar.config import load_params
 from trackstar.errors import ArtifactMismatch
-from trackstar.hessian import (damped_shift, eig_factor, eigh_scaled, eigvals_desc, eigvals_desc_rows, low_rank_update, mix_lambda,
-                               whitening, whitening_blocks)
+from trackstar.hessian import (damped_shift, eig_factor, eigh_scaled, eigvals_desc, eigvals_desc_rows, low_rank_update,
+                               mix_lambda, whitening, whitening_blocks)
 from trackstar.memo import Memo, code_hash, memo_key
 from trackstar.plots import plot_eigen_crossing
 from trackstar.runner import run_main
@@ -33,45 +33,42 @@ def save_factor(w: np.ndarray, name: str) -> None:
 def main() -> None:
     h = load_params().hessian
     t0 = time.time()
-    with safe_open(str(STATS), "np") as f:
-        stats_meta = json.loads(f.metadata()["meta"])
+    stats = safe_open(str(STATS), "np")  # R_train / R_eval are read only where a solver needs them
+    stats_meta = json.loads(stats.metadata()["meta"])
     query = StoreReader("encodings/raw/query.zarr")
     for key in ("d", "checkpoint_hash"):
         if stats_meta[key] != query.attrs[key]:
             raise ArtifactMismatch(f"{STATS}: '{key}' differs from encodings/raw/query.zarr; run `dvc repro`")
-    stats = load_file(str(STATS))
-    r_train, r_eval = stats["r_train"], stats["r_eval"]
     d, n_eval = stats_meta["d"], stats_meta["n_eval"]
-    tr_train, tr_eval = float(np.trace(r_train, dtype=np.float64)), float(np.trace(r_eval, dtype=np.float64))
+    tr_train, tr_eval = stats_meta["trace_train"], stats_meta["trace_eval"]
     # R_eval = (1/n) U^T U has rank <= n queries: with n < d/2, W_mix is a low-rank update of the
     # train-only factor (3 d^2 n flops) instead of a second d^3 eigensolve
     low_rank = not h.block_diagonal and 2 * n_eval <= d
     rows = query.read_all() if low_rank else None
     if h.block_diagonal:  # per-layer blocks: small eigensolves, not memoized
         blocks = [(l["start"], l["stop"]) for l in query.attrs["layout"]]
-        w_train, e_train = whitening_blocks(r_train, blocks, h.damping)
-        e_eval = whitening_blocks(r_eval, blocks, 0.0)[1]
+        w_train, e_train = whitening_blocks(stats.get_tensor("r_train"), blocks, h.damping)
+        e_eval = whitening_blocks(stats.get_tensor("r_eval"), blocks, 0.0)[1]
     else:
         # the eigen-decomposition depends on the statistics and this code, not on mix_k / lambda / damping: memoized
         memo = Memo(".work/hessian", keep=2)
         key = memo_key(stats=stats_meta, query=query.attrs, code=code_hash(hessian_lib))
         eig = memo.load_arrays("eig", key)
         if eig is None:
-            e, v, scale = eigh_scaled(r_train)
-            e_eval = eigvals_desc_rows(rows) if low_rank else eigvals_desc(r_eval)
-            eig = {"e": e, "v": v, "scale": np.array([scale]), "e_eval": e_eval}
+            e, v, scale = eigh_scaled(stats.get_tensor("r_train"))
+            e_eval = eigvals_desc_rows(rows) if low_rank else eigvals_desc(stats.get_tensor("r_eval"))
+            eig = {"e": e, "vt": v.T, "scale": np.array([scale]), "e_eval": e_eval}
             memo.save_arrays("eig", key, eig)
-        e, v, scale, e_eval = eig["e"], eig["v"], float(eig["scale"][0]), eig["e_eval"]
-        w_train = eig_factor(e, v, scale, 1.0, damped_shift(tr_train, d, h.damping))
+        e, vt, scale, e_eval = eig["e"], eig["vt"], float(eig["scale"][0]), eig["e_eval"]
+        w_train = eig_factor(e, vt, scale, 1.0, damped_shift(tr_train, d, h.damping))
         e_train = (e * scale)[::-1].copy()
     lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
-    if h.block_diagonal:
-        w_mix = whitening_blocks(lam * r_eval + (1 - lam) * r_train, blocks, h.damping)[0]
-    elif low_rank:
+    if low_rank:
         shift = damped_shift(lam * tr_eval + (1 - lam) * tr_train, d, h.damping)
-        w_mix = low_rank_update(eig_factor(e, v, scale, 1 - lam, shift), np.sqrt(lam / n_eval) * rows)
+        w_mix = low_rank_update(eig_factor(e, vt, scale, 1 - lam, shift), np.sqrt(lam / n_eval) * rows)
     else:
-        w_mix = whitening(lam * r_eval + (1 - lam) * r_train, h.damping)[0]
+        r_mix = lam * stats.get_tensor("r_eval").astype(np.float64) + (1 - lam) * stats.get_tensor("r_train")
+        w_mix = (whitening_blocks(r_mix, blocks, h.damping) if h.block_diagonal else whitening(r_mix, h.damping))[0]
 
     save_factor(w_mix, "w_mix")
     save_factor(w_train, "w_train")

@@ -1,11 +1,46 @@
-"""Tail-patch at small lr is in the linear regime: it matches the first-order prediction and
-doubles when lr doubles."""
+"""Tail-patch: the batched torch.func path equals a one-at-a-time autograd reference (padding
+included), is in the linear regime at small lr (first-order prediction, doubles with lr), and
+averages over the top-k proponents and the queries."""
 
+import math
+
+import pytest
 import torch
+from torch.func import functional_call
 
-from tests.tiny import random_examples, random_moments, tiny_llama
+from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
 from trackstar.examples import collate, per_example_loss
-from trackstar.tailpatch import patched_delta, step_direction, tail_patch, target_logprob
+from trackstar.tailpatch import batched_deltas, tail_patch, target_logprob
+
+
+def reference_delta(model, query, passage, v, lr, eps=1e-8) -> float:
+    """One step on one passage by plain autograd (attention mask on), then the query's log-prob change."""
+    params = dict(model.named_parameters())
+    b = collate([passage], 0)
+    loss = per_example_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                            b["input_ids"], b["loss_mask"]).sum()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    new = {n: (p - lr * (g / (v[n] + eps).sqrt() if v is not None else g)).detach()
+           for (n, p), g in zip(params.items(), grads)}
+    q = collate([query], 0)
+    with torch.no_grad():
+        logits = functional_call(model, new, args=(), kwargs={"input_ids": q["input_ids"]}).logits
+    return -float(per_example_loss(logits, q["input_ids"], q["loss_mask"]).sum()) - target_logprob(model, query, 0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2], ids=["llama", "tied", "gpt2"])
+@pytest.mark.parametrize("with_v", [True, False])
+def test_batched_deltas_equal_the_autograd_reference(make, with_v):
+    model = make().double()
+    v = {n: t.double() for n, t in random_moments(model).items()} if with_v else None
+    qs = random_examples(3, seed=1, query=True)
+    ps = random_examples(5, seed=2)  # lengths 4..10: every batch is padded
+    pairs = [(i, p) for i in range(3) for p in ps[i:i + 3]]
+    got = batched_deltas(model, qs, pairs, 0, v, 1e-3, batch=4, progress=False)
+    want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
+    assert max(abs(w) for w in want) > 1e-4  # the steps move the targets
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-9)
 
 
 def test_small_lr_matches_first_order_prediction_and_is_linear():
@@ -13,41 +48,36 @@ def test_small_lr_matches_first_order_prediction_and_is_linear():
     v = {n: t.double() for n, t in random_moments(model).items()}
     query = random_examples(3, seed=5, query=True)[2]
     passage = random_examples(3, seed=6)[1]
-    eps = 1e-8
-    u = step_direction(model, passage, 0, v, eps)
-    # independent first-order prediction: d log p = -lr * grad(L_q) . u  ->  lr * grad(log p) . (-u)
-    b = collate([query], 0)
     params = dict(model.named_parameters())
-    logp = -per_example_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"], b["loss_mask"]).sum()
-    grads = torch.autograd.grad(logp, list(params.values()))
-    first_order = sum(-(g * u[n]).sum() for (n, _), g in zip(params.items(), grads)).item()
-    base = target_logprob(model, query, 0)
+    # independent first-order prediction: theta' = theta - lr u, u = grad(L_p) / sqrt(v + eps), so
+    # d log p = -grad(L_q) . (theta' - theta) = lr grad(L_q) . u
+    def grads(ex):
+        b = collate([ex], 0)
+        loss = per_example_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"], b["loss_mask"]).sum()
+        return torch.autograd.grad(loss, list(params.values()))
+    u = [g / (v[n] + 1e-8).sqrt() for n, g in zip(params, grads(passage))]
+    first_order = sum((gq * un).sum() for gq, un in zip(grads(query), u)).item()
     # (Llama's RMSNorm computes in float32 even in a float64 model: ~1e-9 absolute noise, so lr >= 1e-6)
+    d1, d2, d3 = batched_deltas(model, [query], [(0, passage)] * 3, 0, v, 0.0, progress=False)
+    assert d1 == d2 == d3 == 0.0
     for lr in (1e-6, 3e-6):
-        got = patched_delta(model, query, u, lr, 0, base)
+        (got,) = batched_deltas(model, [query], [(0, passage)], 0, v, lr, progress=False)
         assert abs(got - lr * first_order) <= 1e-2 * abs(lr * first_order)
-    d1 = patched_delta(model, query, u, 1e-6, 0, base)
-    d2 = patched_delta(model, query, u, 2e-6, 0, base)
-    assert abs(d2 / d1 - 2.0) < 2e-2
-
-
-def test_u_is_gradient_over_sqrt_v():
-    model = tiny_llama().double()
-    v = {n: t.double() for n, t in random_moments(model).items()}
-    ex = random_examples(2)[0]
-    u = step_direction(model, ex, 0, v, 1e-8)
-    plain = step_direction(model, ex, 0, None, 1e-8)
-    for n in u:
-        torch.testing.assert_close(u[n], plain[n] / (v[n] + 1e-8).sqrt())
+    (a,) = batched_deltas(model, [query], [(0, passage)], 0, v, 1e-6, progress=False)
+    (b,) = batched_deltas(model, [query], [(0, passage)], 0, v, 2e-6, progress=False)
+    assert abs(b / a - 2.0) < 2e-2
 
 
 def test_tail_patch_averages_over_top_k_and_queries():
     model = tiny_llama().double()
     qs = random_examples(2, seed=1, query=True)
     ps = random_examples(3, seed=2)
-    props = {"a": [[ps[0], ps[1]], [ps[2], ps[0]]]}
-    out = tail_patch(model, qs, props, 0, None, 1e-4, [1, 2], progress=False)["a"]
-    d = [[patched_delta(model, q, step_direction(model, p, 0, None, 1e-8), 1e-4, 0, target_logprob(model, q, 0))
-          for p in props["a"][i]] for i, q in enumerate(qs)]
-    assert abs(out["tail_patch@1"] - (d[0][0] + d[1][0]) / 2) < 1e-12
-    assert abs(out["tail_patch@2"] - (sum(d[0]) / 2 + sum(d[1]) / 2) / 2) < 1e-12
+    props = {"a": [[ps[0], ps[1]], [ps[2], ps[0]]], "b": [[ps[1], ps[0]], [ps[2], ps[1]]]}
+    out = tail_patch(model, qs, props, 0, None, 1e-4, [1, 2], progress=False, batch=3)
+    for m, lists in props.items():
+        d = [[reference_delta(model, q, p, None, 1e-4) for p in lists[i]] for i, q in enumerate(qs)]
+        base = [target_logprob(model, q, 0) for q in qs]
+        assert out[m]["tail_patch@1"] == pytest.approx((d[0][0] + d[1][0]) / 2, rel=1e-6)
+        assert out[m]["tail_patch@2"] == pytest.approx((sum(d[0]) / 2 + sum(d[1]) / 2) / 2, rel=1e-6)
+        prob = [sum(math.exp(base[i] + x) - math.exp(base[i]) for x in d[i]) / 2 for i in range(2)]
+        assert out[m]["tail_patch_prob@2"] == pytest.approx(sum(prob) / 2, rel=1e-6)

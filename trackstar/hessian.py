@@ -73,13 +73,13 @@ def damped_shift(trace: float, d: int, damping: float) -> float:
     return max(damping, 1e-12) * max(trace / d, 1e-30)
 
 
-def eig_factor(e: np.ndarray, v: np.ndarray, scale: float, coef: float, shift: float) -> np.ndarray:
+def eig_factor(e: np.ndarray, vt: np.ndarray, scale: float, coef: float, shift: float) -> np.ndarray:
     """W = diag(a)^(-1/2) V^T with a = coef * scale * e + shift, so W^T W = (coef R + shift I)^(-1) for
-    R = scale V diag(e) V^T (`eigh_scaled`'s output). A whitening factor, not the symmetric root
-    R^(-1/2) = V W: TrackStar uses only inner products and norms of W g, which every factor gives
-    alike (W = O R^(-1/2), O orthogonal), and this one costs d^2 where the symmetric root costs d^3."""
+    R = scale V diag(e) V^T (`eigh_scaled`'s output; `vt` = V^T, eigenvectors as rows). A whitening
+    factor, not the symmetric root R^(-1/2) = V W: TrackStar uses only inner products and norms of W g,
+    which every factor gives alike (W = O R^(-1/2), O orthogonal), and this one costs d^2, not d^3."""
     a = coef * scale * e + shift
-    return np.ascontiguousarray(v.T * (1 / np.sqrt(a)).astype(v.dtype)[:, None])
+    return np.ascontiguousarray(vt * (1 / np.sqrt(a)).astype(vt.dtype)[:, None])
 
 
 def low_rank_update(w0: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def whitening(r: np.ndarray, damping: float, dtype: type = np.float32) -> tuple[
     """A factor W with W^T W = (R + damping * mean(eig) I)^(-1) (see `eig_factor`) and the undamped
     eigenvalues of R, descending."""
     e, v, scale = eigh_scaled(r, dtype)
-    return eig_factor(e, v, scale, 1.0, damped_shift(float(np.trace(r)), len(r), damping)), (e * scale)[::-1].copy()
+    return eig_factor(e, v.T, scale, 1.0, damped_shift(float(np.trace(r)), len(r), damping)), (e * scale)[::-1].copy()
 
 
 def whitening_blocks(r: np.ndarray, blocks: list[tuple[int, int]], damping: float,

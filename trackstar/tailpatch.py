@@ -5,83 +5,96 @@ the change in the query target's log-probability and probability.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Mapping, Sequence
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .examples import Example, collate, per_example_loss
 
 
-def target_logprob(model: torch.nn.Module, example: Example, pad_id: int,
-                   params: Mapping[str, torch.Tensor] | None = None) -> float:
-    """log p(target | prompt) = minus the summed target-token loss, optionally with other params."""
+def target_logprob(model: torch.nn.Module, example: Example, pad_id: int) -> float:
+    """log p(target | prompt) = minus the summed target-token loss."""
     b = collate([example], pad_id)
     with torch.no_grad():
-        if params is None:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        else:
-            logits = functional_call(model, dict(params), args=(),
-                                     kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     return -float(per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum())
 
 
-def step_direction(model: torch.nn.Module, example: Example, pad_id: int,
-                   v_hat: Mapping[str, torch.Tensor] | None, eps: float) -> dict[str, torch.Tensor]:
-    """u = g / sqrt(v_hat + eps) for every trainable parameter (plain g where v_hat is None)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    b = collate([example], pad_id)
-    with torch.enable_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    out = {}
-    for (n, p), g in zip(params.items(), grads):
-        if g is None:
-            continue
-        out[n] = g / (v_hat[n].to(g) + eps).sqrt() if v_hat is not None and n in v_hat else g
+def _batch_size(model: torch.nn.Module, budget_bytes: int = 1 << 29) -> int:
+    """Proponents per vmapped step: each holds ~3 parameter-sized tensors (gradient, direction, patched
+    weights); at most 16 (measured fastest on CPU for small models, 3.2-3.6x the one-at-a-time loop)."""
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, min(16, budget_bytes // max(1, 3 * n_bytes)))
+
+
+def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Sequence[tuple[int, Example]],
+                   pad_id: int, v_hat: Mapping[str, torch.Tensor] | None, lr: float, eps: float = 1e-8,
+                   batch: int | None = None, progress: bool = True) -> list[float]:
+    """`patched_delta` of every (query index, proponent) pair, `batch` pairs at a time through torch.func
+    (vmap of per-example gradients, then of the query forward under each pair's patched weights).
+    Sequences are right-padded and run without an attention mask: with causal attention and the loss
+    masked to real tokens, padding changes neither the gradient nor the target log-prob."""
+    batch = batch or _batch_size(model)
+    warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)  # vmap of SDPA
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(pr, ids, mask):
+        logits = functional_call(model, pr, args=(), kwargs={"input_ids": ids[None]}).logits
+        return per_example_loss(logits, ids[None], mask[None]).sum()
+
+    qb = collate(list(queries), pad_id)
+    with torch.no_grad():
+        base = -torch.cat([vmap(loss, in_dims=(None, 0, 0))(params, qb["input_ids"][s:s + batch], qb["loss_mask"][s:s + batch])
+                           for s in range(0, len(queries), batch)])
+    out: list[float] = []
+    for s in tqdm(range(0, len(pairs), batch), desc="tail-patch", unit="batch", disable=not progress or None,
+                  mininterval=2.0):
+        chunk = pairs[s:s + batch]
+        b = collate([ex for _, ex in chunk], pad_id)
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, b["input_ids"], b["loss_mask"])
+        new = {n: p - lr * (g[n] / (v_hat[n].to(g[n]) + eps).sqrt() if v_hat is not None and n in v_hat else g[n])
+               for n, p in params.items()}
+        q = collate([queries[i] for i, _ in chunk], pad_id)
+        with torch.no_grad():
+            patched = -vmap(loss)(new, q["input_ids"], q["loss_mask"])
+        out += (patched - base[[i for i, _ in chunk]]).tolist()
     return out
-
-
-def patched_delta(model: torch.nn.Module, query: Example, u: Mapping[str, torch.Tensor], lr: float, pad_id: int,
-                  base_logprob: float) -> float:
-    """log p(target) after theta - lr * u, minus before."""
-    params = dict(model.named_parameters())
-    new = {n: (p - lr * u[n]) if n in u else p for n, p in params.items()}
-    return target_logprob(model, query, pad_id, new) - base_logprob
 
 
 def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: Mapping[str, Sequence[Sequence[Example]]],
                pad_id: int, v_hat: Mapping[str, torch.Tensor] | None, lr: float, ks: Sequence[int],
-               eps: float = 1e-8, progress: bool = True) -> dict[str, dict[str, float]]:
+               eps: float = 1e-8, progress: bool = True, batch: int | None = None) -> dict[str, dict[str, float]]:
     """Mean change in target log-prob / prob over the top-k proponents of each query, per method.
 
     `proponents[method][i]` lists query i's proponents, best first (their passage examples).
-    Each distinct passage's step is computed once per query and shared between methods.
+    Each distinct (query, passage) step is computed once and shared between methods.
     """
-    import math
-
     kmax = max(ks)
-    sums = {m: {k: [0.0, 0.0] for k in ks} for m in proponents}
-    for i in tqdm(range(len(queries)), desc="tail-patch", unit="query", disable=not progress or None, mininterval=2.0):
-        q = queries[i]
-        base = target_logprob(model, q, pad_id)
-        cache: dict[tuple, tuple[float, float]] = {}
-        for m, lists in proponents.items():
-            deltas = []
+    pairs: list[tuple[int, Example]] = []
+    slot: dict[tuple, int] = {}
+    for lists in proponents.values():
+        for i in range(len(queries)):
             for ex in list(lists[i])[:kmax]:
-                key = tuple(ex.input_ids)
-                if key not in cache:
-                    u = step_direction(model, ex, pad_id, v_hat, eps)
-                    dl = patched_delta(model, q, u, lr, pad_id, base)
-                    cache[key] = (dl, math.exp(base + dl) - math.exp(base))
-                deltas.append(cache[key])
+                key = (i, tuple(ex.input_ids))
+                if key not in slot:
+                    slot[key] = len(pairs)
+                    pairs.append((i, ex))
+    base = [target_logprob(model, q, pad_id) for q in queries]
+    dl = batched_deltas(model, queries, pairs, pad_id, v_hat, lr, eps, batch, progress)
+    n = max(1, len(queries))
+    out = {}
+    for m, lists in proponents.items():
+        sums = {k: [0.0, 0.0] for k in ks}
+        for i in range(len(queries)):
+            deltas = [dl[slot[(i, tuple(ex.input_ids))]] for ex in list(lists[i])[:kmax]]
             for k in ks:
                 top = deltas[:k]
                 if top:
-                    sums[m][k][0] += sum(d[0] for d in top) / len(top)
-                    sums[m][k][1] += sum(d[1] for d in top) / len(top)
-    n = max(1, len(queries))
-    return {m: {**{f"tail_patch@{k}": sums[m][k][0] / n for k in ks},
-                **{f"tail_patch_prob@{k}": sums[m][k][1] / n for k in ks}} for m in proponents}
+                    sums[k][0] += sum(top) / len(top)
+                    sums[k][1] += sum(math.exp(base[i] + d) - math.exp(base[i]) for d in top) / len(top)
+        out[m] = {**{f"tail_patch@{k}": sums[k][0] / n for k in ks}, **{f"tail_patch_prob@{k}": sums[k][1] / n for k in ks}}
+    return out
