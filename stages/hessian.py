@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 import trackstar.hessian as hessian_lib
 from trackstar.config import load_params
 from trackstar.errors import ArtifactMismatch
+from trackstar.fingerprint import file_sha256
 from trackstar.hessian import (damped_shift, eig_factor, eigh_scaled, eigvals_desc, eigvals_desc_rows, low_rank_update,
                                mix_lambda, whitening, whitening_blocks)
 from trackstar.memo import Memo, code_hash, memo_key
@@ -76,7 +77,7 @@ def main() -> None:
             "mix_k": h.mix_k, "damping": h.damping, "block_diagonal": h.block_diagonal,
             "mix_solver": "block eigensolves" if h.block_diagonal else "low-rank update" if low_rank else "eigensolve",
             "n_train": stats_meta["n_train"], "n_eval": n_eval, "d": d, "checkpoint_hash": stats_meta["checkpoint_hash"],
-            "encode_config": stats_meta["encode_config"]}
+            "encode_config": stats_meta["encode_config"], "w_mix_sha256": file_sha256(OUT / "w_mix.safetensors")}
     (OUT / "hessian.json").write_text(json.dumps(meta, indent=2))
     with open(OUT / "eigenvalues.csv", "w") as f:
         f.write("component,train,eval,train_scaled,eval_scaled\n")

@@ -5,7 +5,6 @@ import sys
 
 from safetensors.numpy import load_file
 
-from trackstar.fingerprint import file_sha256
 from trackstar.hessian import whiten
 from trackstar.runner import run_main
 from trackstar.store import StoreReader, StoreWriter
@@ -19,7 +18,7 @@ def main() -> None:
     w = load_file("hessian/w_mix.safetensors")["w"]
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}
-    attrs.update(hessian_sha256=file_sha256("hessian/w_mix.safetensors"), preconditioned=True, normalized=True)
+    attrs.update(hessian_sha256=meta["w_mix_sha256"], preconditioned=True, normalized=True)  # hashed once, by `hessian`
     writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
                          raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
     writer.prepare()

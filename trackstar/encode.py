@@ -22,15 +22,18 @@ from .store import StoreWriter
 
 def encode_chunk(model: torch.nn.Module, examples: list[Example], projector: HookProjector | None,
                  layers: list[Layer], k: int, seed: int, correction: Correction, batch_size: int, pad_id: int,
-                 autocast_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(corrected, plain) float32 rows for a list of examples, in their given order."""
+                 autocast_dtype: torch.dtype | None = None, out: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(corrected, plain) float32 rows for a list of examples, in their given order; written into the
+    leading rows of `out` when given (buffers reused chunk after chunk: no fresh pages to fault in)."""
     if projector is None:  # exact element-wise correction: reference path
         c, p = reference_encode(model, layers, examples, pad_id, k, seed, correction)
         return c.numpy(), p.numpy()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     d = k * k * len(layers)
-    cor = np.empty((len(examples), d), dtype=np.float32)
-    plain = np.empty((len(examples), d), dtype=np.float32)
+    if out is None:
+        out = (np.empty((len(examples), d), dtype=np.float32), np.empty((len(examples), d), dtype=np.float32))
+    cor, plain = out[0][:len(examples)], out[1][:len(examples)]
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         c, p = projector.encode_batch(collate([examples[j] for j in idx], pad_id), autocast_dtype)
@@ -51,13 +54,16 @@ def encode_to_store(model: torch.nn.Module, examples: Callable[[], Iterable[Exam
     rows_todo = sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in pending)
     bar = tqdm(total=rows_todo, desc=desc, unit="ex", disable=not progress or None, mininterval=2.0, dynamic_ncols=True)
     written, c, buf = 0, 0, []
+    rows = max((writer.chunk_range(ci)[1] - writer.chunk_range(ci)[0] for ci in pending), default=0)
+    d = k * k * len(layers)
+    out = (np.empty((rows, d), dtype=np.float32), np.empty((rows, d), dtype=np.float32))  # reused by every chunk
 
     def flush(chunk_examples: list[Example], c: int) -> None:
         nonlocal written
         if projector is not None:
             with projector.attached():
                 cor, plain = encode_chunk(model, chunk_examples, projector, layers, k, seed, correction,
-                                          batch_size, pad_id, autocast_dtype)
+                                          batch_size, pad_id, autocast_dtype, out)
         else:
             cor, plain = encode_chunk(model, chunk_examples, None, layers, k, seed, correction, batch_size, pad_id)
         crash_point(f"before_write:{c}")

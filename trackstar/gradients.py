@@ -41,12 +41,11 @@ class HookProjector:
             c_in = {n: self.p_in[n] * correction.scales[n][1].to(dev) for n in self.p_in}
         else:
             c_out, c_in = self.p_out, self.p_in
-        # corrected and plain projections stacked [2k, n]: one matmul per side and one batched
-        # product per layer; the k x k diagonal blocks of the 2k x 2k result are the two encodings
+        # corrected and plain projections stacked [2k, n]: one matmul per side, then one batched
+        # product over both halves (2B x k x k)
         self.fused = plain and self.scaled
         self.w_out = {n: torch.cat([c_out[n], self.p_out[n]]) if self.fused else c_out[n] for n in self.p_out}
         self.w_in = {n: torch.cat([c_in[n], self.p_in[n]]) if self.fused else c_in[n] for n in self.p_in}
-        self._mask: torch.Tensor | None = None
         self._blocks: dict[str, torch.Tensor] = {}
         self._plain_blocks: dict[str, torch.Tensor] = {}
 
@@ -56,14 +55,20 @@ class HookProjector:
         def hook(module, inputs, output):
             if not torch.is_grad_enabled():
                 return
-            a = (inputs[0].float() * self._mask[..., None]) @ self.w_in[name].T
+            # no padding mask: with the loss masked to real tokens, the output-gradient of a padded
+            # position is exactly zero (nothing downstream of it reaches the loss), so its term vanishes
+            a = inputs[0].float() @ self.w_in[name].T
 
             def tensor_hook(grad: torch.Tensor):
-                blk = torch.bmm((grad.float() @ self.w_out[name].T).transpose(1, 2), a)
-                if self.fused:
-                    cor, pl = blk[:, :k, :k].flatten(1), blk[:, k:, k:].flatten(1)
+                go = grad.float() @ self.w_out[name].T
+                if self.fused:  # [B, T, 2k] -> [2B, k, T] x [2B, T, k]: the two k x k products only
+                    b, t = go.shape[0], go.shape[1]
+                    g2 = go.view(b, t, 2, k).permute(0, 2, 3, 1).reshape(2 * b, k, t)
+                    a2 = a.view(b, t, 2, k).transpose(1, 2).reshape(2 * b, t, k)
+                    blk = torch.bmm(g2, a2).view(b, 2, k * k)
+                    cor, pl = blk[:, 0], blk[:, 1]
                 else:
-                    cor = pl = blk.flatten(1)  # no correction: plain == corrected
+                    cor = pl = torch.bmm(go.transpose(1, 2), a).flatten(1)  # no correction: plain == corrected
                 self._blocks[name] = self._blocks.get(name, 0) + cor
                 if self.plain:
                     self._plain_blocks[name] = self._plain_blocks.get(name, 0) + pl
@@ -94,7 +99,6 @@ class HookProjector:
         """Projected per-example gradients of one collated batch: (corrected [B, d], plain [B, d] or None)."""
         dev = next(self.model.parameters()).device
         ids, att, lm = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
-        self._mask = att.float()
         self._blocks, self._plain_blocks = {}, {}
         with torch.enable_grad():
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -103,7 +107,7 @@ class HookProjector:
         zeros = torch.zeros(ids.shape[0], self.k * self.k, device=dev)
         out = torch.cat([self._blocks.get(l.name, zeros) for l in self.layers], dim=1)
         plain = torch.cat([self._plain_blocks.get(l.name, zeros) for l in self.layers], dim=1) if self.plain else None
-        self._blocks, self._plain_blocks, self._mask = {}, {}, None
+        self._blocks, self._plain_blocks = {}, {}
         return out, plain
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import numpy as np
-import scipy.linalg
 import torch
 
 
@@ -40,6 +39,8 @@ def eigvals_desc(r: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     its error is far below the damping, and it is ~2x faster than float64 and ~3x faster than
     torch.linalg.eigh on 2 CPU cores (measured at d=3000)."""
     scale = _scale(r)
+    import scipy.linalg  # here, not at the top: the stages that only whiten do not pay for its import
+
     e = scipy.linalg.eigh((r / scale).astype(dtype), eigvals_only=True, driver="evd", check_finite=False)
     return (e.astype(np.float64) * scale)[::-1].copy()
 
@@ -64,6 +65,8 @@ def eigh_scaled(r: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np
     """Eigen-decomposition of R / scale, scale = mean eigenvalue (tiny entries would hit subnormal
     floats: very slow LAPACK): (eigenvalues ascending, clamped >= 0, float64; eigenvectors; scale)."""
     scale = _scale(r)
+    import scipy.linalg
+
     e, v = scipy.linalg.eigh((r / scale).astype(dtype), driver="evd", check_finite=False)
     return np.clip(e.astype(np.float64), 0, None), v, scale
 
