@@ -57,7 +57,7 @@ import time
 import traceback
 from pathlib import Path
 
-MEASUREMENTS = ("training", "ours", "ours_corrected", "bergson")
+MEASUREMENTS = ("training", "floor", "ours", "ours_corrected", "bergson")
 RESULT_TAG = "ENCODE_THROUGHPUT_RESULT "
 
 
@@ -163,6 +163,36 @@ def measure_training(args) -> dict:
     out.update(optimizer="torch.optim.AdamW", loss="mean token cross-entropy (train stage)",
                autocast=str(autocast) if autocast else None,
                model=_model_info(model, args))
+    return out
+
+
+def measure_floor(args) -> dict:
+    """Forward + backward to the activations with frozen weights and no projection: the work every
+    hook-based encoder (ours, bergson) must do before it projects anything, i.e. its speed ceiling."""
+    import torch
+
+    from trackstar.examples import collate, per_example_loss
+
+    model, _tok, examples, batches, pad_id, device = _setup(args)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+    def step(idx):
+        b = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum().backward()
+
+    step(batches[0])
+    _sync(device)
+    t0 = time.perf_counter()
+    for idx in batches:
+        step(idx)
+    _sync(device)
+    out = _common(examples, batches, time.perf_counter() - t0, device)
+    out.update(model=_model_info(model, args))
     return out
 
 
@@ -299,6 +329,8 @@ def measure_bergson(args) -> dict:
 def worker(args) -> None:
     if args.worker == "training":
         res = measure_training(args)
+    elif args.worker == "floor":
+        res = measure_floor(args)
     elif args.worker == "ours":
         res = measure_ours(args, plain=True)
     elif args.worker == "ours_corrected":
@@ -389,12 +421,15 @@ def main() -> None:
         "d_bergson": res["bergson"].get("d") if ok("bergson") else None,
         "projection_dim_bergson": res["bergson"].get("projection_dim") if ok("bergson") else None,
         "tokens_per_s_training": tps("training"),
+        "tokens_per_s_floor": tps("floor"),
         "tokens_per_s_ours": tps("ours"),
         "tokens_per_s_ours_corrected_only": tps("ours_corrected"),
         "tokens_per_s_bergson": tps("bergson"),
         "ratio_vs_training": ratio("ours", "training"),
         "ratio_vs_bergson": ratio("ours", "bergson"),
         "ratio_corrected_only_vs_bergson": ratio("ours_corrected", "bergson"),
+        "ratio_floor_vs_bergson": ratio("floor", "bergson"),
+        "ratio_corrected_only_vs_floor": ratio("ours_corrected", "floor"),
         "bergson": None if not ok("bergson") else {k: res["bergson"][k] for k in
                                                    ("version", "normalizer", "entry", "n_modules", "precision")},
         "bergson_null_reason": None if ok("bergson") else res["bergson"]["error"],
@@ -405,7 +440,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
-    rows = [("training (fwd+bwd+AdamW)", "training", "-"), ("ours (corrected + plain)", "ours", out["d_ours"]),
+    rows = [("training (fwd+bwd+AdamW)", "training", "-"), ("floor (frozen fwd+bwd)", "floor", "-"), ("ours (corrected + plain)", "ours", out["d_ours"]),
             ("ours (corrected only)", "ours_corrected", out["d_ours"]), ("bergson build", "bergson", out["d_bergson"])]
     print(f"model {out['model'].get('name')} ({out['model'].get('params')} params), {out['examples']} passages, "
           f"{out['tokens']} tokens, batch {args.batch_size}, {out['machine']['cpus']} cpus, "
@@ -418,7 +453,8 @@ def main() -> None:
             print(f"{label:<28}{d!s:>8}{'null':>12}   ({res[m]['error'][:200]})")
     fmt = lambda x: f"{x:.3f}" if x is not None else "null"  # noqa: E731
     print(f"ours / training = {fmt(out['ratio_vs_training'])}   ours / bergson = {fmt(out['ratio_vs_bergson'])}   "
-          f"ours corrected-only / bergson = {fmt(out['ratio_corrected_only_vs_bergson'])}")
+          f"ours corrected-only / bergson = {fmt(out['ratio_corrected_only_vs_bergson'])}   "
+          f"floor / bergson = {fmt(out['ratio_floor_vs_bergson'])}")
     print(f"wrote {args.out}")
 
 

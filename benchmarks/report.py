@@ -78,12 +78,15 @@ def encode(r: dict) -> list[str]:
             f"d = {r.get('d_ours')} (bergson {r.get('d_bergson')}).", "",
             "| measurement | tokens/s |", "|---|---|",
             f"| plain training step (fwd+bwd+AdamW) | {f(r.get('tokens_per_s_training'))} |",
+            f"| floor: frozen fwd + backward to activations, no projection | {f(r.get('tokens_per_s_floor'))} |",
             f"| ours (corrected + plain rows, as the stage) | {f(r.get('tokens_per_s_ours'))} |",
             f"| ours (corrected rows only) | {f(r.get('tokens_per_s_ours_corrected_only'))} |",
             f"| bergson build (2.5.1, same batches) | {f(r.get('tokens_per_s_bergson'))} |", "",
             f"ours / training = **{g(r.get('ratio_vs_training'))}** (goal ≥ 0.85); ours / bergson = "
             f"**{g(r.get('ratio_vs_bergson'))}**, corrected-only / bergson = "
-            f"**{g(r.get('ratio_corrected_only_vs_bergson'))}** (goal ≥ 1.6)."]
+            f"**{g(r.get('ratio_corrected_only_vs_bergson'))}** (goal ≥ 1.6). The floor — what any hook-based "
+            f"encoder computes before projecting — is {g(r.get('ratio_floor_vs_bergson'))}× bergson; corrected-only "
+            f"runs at {g(r.get('ratio_corrected_only_vs_floor'))} of it."]
     if r.get("conditions"):
         out += ["", f"*Conditions: {r['conditions']}.*"]
     return out
