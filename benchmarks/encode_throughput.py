@@ -130,6 +130,17 @@ def _common(examples, batches, seconds: float, device) -> dict:
             "seconds": round(seconds, 4), "tokens_per_s": tokens / seconds, "device": str(device)}
 
 
+def _timed_loop(step, examples, batches, device) -> dict:
+    """One untimed warm-up batch, then `step` over every batch, timed."""
+    step(batches[0])
+    _sync(device)
+    t0 = time.perf_counter()
+    for idx in batches:
+        step(idx)
+    _sync(device)
+    return _common(examples, batches, time.perf_counter() - t0, device)
+
+
 # --------------------------------------------------------------------------- measurements
 
 def measure_training(args) -> dict:
@@ -153,13 +164,7 @@ def measure_training(args) -> dict:
         loss.backward()
         opt.step()
 
-    step(batches[0])  # warm-up (also allocates AdamW's state)
-    _sync(device)
-    t0 = time.perf_counter()
-    for idx in batches:
-        step(idx)
-    _sync(device)
-    out = _common(examples, batches, time.perf_counter() - t0, device)
+    out = _timed_loop(step, examples, batches, device)  # warm-up batch first (allocates AdamW's state)
     out.update(optimizer="torch.optim.AdamW", loss="mean token cross-entropy (train stage)",
                autocast=str(autocast) if autocast else None,
                model=_model_info(model, args))
@@ -185,13 +190,7 @@ def measure_floor(args) -> dict:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum().backward()
 
-    step(batches[0])
-    _sync(device)
-    t0 = time.perf_counter()
-    for idx in batches:
-        step(idx)
-    _sync(device)
-    out = _common(examples, batches, time.perf_counter() - t0, device)
+    out = _timed_loop(step, examples, batches, device)
     out.update(model=_model_info(model, args))
     return out
 

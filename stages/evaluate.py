@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import trackstar.examples as examples_lib
 import trackstar.tailpatch as tailpatch_lib
 from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
@@ -40,25 +41,20 @@ def main() -> None:
         sample = queries[: e.tail_patch_queries]
         need = {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
         text = {p.id: p.text for p in iter_corpus("data/corpus.jsonl") if p.id in need}
-        # a method's tail-patch depends on the model, the sampled queries, its proponents and lr/ks only:
-        # memoized per method, so an edit that changes one method's retrievals recomputes that method only
-        memo = Memo(".work/tailpatch", keep=64)
-        ckpt = checkpoint_hash("model")
-        keys = {m: memo_key(model=ckpt, lr=e.tail_patch_lr, ks=e.tail_patch_ks, max_len=max_len,
-                            queries=[(q.prompt, q.target) for q in sample],
-                            props=[[text[pid] for pid in ranked[m][q.id][: max(e.tail_patch_ks)]] for q in sample],
-                            code=code_hash(tailpatch_lib)) for m in ranked}
-        tp = {m: memo.load_json("tp", keys[m]) for m in ranked}
-        todo = [m for m in ranked if tp[m] is None]
-        if todo:
-            state = load_second_moments("model")
-            props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
-                         for q in sample] for m in todo}
-            qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
-            fresh = tail_patch(model, qex, props, pad, state[0] if state else None, e.tail_patch_lr, e.tail_patch_ks)
-            for m in todo:
-                memo.save_json("tp", keys[m], fresh[m])
-                tp[m] = fresh[m]
+        state = load_second_moments("model")
+        props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
+                     for q in sample] for m in ranked}
+        qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
+        # each (query, passage) step depends on the model (and its optimizer state), lr and this code only:
+        # memoized per pair, so an edit that changes some rankings computes just the pairs not seen before
+        memo = Memo(".work/tailpatch", keep=8)
+        key = memo_key(model=checkpoint_hash("model"), lr=e.tail_patch_lr, code=code_hash(tailpatch_lib, examples_lib))
+        cache = memo.load_json("pairs", key) or {}
+        seen = len(cache)
+        tp = tail_patch(model, qex, props, pad, state[0] if state else None, e.tail_patch_lr, e.tail_patch_ks,
+                        cache=cache)
+        if len(cache) > seen:
+            memo.save_json("pairs", key, cache)
         for m in metrics:
             metrics[m].update(tp[m])
             metrics[m]["tail_patch_queries"] = len(sample)

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from trackstar.config import load_params
 from trackstar.data import read_queries
 from trackstar.hessian import whiten
-from trackstar.retrieve import exact_search, write_retrievals
+from trackstar.results import write_retrievals
+from trackstar.retrieve import exact_search
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
 

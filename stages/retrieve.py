@@ -7,7 +7,7 @@ import time
 from trackstar.config import load_params
 from trackstar.data import read_queries
 from trackstar.index import load_index, search
-from trackstar.retrieve import write_retrievals
+from trackstar.results import write_retrievals
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
 

@@ -53,14 +53,14 @@ def test_mix_k_edit_reruns_exactly_the_hessian_downstream(repo):
 
 
 def test_memoized_intermediates_give_the_same_outputs_as_a_cold_run(repo):
-    """The mix_k rerun above reused .work/ memos (R_train's eigenvectors, unchanged methods' tail-patch);
+    """The mix_k rerun above reused .work/ memos (R_train's eigenvectors, tail-patch steps of (query, passage) pairs seen before);
     recomputing everything from scratch must give byte-identical outputs."""
     import shutil
     import sys
 
     from tests.pipeline import run
 
-    assert list((repo / ".work/hessian").glob("eig-*")) and list((repo / ".work/tailpatch").glob("tp-*"))
+    assert list((repo / ".work/hessian").glob("eig-*")) and list((repo / ".work/tailpatch").glob("pairs-*"))
     files = ["hessian/w_mix.safetensors", "hessian/w_train.safetensors", "hessian/hessian.json", "metrics/metrics.json"]
     warm = {f: (repo / f).read_bytes() for f in files}
     shutil.rmtree(repo / ".work")

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from trackstar.index import build_index, search, valid_hits
+from trackstar.index import build_index, search
+from trackstar.results import valid_hits
 from trackstar.retrieve import exact_search
 from trackstar.store import StoreReader, StoreWriter
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
 from trackstar.examples import collate, per_example_loss
-from trackstar.tailpatch import batched_deltas, tail_patch, target_logprob
+from trackstar.tailpatch import batched_deltas, pair_key, tail_patch, target_logprob
 
 
 def reference_delta(model, query, passage, v, lr, eps=1e-8) -> float:
@@ -81,3 +81,21 @@ def test_tail_patch_averages_over_top_k_and_queries():
         assert out[m]["tail_patch@2"] == pytest.approx((sum(d[0]) / 2 + sum(d[1]) / 2) / 2, rel=1e-6)
         prob = [sum(math.exp(base[i] + x) - math.exp(base[i]) for x in d[i]) / 2 for i in range(2)]
         assert out[m]["tail_patch_prob@2"] == pytest.approx(sum(prob) / 2, rel=1e-6)
+
+
+def test_cache_reuses_known_pairs_and_adds_new_ones():
+    model = tiny_llama().double()
+    qs = random_examples(2, seed=1, query=True)
+    ps = random_examples(4, seed=2)
+    cache = {}
+    first = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]]}, 0, None, 1e-4, [1], progress=False, cache=cache)
+    assert set(cache) == {pair_key(qs[0], ps[0]), pair_key(qs[1], ps[1])}
+    assert pair_key(qs[0], ps[0]) != pair_key(qs[1], ps[0]) != pair_key(qs[0], ps[1])
+    cache[pair_key(qs[0], ps[0])] = 1.0  # a known pair is read from the cache, not recomputed
+    again = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]], "b": [[ps[2]], [ps[1]]]}, 0, None, 1e-4, [1],
+                       progress=False, cache=cache)
+    assert len(cache) == 3  # only (q0, p2) was new
+    assert again["a"]["tail_patch@1"] == pytest.approx((1.0 + cache[pair_key(qs[1], ps[1])]) / 2)
+    assert first["a"]["tail_patch@1"] == pytest.approx((reference_delta(model, qs[0], ps[0], None, 1e-4)
+                                                        + reference_delta(model, qs[1], ps[1], None, 1e-4)) / 2, rel=1e-6)
+    assert cache[pair_key(qs[0], ps[2])] == pytest.approx(reference_delta(model, qs[0], ps[2], None, 1e-4), rel=1e-6)

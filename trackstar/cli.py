@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactMismatch, TrackStarError
-from .runner import run_main
+from .runner import flush_denormals, run_main
 
 
 def _trace(args: argparse.Namespace) -> None:
@@ -31,7 +31,9 @@ def _trace(args: argparse.Namespace) -> None:
 
         from .encoder import Encoder
         from .hessian import whiten
-        from .index import load_index, search, valid_hits
+        from .index import load_index, search
+        from .results import valid_hits
+        flush_denormals()  # torch is loaded now: encode exactly as the encode stage does
         from .store import StoreReader
 
         enc = Encoder(root / "model", params.gradients, params.correction, params.projection, params.encode,

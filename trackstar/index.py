@@ -144,7 +144,7 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
     """(top scores, top rows, bottom scores, bottom rows), each [Q, k]. Bottom-k = top-k of -q.
     With rerank > k, the top `rerank` ANN candidates are rescored exactly from the store.
     An IVF search whose probed lists hold fewer than k rows pads with row -1 (score NaN):
-    consumers drop those (`valid_hits`); raise `nprobe` to fill them."""
+    consumers drop those (`trackstar.results.valid_hits`); raise `nprobe` to fill them."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -163,12 +163,6 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
     ts[ti < 0] = np.nan
     bs[bi < 0] = np.nan
     return ts, ti, bs, bi
-
-
-def valid_hits(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One query's hits without the -1 padding of an under-filled IVF search."""
-    keep = rows >= 0
-    return scores[keep], rows[keep]
 
 
 def _on_disk(index) -> bool:

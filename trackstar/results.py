@@ -46,7 +46,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from trackstar.atomic import atomic_open
+from trackstar.data import Query, iter_corpus
 from trackstar.errors import InputError
 
 CORE_FIELDS = (
@@ -264,3 +267,25 @@ def make_result(
         opponents=[look(i) for i in opponent_ids],
         extra=dict(extra),
     )
+
+
+def valid_hits(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query's hits without the -1 padding of an under-filled IVF search."""
+    keep = rows >= 0
+    return scores[keep], rows[keep]
+
+
+def write_retrievals(path: str | os.PathLike, queries: Sequence[Query], found: tuple[np.ndarray, ...],
+                     corpus: str | os.PathLike, query_set: str) -> None:
+    """Write one method's (top scores, top rows, bottom scores, bottom rows) as TDA-viewer results,
+    looking the hit passages' ids and texts up in one streaming pass over the corpus."""
+    top_s, top_i, bot_s, bot_i = found
+    need = set(top_i[top_i >= 0].tolist()) | set(bot_i[bot_i >= 0].tolist())
+    lookup = {i: (p.id, p.text) for i, p in enumerate(iter_corpus(corpus)) if i in need}
+    results = []
+    for qi, q in enumerate(queries):
+        (ts, ti), (bs, bi) = valid_hits(top_s[qi], top_i[qi]), valid_hits(bot_s[qi], bot_i[qi])
+        text = {lookup[r][0]: lookup[r][1] for r in np.concatenate([ti, bi])}
+        results.append(make_result(q.id, q.prompt, q.target, [lookup[r][0] for r in ti], ts, text,
+                                   [lookup[r][0] for r in bi], bs, query_set=query_set))
+    write_results(path, results)

@@ -6,16 +6,11 @@ bottom-k (opponents). Also the ground truth for ANN recall.
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-from .data import Query, iter_corpus
-from .index import valid_hits
-from .results import make_result, write_results
 
 
 def exact_search(queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int,
@@ -61,18 +56,3 @@ def _merge(best_s, best_i, s, ids, k, largest: bool):
     o2 = torch.argsort(key, dim=1, stable=True)[:, :k]
     return cat_s.gather(1, o2), cat_i.gather(1, o2)
 
-
-def write_retrievals(path: str | os.PathLike, queries: Sequence[Query], found: tuple[np.ndarray, ...],
-                     corpus: str | os.PathLike, query_set: str) -> None:
-    """Write one method's (top scores, top rows, bottom scores, bottom rows) as TDA-viewer results,
-    looking the hit passages' ids and texts up in one streaming pass over the corpus."""
-    top_s, top_i, bot_s, bot_i = found
-    need = set(top_i[top_i >= 0].tolist()) | set(bot_i[bot_i >= 0].tolist())
-    lookup = {i: (p.id, p.text) for i, p in enumerate(iter_corpus(corpus)) if i in need}
-    results = []
-    for qi, q in enumerate(queries):
-        (ts, ti), (bs, bi) = valid_hits(top_s[qi], top_i[qi]), valid_hits(bot_s[qi], bot_i[qi])
-        text = {lookup[r][0]: lookup[r][1] for r in np.concatenate([ti, bi])}
-        results.append(make_result(q.id, q.prompt, q.target, [lookup[r][0] for r in ti], ts, text,
-                                   [lookup[r][0] for r in bi], bs, query_set=query_set))
-    write_results(path, results)

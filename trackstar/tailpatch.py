@@ -5,9 +5,11 @@ the change in the query target's log-probability and probability.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, Sequence
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -65,32 +67,42 @@ def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Se
     return out
 
 
+def pair_key(query: Example, passage: Example) -> str:
+    """A stable id of one (query, proponent) step: their tokens and the query's target mask."""
+    raw = json.dumps([query.input_ids, query.loss_mask, passage.input_ids]).encode()
+    return hashlib.sha256(raw).hexdigest()[:24]
+
+
 def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: Mapping[str, Sequence[Sequence[Example]]],
                pad_id: int, v_hat: Mapping[str, torch.Tensor] | None, lr: float, ks: Sequence[int],
-               eps: float = 1e-8, progress: bool = True, batch: int | None = None) -> dict[str, dict[str, float]]:
+               eps: float = 1e-8, progress: bool = True, batch: int | None = None,
+               cache: MutableMapping[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Mean change in target log-prob / prob over the top-k proponents of each query, per method.
 
     `proponents[method][i]` lists query i's proponents, best first (their passage examples).
-    Each distinct (query, passage) step is computed once and shared between methods.
+    Each distinct (query, passage) step is computed once and shared between methods; with `cache`
+    (pair_key -> log-prob change, for this model, v_hat, lr and eps) known steps are reused and new
+    ones added, so a rerun after a ranking change computes only the pairs it has not seen.
     """
     kmax = max(ks)
-    pairs: list[tuple[int, Example]] = []
-    slot: dict[tuple, int] = {}
+    cache = {} if cache is None else cache
+    todo: dict[str, tuple[int, Example]] = {}
     for lists in proponents.values():
-        for i in range(len(queries)):
+        for i, q in enumerate(queries):
             for ex in list(lists[i])[:kmax]:
-                key = (i, tuple(ex.input_ids))
-                if key not in slot:
-                    slot[key] = len(pairs)
-                    pairs.append((i, ex))
+                key = pair_key(q, ex)
+                if key not in cache:
+                    todo.setdefault(key, (i, ex))
+    if todo:
+        fresh = batched_deltas(model, queries, list(todo.values()), pad_id, v_hat, lr, eps, batch, progress)
+        cache.update(zip(todo, fresh))
     base = [target_logprob(model, q, pad_id) for q in queries]
-    dl = batched_deltas(model, queries, pairs, pad_id, v_hat, lr, eps, batch, progress)
     n = max(1, len(queries))
     out = {}
     for m, lists in proponents.items():
         sums = {k: [0.0, 0.0] for k in ks}
-        for i in range(len(queries)):
-            deltas = [dl[slot[(i, tuple(ex.input_ids))]] for ex in list(lists[i])[:kmax]]
+        for i, q in enumerate(queries):
+            deltas = [cache[pair_key(q, ex)] for ex in list(lists[i])[:kmax]]
             for k in ks:
                 top = deltas[:k]
                 if top:
