@@ -42,7 +42,8 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     meta = {"n_train": n_train, "n_eval": n_eval, "d": train.d, "train_sample": h.train_sample,
             "trace_train": float(np.trace(r_train)), "trace_eval": float(np.trace(r_eval)),
-            "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"]}
+            "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"],
+            "train_input_sha256": train.attrs["input_sha256"], "query_input_sha256": query.attrs["input_sha256"]}
     tmp = OUT.with_suffix(".tmp")
     save_file({"r_train": r_train.astype(np.float32), "r_eval": r_eval.astype(np.float32)}, str(tmp),
               metadata={"meta": json.dumps(meta, sort_keys=True)})

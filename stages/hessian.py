@@ -13,8 +13,7 @@ from safetensors.numpy import save_file
 import trackstar.hessian as hessian_lib
 from trackstar.config import load_params
 from trackstar.errors import ArtifactMismatch
-from trackstar.fingerprint import file_sha256
-from trackstar.hessian import (damped_shift, eig_factor, eigh_scaled, eigvals_desc, eigvals_desc_rows, low_rank_update,
+from trackstar.hessian import (damped_shift, eig_factor, eig_scales, eigh_scaled, eigvals_desc, eigvals_desc_rows, low_rank_update,
                                mix_lambda, whitening, whitening_blocks)
 from trackstar.memo import Memo, code_hash, memo_key
 from trackstar.plots import plot_eigen_crossing
@@ -59,6 +58,8 @@ def main() -> None:
             e, v, scale = eigh_scaled(stats.get_tensor("r_train"))
             e_eval = eigvals_desc_rows(rows) if low_rank else eigvals_desc(stats.get_tensor("r_eval"))
             eig = {"e": e, "vt": v.T, "scale": np.array([scale]), "e_eval": e_eval}
+            if low_rank:
+                eig["vtu"] = v.T @ rows.T  # V^T U^T: B = W0 U^T is then a row scaling for every lambda
             memo.save_arrays("eig", key, eig)
         e, vt, scale, e_eval = eig["e"], eig["vt"], float(eig["scale"][0]), eig["e_eval"]
         w_train = eig_factor(e, vt, scale, 1.0, damped_shift(tr_train, d, h.damping))
@@ -66,7 +67,8 @@ def main() -> None:
     lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
     if low_rank:
         shift = damped_shift(lam * tr_eval + (1 - lam) * tr_train, d, h.damping)
-        w_mix = low_rank_update(eig_factor(e, vt, scale, 1 - lam, shift), np.sqrt(lam / n_eval) * rows)
+        b = eig["vtu"] * (eig_scales(e, scale, 1 - lam, shift) * np.sqrt(lam / n_eval)).astype(np.float32)[:, None]
+        w_mix = low_rank_update(eig_factor(e, vt, scale, 1 - lam, shift), b)
     else:
         r_mix = lam * stats.get_tensor("r_eval").astype(np.float64) + (1 - lam) * stats.get_tensor("r_train")
         w_mix = (whitening_blocks(r_mix, blocks, h.damping) if h.block_diagonal else whitening(r_mix, h.damping))[0]
@@ -77,7 +79,10 @@ def main() -> None:
             "mix_k": h.mix_k, "damping": h.damping, "block_diagonal": h.block_diagonal,
             "mix_solver": "block eigensolves" if h.block_diagonal else "low-rank update" if low_rank else "eigensolve",
             "n_train": stats_meta["n_train"], "n_eval": n_eval, "d": d, "checkpoint_hash": stats_meta["checkpoint_hash"],
-            "encode_config": stats_meta["encode_config"], "w_mix_sha256": file_sha256(OUT / "w_mix.safetensors")}
+            "encode_config": stats_meta["encode_config"]}
+    # identifies W_mix by everything that determines it (hashing the d x d file itself costs more): the
+    # final stores and the index carry it, and retrieval / trace refuse artifacts whose ids differ
+    meta["whitening_id"] = memo_key(meta=meta, stats=stats_meta, query=query.attrs, code=code_hash(hessian_lib))
     (OUT / "hessian.json").write_text(json.dumps(meta, indent=2))
     with open(OUT / "eigenvalues.csv", "w") as f:
         f.write("component,train,eval,train_scaled,eval_scaled\n")

@@ -19,7 +19,7 @@ def main() -> None:
                         on_disk="index" if p.on_disk else None)
     meta = {"kind": p.kind, "on_disk": p.on_disk, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq),
             "rows": store.n, "d": store.d, "checkpoint_hash": store.attrs["checkpoint_hash"],
-            "hessian_sha256": store.attrs["hessian_sha256"], "config": store.attrs["config"]}
+            "whitening_id": store.attrs["whitening_id"], "config": store.attrs["config"]}
     save_index(index, "index", meta)
     print(json.dumps({"rows": store.n, "d": store.d, "seconds": round(time.time() - t0, 1)}))
 

@@ -18,7 +18,7 @@ def main() -> None:
     w = load_file("hessian/w_mix.safetensors")["w"]
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}
-    attrs.update(hessian_sha256=meta["w_mix_sha256"], preconditioned=True, normalized=True)  # hashed once, by `hessian`
+    attrs.update(whitening_id=meta["whitening_id"], preconditioned=True, normalized=True)
     writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
                          raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
     writer.prepare()

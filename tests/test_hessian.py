@@ -68,7 +68,7 @@ def test_low_rank_update_equals_the_dense_mixed_inverse():
     e, v, scale = eigh_scaled(r_train, np.float64)
     w0 = eig_factor(e, v.T, scale, 1 - lam, shift)
     np.testing.assert_allclose(w0.T @ w0, np.linalg.inv((1 - lam) * r_train + shift * np.eye(d)), rtol=1e-6, atol=1e-6)
-    w = low_rank_update(w0, np.sqrt(lam / ne) * u).astype(np.float64)
+    w = low_rank_update(w0, w0 @ (np.sqrt(lam / ne) * u).T).astype(np.float64)
     assert np.linalg.norm(w.T @ w - want) / np.linalg.norm(want) < 1e-4  # float32 products
     dense, _ = whitening(r_mix, damping)
     x, y = rng.normal(size=(5, d)), rng.normal(size=(7, d))

@@ -45,7 +45,7 @@ def _trace(args: argparse.Namespace) -> None:
                     f"{root / 'encodings/final/train.zarr'}: '{key}' differs from the current params.yaml/model "
                     f"(stored {str(final.attrs[key])[:80]!r}); run `dvc repro` first")
         w = load_file(str(root / "hessian/w_mix.safetensors"))["w"]
-        index, _ = load_index(root / "index", expect={"hessian_sha256": final.attrs["hessian_sha256"],
+        index, _ = load_index(root / "index", expect={"whitening_id": final.attrs["whitening_id"],
                                                       "rows": final.n})
         g, _ = enc.encode([enc.query_example(args.prompt, args.target)])
         q = whiten(g, w, normalize=True)

@@ -76,21 +76,25 @@ def damped_shift(trace: float, d: int, damping: float) -> float:
     return max(damping, 1e-12) * max(trace / d, 1e-30)
 
 
+def eig_scales(e: np.ndarray, scale: float, coef: float, shift: float) -> np.ndarray:
+    """(coef * scale * e + shift)^(-1/2): the row scales of `eig_factor`."""
+    return 1 / np.sqrt(coef * scale * e + shift)
+
+
 def eig_factor(e: np.ndarray, vt: np.ndarray, scale: float, coef: float, shift: float) -> np.ndarray:
     """W = diag(a)^(-1/2) V^T with a = coef * scale * e + shift, so W^T W = (coef R + shift I)^(-1) for
     R = scale V diag(e) V^T (`eigh_scaled`'s output; `vt` = V^T, eigenvectors as rows). A whitening
     factor, not the symmetric root R^(-1/2) = V W: TrackStar uses only inner products and norms of W g,
     which every factor gives alike (W = O R^(-1/2), O orthogonal), and this one costs d^2, not d^3."""
-    a = coef * scale * e + shift
-    return np.ascontiguousarray(vt * (1 / np.sqrt(a)).astype(vt.dtype)[:, None])
+    return np.ascontiguousarray(vt * eig_scales(e, scale, coef, shift).astype(vt.dtype)[:, None])
 
 
-def low_rank_update(w0: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """W with W^T W = (A + U^T U)^(-1), given W0^T W0 = A^(-1) and the n rows U: W = (I + B B^T)^(-1/2) W0
-    with B = W0 U^T, through the n x n Gram matrix of B. 3 d^2 n flops instead of a d^3 eigensolve: the
-    mixed Hessian adds lambda R_eval, whose rank is at most the number of queries n."""
+def low_rank_update(w0: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """W with W^T W = (A + U^T U)^(-1), given W0^T W0 = A^(-1) and B = W0 U^T (d x n, the n rows U
+    mapped by W0): W = (I + B B^T)^(-1/2) W0 through the n x n Gram matrix of B, 2 d^2 n flops instead of
+    a d^3 eigensolve. The mixed Hessian adds lambda R_eval, whose rank is at most the number of queries n."""
     w = np.ascontiguousarray(w0, dtype=np.float32)
-    b = w @ np.ascontiguousarray(rows, dtype=np.float32).T  # d x n
+    b = np.ascontiguousarray(b, dtype=np.float32)
     s2, q = np.linalg.eigh((b.T @ b).astype(np.float64))  # B = P S Q^T: the n x n problem in float64
     root = np.sqrt(1 + np.clip(s2, 0, None))
     # (I + B B^T)^(-1/2) = I + B Q diag(f(s^2)) Q^T B^T, f(x) = ((1 + x)^(-1/2) - 1) / x, written without cancellation
