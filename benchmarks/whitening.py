@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from trackstar.data import iter_corpus, read_queries
 from trackstar.evaluate import mrr
-from trackstar.hessian import damped_shift, eig_factor, eigh_scaled, low_rank_update, whiten, whitening
+from trackstar.hessian import damped_shift, eig_factor, eig_scales, eigh_scaled, low_rank_update, whiten, whitening
 from trackstar.store import StoreReader
 
 
@@ -49,10 +49,13 @@ def main() -> None:
     w_dense, _ = whitening(r_mix, damping)
     t_dense = time.perf_counter() - t0
     t0 = time.perf_counter()
-    et, vt, scale = eigh_scaled(r_train)  # once per statistics: memoized by the stage
+    et, v, scale = eigh_scaled(r_train)  # once per set of statistics: memoized by the stage, with V^T U^T
+    vt = np.ascontiguousarray(v.T)
+    vtu = vt @ u.T
     t_eig_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    w_low = low_rank_update(eig_factor(et, vt, scale, 1 - lam, shift), np.sqrt(lam / len(u)) * u)
+    t0 = time.perf_counter()  # what the stage computes after a mix_k / lambda edit
+    b = vtu * (eig_scales(et, scale, 1 - lam, shift) * np.sqrt(lam / len(u))).astype(np.float32)[:, None]
+    w_low = low_rank_update(eig_factor(et, vt, scale, 1 - lam, shift), b)
     t_low = time.perf_counter() - t0
 
     queries = read_queries("data/queries.jsonl")
