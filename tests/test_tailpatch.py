@@ -10,7 +10,16 @@ from torch.func import functional_call
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
 from trackstar.examples import collate, per_example_loss
-from trackstar.tailpatch import batched_deltas, pair_key, tail_patch, target_logprob
+from trackstar.tailpatch import batched_deltas, pair_key, tail_patch
+
+
+def logprob(model, query, params=None) -> float:
+    """log p(target | prompt) by a plain forward with the attention mask."""
+    q = collate([query], 0)
+    with torch.no_grad():
+        logits = functional_call(model, params or dict(model.named_parameters()), args=(),
+                                 kwargs={"input_ids": q["input_ids"], "attention_mask": q["attention_mask"]}).logits
+    return -float(per_example_loss(logits, q["input_ids"], q["loss_mask"]).sum())
 
 
 def reference_delta(model, query, passage, v, lr, eps=1e-8) -> float:
@@ -22,10 +31,7 @@ def reference_delta(model, query, passage, v, lr, eps=1e-8) -> float:
     grads = torch.autograd.grad(loss, list(params.values()))
     new = {n: (p - lr * (g / (v[n] + eps).sqrt() if v is not None else g)).detach()
            for (n, p), g in zip(params.items(), grads)}
-    q = collate([query], 0)
-    with torch.no_grad():
-        logits = functional_call(model, new, args=(), kwargs={"input_ids": q["input_ids"]}).logits
-    return -float(per_example_loss(logits, q["input_ids"], q["loss_mask"]).sum()) - target_logprob(model, query, 0)
+    return logprob(model, query, new) - logprob(model, query)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2], ids=["llama", "tied", "gpt2"])
@@ -76,7 +82,7 @@ def test_tail_patch_averages_over_top_k_and_queries():
     out = tail_patch(model, qs, props, 0, None, 1e-4, [1, 2], progress=False, batch=3)
     for m, lists in props.items():
         d = [[reference_delta(model, q, p, None, 1e-4) for p in lists[i]] for i, q in enumerate(qs)]
-        base = [target_logprob(model, q, 0) for q in qs]
+        base = [logprob(model, q) for q in qs]
         assert out[m]["tail_patch@1"] == pytest.approx((d[0][0] + d[1][0]) / 2, rel=1e-6)
         assert out[m]["tail_patch@2"] == pytest.approx((sum(d[0]) / 2 + sum(d[1]) / 2) / 2, rel=1e-6)
         prob = [sum(math.exp(base[i] + x) - math.exp(base[i]) for x in d[i]) / 2 for i in range(2)]

@@ -55,8 +55,7 @@ def encode_to_store(model: torch.nn.Module, examples: Callable[[], Iterable[Exam
     bar = tqdm(total=rows_todo, desc=desc, unit="ex", disable=not progress or None, mininterval=2.0, dynamic_ncols=True)
     written, c, buf = 0, 0, []
     rows = max((writer.chunk_range(ci)[1] - writer.chunk_range(ci)[0] for ci in pending), default=0)
-    d = k * k * len(layers)
-    out = (np.empty((rows, d), dtype=np.float32), np.empty((rows, d), dtype=np.float32))  # reused by every chunk
+    out = tuple(np.empty((rows, k * k * len(layers)), dtype=np.float32) for _ in range(2))  # reused by every chunk
 
     def flush(chunk_examples: list[Example], c: int) -> None:
         nonlocal written
