@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 
 from .examples import Example, collate, per_example_loss
 
+# vmap over scaled-dot-product attention falls back to a loop and says so on every call: not news to a user
+warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+
 
 def _batch_size(model: torch.nn.Module, budget_bytes: int = 1 << 29) -> int:
     """Proponents per vmapped step: each holds ~3 parameter-sized tensors (gradient, direction, patched
@@ -54,7 +57,6 @@ def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Se
     of per-example gradients, then of the query forward under each pair's patched weights). `base`:
     the queries' `target_logprobs`, when the caller has them."""
     batch = batch or _batch_size(model)
-    warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)  # vmap of SDPA
     params = {n: p.detach() for n, p in model.named_parameters()}
     base = torch.tensor(target_logprobs(model, queries, pad_id, batch) if base is None else list(base), dtype=torch.float64)
     step_grads = vmap(grad(lambda pr, ids, mask: _target_loss(model, pr, ids, mask)), in_dims=(None, 0, 0))
