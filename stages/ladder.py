@@ -1,17 +1,16 @@
 """DVC stage `ladder`: the ablation-ladder rungs (DESIGN §3) by streaming exact search over the raw
 store, each whitened on the fly: dot, cosine (plain gradients), optimizer (corrected), r_train
-(corrected, whitened by R_train alone). A `hessian.mix_k` edit leaves their inputs unchanged."""
+(corrected, whitened by R_train alone, damped by hessian.damping, in the `eigen` stage's basis). A
+`hessian.mix_k` / `lambda` edit leaves their inputs unchanged."""
 
 import json
 import shutil
 import time
 from pathlib import Path
 
-from safetensors.numpy import load_file
-
 from trackstar.config import load_params
 from trackstar.data import read_queries
-from trackstar.hessian import whiten
+from trackstar.hessian import load_basis, train_whitening, whiten
 from trackstar.results import write_retrievals
 from trackstar.retrieve import exact_search
 from trackstar.runner import run_main
@@ -24,12 +23,14 @@ OUT = Path("retrievals/ladder")
 
 
 def main() -> None:
-    r = load_params().retrieve
+    params = load_params()
+    r = params.retrieve
     t0 = time.time()
     queries = read_queries("data/queries.jsonl")
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    w_train = load_file("hessian/w_train.safetensors")["w"] if "r_train" in r.methods else None
+    w_train = (train_whitening(load_basis("hessian/eigen.safetensors")[0], params.hessian.damping)
+               if "r_train" in r.methods else None)
     for method in r.methods:
         array, whitened, norm = LADDER[method]
         train = StoreReader("encodings/raw/train.zarr", array=array)

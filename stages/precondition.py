@@ -1,21 +1,19 @@
-"""DVC stage `precondition@{train,query}`: G = W_mix g (W^T W = R_mix^(-1)), unit-normalized, into the final store."""
+"""DVC stage `precondition@{train,query}`: G = W_mix g (W^T W = R_mix^(-1); basis from `eigen`, update from
+`hessian`), unit-normalized, into the final store."""
 
 import json
 import sys
 
-from safetensors.numpy import load_file
-
-from trackstar.hessian import whiten
+from trackstar.hessian import load_whitening, whiten
 from trackstar.runner import run_main
 from trackstar.store import StoreReader, StoreWriter
 
 
 def main() -> None:
     split = sys.argv[1]
-    meta = json.load(open("hessian/hessian.json"))
+    w, meta = load_whitening("hessian/w_mix.safetensors", "hessian/eigen.safetensors")
     raw = StoreReader(f"encodings/raw/{split}.zarr", expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"],
                                                              "config": meta["encode_config"]})
-    w = load_file("hessian/w_mix.safetensors")["w"]
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}
     attrs.update(whitening_id=meta["whitening_id"], preconditioned=True, normalized=True)

@@ -22,7 +22,7 @@ from tests.pipeline import git, repro
 STORES = ["encodings/raw/train.zarr", "encodings/raw/query.zarr", "encodings/final/train.zarr",
           "encodings/final/query.zarr"]
 FILES = ["data/corpus.jsonl", "data/queries.jsonl", "retrievals/trackstar.jsonl", "retrievals/bm25.jsonl",
-         "hessian/stats.safetensors", "hessian/w_mix.safetensors", "hessian/w_train.safetensors", "hessian/hessian.json",
+         "hessian/stats.safetensors", "hessian/eigen.safetensors", "hessian/w_mix.safetensors", "hessian/hessian.json",
          "metrics/metrics.json", "metrics/methods.csv"]
 # metrics files that carry wall-clock timings (excluded from byte comparison; other fields compared)
 TIMED = {"metrics/model.json": "eval_seconds", "metrics/hessian.json": "seconds"}

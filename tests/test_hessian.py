@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from trackstar.hessian import (autocorrelation, damped_shift, eig_factor, eigh_scaled, eigvals_desc, eigvals_desc_rows,
-                               low_rank_update, mix_lambda, whiten, whitening, whitening_blocks)
+from trackstar.errors import ArtifactMismatch
+from trackstar.hessian import (Whitening, autocorrelation, eigenbasis, load_basis, load_whitening, mix_lambda,
+                               mixed_whitening, save_basis, save_whitening, spectra, train_whitening, whiten)
 
 
 def test_autocorrelation_streams_to_the_dense_value():
@@ -36,61 +37,101 @@ def test_lambda_makes_the_scaled_curves_cross_at_component_k():
         mix_lambda(e_eval, e_train, 5)
 
 
-def test_whitening_factor_inverts_the_damped_matrix():
-    rng = np.random.default_rng(1)
-    a = rng.normal(size=(40, 8))
-    r = a.T @ a / 40
-    damping = 0.01
-    w, e = whitening(r, damping, np.float64)
-    assert np.all(np.diff(e) <= 0)
-    damped = r + damping * np.linalg.eigvalsh(r).mean() * np.eye(8)
-    np.testing.assert_allclose(w.T @ w, np.linalg.inv(damped), rtol=1e-8)  # W^T W = R^-1: the scores of R^-1/2
-    np.testing.assert_allclose(w @ damped @ w.T, np.eye(8), atol=1e-8)
-    np.testing.assert_allclose(e, eigvals_desc(r, np.float64), rtol=1e-8)
-    w32, _ = whitening(r, damping)  # the default float32 solver: whitening still holds to float32 accuracy
-    np.testing.assert_allclose(w32 @ damped @ w32.T, np.eye(8), atol=1e-4)
-
-
-def test_low_rank_update_equals_the_dense_mixed_inverse():
-    # anisotropic R_train from fewer rows than d (rank-deficient, as at the default size) plus a
-    # rank-30 R_eval from 30 query rows whose spectrum runs the other way: the update must equal the
-    # dense inverse of the damped mix, and give the same whitened scores as the dense eigensolve
-    rng = np.random.default_rng(3)
-    d, nt, ne, lam, damping = 300, 200, 30, 0.3, 0.001
-    spectrum = np.exp(-np.arange(d) / 40)
+def _stats(d: int, nt: int, ne: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anisotropic R_train from fewer rows than d (rank-deficient, as at the default size) and query rows
+    U whose spectrum runs the other way."""
+    rng = np.random.default_rng(seed)
+    spectrum = np.exp(-np.arange(d) / (d / 7))
     t = (rng.normal(size=(nt, d)) * spectrum).astype(np.float32)
     u = (rng.normal(size=(ne, d)) * spectrum[::-1] * 3).astype(np.float32)
-    r_train, r_eval = t.T.astype(np.float64) @ t / nt, u.T.astype(np.float64) @ u / ne
+    return t.T.astype(np.float64) @ t / nt, u.T.astype(np.float64) @ u / ne, u
+
+
+def _basis(r_train, r_eval, u, blocks):
+    return eigenbasis(r_train.astype(np.float32), blocks, len(u), lambda: [u[:7], u[7:]],
+                      lambda: r_eval.astype(np.float32))
+
+
+def _dense(w) -> np.ndarray:
+    """The d x d matrix W of a Whitening (rows W x, so W = apply(I)^T), float64."""
+    return w.apply(np.eye(sum(b - a for a, b in w.blocks), dtype=np.float32)).T.astype(np.float64)
+
+
+def _damped_inverse(r: np.ndarray, damping: float) -> np.ndarray:
+    """Independent reference: (R + damping * mean eigenvalue I)^(-1) in float64."""
+    return np.linalg.inv(r + damping * np.linalg.eigvalsh(r).mean() * np.eye(len(r)))
+
+
+@pytest.mark.parametrize("ne", [30, 400])  # rank-30 R_eval from the rows; full-rank R_eval from its own eigensolve
+def test_mixed_whitening_equals_the_dense_damped_inverse(ne):
+    d, lam, damping = 300, 0.3, 0.001
+    r_train, r_eval, u = _stats(d, 200, ne, 3)
+    blocks = _basis(r_train, r_eval, u, [(0, d)])
+    assert blocks[0].g.shape == (d, min(ne, d))
     r_mix = lam * r_eval + (1 - lam) * r_train
-    shift = damped_shift(np.trace(r_mix), d, damping)
-    assert shift == pytest.approx(damping * np.linalg.eigvalsh(r_mix).mean())
-    want = np.linalg.inv(r_mix + shift * np.eye(d))
-    e, v, scale = eigh_scaled(r_train, np.float64)
-    w0 = eig_factor(e, v.T, scale, 1 - lam, shift)
-    np.testing.assert_allclose(w0.T @ w0, np.linalg.inv((1 - lam) * r_train + shift * np.eye(d)), rtol=1e-6, atol=1e-6)
-    w = low_rank_update(w0, w0 @ (np.sqrt(lam / ne) * u).T).astype(np.float64)
-    assert np.linalg.norm(w.T @ w - want) / np.linalg.norm(want) < 1e-4  # float32 products
-    dense, _ = whitening(r_mix, damping)
+    w = _dense(mixed_whitening(blocks, lam, damping))
+    want = _damped_inverse(r_mix, damping)
+    assert np.linalg.norm(w.T @ w - want) / np.linalg.norm(want) < 1e-3  # float32 eigensolve and products
+    # the scores TrackStar uses: whitened, normalized inner products, against a float64 symmetric root
+    e, v = np.linalg.eigh(np.linalg.inv(want))
+    root = (v / np.sqrt(e)) @ v.T
+    rng = np.random.default_rng(4)
     x, y = rng.normal(size=(5, d)), rng.normal(size=(7, d))
-    scores = lambda w: whiten(x, w, True) @ whiten(y, w, True).T
-    np.testing.assert_allclose(scores(w), scores(dense), atol=2e-3)
-    # eigenvalues of (1/n) U^T U from the n x n Gram matrix, zero past rank n
-    np.testing.assert_allclose(eigvals_desc_rows(u), eigvals_desc(r_eval, np.float64), rtol=1e-4, atol=1e-9)
-    assert np.all(eigvals_desc_rows(u)[ne:] == 0)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(whiten(x, mixed_whitening(blocks, lam, damping), True)
+                               @ whiten(y, mixed_whitening(blocks, lam, damping), True).T,
+                               unit(x @ root) @ unit(y @ root).T, atol=2e-3)
+    # train-only whitening in the same basis
+    wt = _dense(train_whitening(blocks, damping))
+    want_t = _damped_inverse(r_train, damping)
+    # float32 eigensolve of a rank-deficient R_train at damping 1e-3 (condition ~1e5): measured 1.6e-3
+    assert np.linalg.norm(wt.T @ wt - want_t) / np.linalg.norm(want_t) < 5e-3
+    # the spectra the crossing rule compares: eigenvalues of R_train and R_eval, descending, zero past rank n
+    e_train, e_eval = spectra(blocks)
+    np.testing.assert_allclose(e_train, np.linalg.eigvalsh(r_train)[::-1], rtol=1e-3, atol=1e-5 * e_train[0])
+    np.testing.assert_allclose(e_eval, np.clip(np.linalg.eigvalsh(r_eval)[::-1], 0, None), rtol=1e-3,
+                               atol=1e-5 * e_eval[0])
+    if ne < d:
+        assert np.all(e_eval[ne:] == 0)
 
 
 def test_block_diagonal_whitens_each_block_and_ignores_cross_terms():
-    rng = np.random.default_rng(2)
-    a = rng.normal(size=(30, 6))
-    r = a.T @ a / 30
-    w, _ = whitening_blocks(r, [(0, 2), (2, 6)], 0.0, np.float64)
-    assert np.all(w[:2, 2:] == 0) and np.all(w[2:, :2] == 0)
-    np.testing.assert_allclose(w[:2, :2] @ r[:2, :2] @ w[:2, :2].T, np.eye(2), atol=1e-8)
-    np.testing.assert_allclose(w[2:, 2:] @ r[2:, 2:] @ w[2:, 2:].T, np.eye(4), atol=1e-8)
+    d, lam, damping = 60, 0.4, 0.01
+    r_train, r_eval, u = _stats(d, 80, 30, 2)  # 30 queries: the 20-wide blocks take R_eval's eigensolve, the 40-wide the rows
+    blocks = _basis(r_train, r_eval, u, [(0, 20), (20, d)])
+    assert [b.g.shape[1] for b in blocks] == [20, 30]
+    w = _dense(mixed_whitening(blocks, lam, damping))
+    assert np.all(w[:20, 20:] == 0) and np.all(w[20:, :20] == 0)
+    r_mix = lam * r_eval + (1 - lam) * r_train
+    for a, b in ((0, 20), (20, d)):
+        want = _damped_inverse(r_mix[a:b, a:b], damping)  # each block damped by its own mean eigenvalue
+        np.testing.assert_allclose(w[a:b, a:b].T @ w[a:b, a:b], want, rtol=2e-3, atol=2e-4 * np.abs(want).max())
+    e_train, _ = spectra(blocks)
+    want_e = np.sort(np.concatenate([np.linalg.eigvalsh(r_train[:20, :20]), np.linalg.eigvalsh(r_train[20:, 20:])]))[::-1]
+    np.testing.assert_allclose(e_train, want_e, rtol=1e-3, atol=1e-5 * want_e[0])
+
+
+def test_whitening_round_trips_through_its_files_and_refuses_another_basis(tmp_path):
+    d = 40
+    r_train, r_eval, u = _stats(d, 50, 12, 5)
+    blocks = _basis(r_train, r_eval, u, [(0, d)])
+    save_basis(tmp_path / "eigen.safetensors", blocks, {"basis_id": "b1"})
+    loaded, meta = load_basis(tmp_path / "eigen.safetensors", vectors=False)
+    assert meta == {"basis_id": "b1"} and loaded[0].vt is None
+    w = mixed_whitening(loaded, 0.2, 0.001)  # computed without the eigenvectors, as the stage does
+    save_whitening(tmp_path / "w_mix.safetensors", w, {"basis_id": "b1", "whitening_id": "w1"})
+    back, wmeta = load_whitening(tmp_path / "w_mix.safetensors", tmp_path / "eigen.safetensors")
+    assert wmeta["whitening_id"] == "w1"
+    x = np.random.default_rng(0).normal(size=(3, d))
+    np.testing.assert_array_equal(back.apply(x), mixed_whitening(blocks, 0.2, 0.001).apply(x))
+    save_basis(tmp_path / "eigen.safetensors", blocks, {"basis_id": "b2"})
+    with pytest.raises(ArtifactMismatch, match=r"w_mix.safetensors: computed from basis b1 but .*eigen.safetensors is b2"):
+        load_whitening(tmp_path / "w_mix.safetensors", tmp_path / "eigen.safetensors")
 
 
 def test_whiten_then_normalize():
     x = np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)
     np.testing.assert_allclose(whiten(x, None, True), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
-    w = np.diag([2.0, 1.0])
+    w = Whitening([(0, 2)], [np.eye(2, dtype=np.float32)], [np.array([2.0, 1.0], np.float32)],
+                  [np.zeros((2, 0), np.float32)], [np.zeros((2, 0), np.float32)])  # W = diag(2, 1)
     np.testing.assert_allclose(whiten(x, w, False), [[6.0, 4.0], [0.0, 2.0]])

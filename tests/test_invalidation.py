@@ -78,8 +78,8 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "encode.save_plain": (False, E),
     "hessian.mix_k": (6, {"hessian"}),
     "hessian.lambda": (0.5, {"hessian"}),
-    "hessian.damping": (0.01, {"hessian"}),
-    "hessian.block_diagonal": (True, {"hessian"}),
+    "hessian.damping": (0.01, {"hessian", "ladder"}),  # the ladder's r_train rung is damped too
+    "hessian.block_diagonal": (True, {"eigen"}),
     "hessian.train_sample": (32, {"autocorrelation"}),
     "index.kind": ("ivf_flat", {"index"}),
     "index.nlist": (3, {"index"}),
@@ -103,10 +103,11 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.seed": (1, {"evaluate"}),
 }
 
-ALL = {"data", "train", *E, "autocorrelation", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
+ALL = {"data", "train", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
 FROM_TRAIN = ALL - {"data", "bm25"}
-FROM_ENCODE = E | {"autocorrelation", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
-# damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline)
+FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+# damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline).
+# Neither reruns `eigen` (R_train's eigenbasis): only the O(d m^2) update and what reads it
 FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate"}
 
 # (b) one key per params group -> the stages `dvc repro` must run after the edit. Groups whose keys
@@ -124,7 +125,7 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     ("hessian.damping",): FROM_HESSIAN,
     # mix_k leaves W_train byte-identical: the ladder is skipped
     ("hessian.mix_k",): FROM_HESSIAN - {"ladder"},
-    ("hessian.train_sample",): {"autocorrelation"} | FROM_HESSIAN,
+    ("hessian.train_sample",): {"autocorrelation", "eigen"} | FROM_HESSIAN,
     # ivf_flat with nlist 4, nprobe 2 is approximate: retrievals change, so evaluate reruns
     ("index.kind",): {"index", "retrieve", "evaluate"},
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
@@ -228,7 +229,7 @@ def test_repro_reruns_exactly_the_downstream_stages_then_nothing_after_revert(re
 
 _RESULTS: dict[str, dict] = {}
 
-ORDER = ["data", "train", "encode@train", "encode@query", "autocorrelation", "hessian", "precondition@train",
+ORDER = ["data", "train", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
          "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 

@@ -27,10 +27,8 @@ def _trace(args: argparse.Namespace) -> None:
         top = list(zip(ids, scores))
         bottom: list[tuple[str, float]] = []
     else:
-        from safetensors.numpy import load_file
-
         from .encoder import Encoder
-        from .hessian import whiten
+        from .hessian import load_whitening, whiten
         from .index import load_index, search
         from .results import valid_hits
         flush_denormals()  # torch is loaded now: encode exactly as the encode stage does
@@ -44,7 +42,10 @@ def _trace(args: argparse.Namespace) -> None:
                 raise ArtifactMismatch(
                     f"{root / 'encodings/final/train.zarr'}: '{key}' differs from the current params.yaml/model "
                     f"(stored {str(final.attrs[key])[:80]!r}); run `dvc repro` first")
-        w = load_file(str(root / "hessian/w_mix.safetensors"))["w"]
+        w, wmeta = load_whitening(root / "hessian/w_mix.safetensors", root / "hessian/eigen.safetensors")
+        if wmeta["whitening_id"] != final.attrs["whitening_id"]:
+            raise ArtifactMismatch(f"{root / 'hessian/w_mix.safetensors'}: whitening {wmeta['whitening_id']} is not the one "
+                                   f"{root / 'encodings/final/train.zarr'} was preconditioned with; run `dvc repro` first")
         index, _ = load_index(root / "index", expect={"whitening_id": final.attrs["whitening_id"],
                                                       "rows": final.n})
         g, _ = enc.encode([enc.query_example(args.prompt, args.target)])

@@ -1,8 +1,8 @@
-"""An on-disk memo for a stage's expensive intermediates (Hessian statistics and eigenvectors,
-tail-patch results), keyed by a hash of everything they depend on.
+"""An on-disk memo for a stage's expensive intermediates (tail-patch results per (query, passage)
+pair), keyed by a hash of everything they depend on.
 
 It lives outside the stage's DVC outputs (in `.work/`), so editing a parameter that acts only
-downstream of an intermediate (e.g. `hessian.mix_k`) does not recompute it. Entries are written
+downstream of an intermediate does not recompute it. Entries are written
 to a temp name and renamed; an unreadable entry is a miss; only the newest `keep` entries per
 name are kept, which bounds the disk it takes.
 """
