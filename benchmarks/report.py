@@ -59,7 +59,7 @@ def retrieval(r: dict) -> list[str]:
     for c in r["configs"]:
         cfg = c["config"]
         out.append(f"| {c['queries']} | `{c['factory']}`{' on disk' if cfg.get('on_disk') else ''} | "
-                   f"{cfg.get('nprobe', '') if cfg['kind'] != 'flat' else ''} | {cfg.get('rerank', 0)} | "
+                   f"{cfg.get('nprobe', '') if cfg['kind'].startswith('ivf') else ''} | {cfg.get('rerank', 0)} | "
                    f"{c['recall_at_10_vs_exact']:.3f} | {c['opponents_recall_at_10_vs_exact']:.3f} | "
                    f"{c['speedup_vs_exact']:.1f}× | {c['index_bytes_ratio']:.4f} | {c['build_s']:.0f} | "
                    f"{c['peak_rss_mb']:.0f} |")

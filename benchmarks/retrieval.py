@@ -37,12 +37,17 @@ INDEXES = {
     "ivf_flat": dict(kind="ivf_flat", nlist=1024),
     "ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=128),
     "ivf_pq_on_disk": dict(kind="ivf_pq", nlist=1024, pq_m=128, on_disk=True),
+    # no coarse quantizer: every code scanned (4-bit fast-scan, 128 bytes a row), then an exact rerank
+    "pq_fastscan": dict(kind="pq", pq_m=256, pq_bits=4),
+    "opq_pq_fastscan": dict(kind="pq", pq_m=256, pq_bits=4, opq=True),
 }
 SEARCHES = {
     "flat": [(1, 0)],
     "ivf_flat": [(16, 0), (64, 0), (256, 0)],
     "ivf_pq": [(8, 0), (8, 100), (16, 200), (16, 600), (32, 1000), (64, 200), (256, 1000)],
     "ivf_pq_on_disk": [(16, 200)],
+    "pq_fastscan": [(1, 0), (1, 500), (1, 1000), (1, 2000), (1, 4000)],
+    "opq_pq_fastscan": [(1, 1000), (1, 2000), (1, 4000)],
 }
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
 # TrackStar case), and perturbed copies of corpus rows (in-distribution, as passage-to-passage search)
@@ -115,12 +120,12 @@ def run_config(args, name: str) -> list[dict]:
     from trackstar.index import build_index, load_index, save_index, search
     from trackstar.store import StoreReader
 
-    c = {"nlist": 64, "pq_m": 64, "opq": False, "on_disk": False, **INDEXES[name]}
+    c = {"nlist": 64, "pq_m": 64, "pq_bits": 8, "opq": False, "on_disk": False, **INDEXES[name]}
     work = Path(args.work)
     store = StoreReader(work / "train.zarr")
     out = work / f"index_{name}"
     t = time.perf_counter()
-    index = build_index(store, c["kind"], c["nlist"], c["pq_m"], 8, c["opq"], args.train_sample, 0,
+    index = build_index(store, c["kind"], c["nlist"], c["pq_m"], c["pq_bits"], c["opq"], args.train_sample, 0,
                         on_disk=out if c["on_disk"] else None, progress=False)
     save_index(index, out, {"on_disk": c["on_disk"]})
     build_s = time.perf_counter() - t
@@ -149,7 +154,7 @@ def run_config(args, name: str) -> list[dict]:
 def _factory(c: dict, d: int) -> str:
     from trackstar.index import factory_string
 
-    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], 8, c["opq"])
+    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"])
 
 
 def child(args, what: str) -> dict:

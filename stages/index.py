@@ -11,8 +11,8 @@ from trackstar.store import StoreReader
 
 def main() -> None:
     p = load_params().index
-    if p.on_disk and p.kind == "flat":
-        raise param_error("index.on_disk", "true needs index.kind ivf_flat or ivf_pq (a flat index has no inverted lists)")
+    if p.on_disk and not p.kind.startswith("ivf"):
+        raise param_error("index.on_disk", f"true needs index.kind ivf_flat or ivf_pq ({p.kind} has no inverted lists)")
     t0 = time.time()
     store = StoreReader("encodings/final/train.zarr")
     index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed,

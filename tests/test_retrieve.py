@@ -1,8 +1,9 @@
 """Streaming exact search equals brute force; FAISS flat and IVF with rerank agree with it."""
 
 import numpy as np
+import pytest
 
-from trackstar.index import build_index, search
+from trackstar.index import _rerank, build_index, factory_string, search
 from trackstar.results import valid_hits
 from trackstar.retrieve import exact_search
 from trackstar.store import StoreReader, StoreWriter
@@ -31,6 +32,22 @@ def test_exact_search_matches_brute_force(tmp_path):
     np.testing.assert_allclose(ts, np.take_along_axis(s, ti, 1), rtol=1e-5)
 
 
+def test_exact_search_breaks_ties_toward_the_lower_row(tmp_path):
+    """Scores with many exact ties (small integers): the partial selection per chunk must return the same
+    rows as a stable sort of all scores, within chunks and across chunk boundaries."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-1, 2, size=(300, 3)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(8, 3)).astype(np.float32)
+    store = _store(tmp_path, x, chunk_mb=0.0005)
+    assert store.n // store.chunk_rows >= 5
+    s = q @ x.T
+    for k in (1, 7, 40):
+        ts, ti, bs, bi = exact_search(q, store.iter_chunks(), k, query_batch=3)
+        np.testing.assert_array_equal(ti, np.argsort(-s, axis=1, kind="stable")[:, :k])
+        np.testing.assert_array_equal(bi, np.argsort(s, axis=1, kind="stable")[:, :k])
+        np.testing.assert_array_equal(ts, np.take_along_axis(s, ti, 1))
+
+
 def test_faiss_flat_and_ivf_rerank_match_exact(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(600, 32)).astype(np.float32)
@@ -46,6 +63,31 @@ def test_faiss_flat_and_ivf_rerank_match_exact(tmp_path):
     ts, ti, _, _ = search(ivf, q, 5, nprobe=8, rerank=50, store=store)
     assert (ti[:, 0] == want[:, 0]).mean() == 1.0
     np.testing.assert_allclose(ts, np.take_along_axis(q @ x.T, ti, 1), rtol=1e-5)  # exact rescored
+
+
+@pytest.mark.parametrize("bits, factory", [(4, "PQ8x4fs"), (8, "PQ8x8")])
+def test_pq_scan_with_full_rerank_is_exact(tmp_path, bits, factory):
+    """kind pq (no coarse quantizer; 4-bit codes in the fast-scan layout): rescoring every candidate from
+    the store gives the exact top and bottom k, whatever the code error; a partial rerank, batched over
+    queries, gives the exact scores of the rows it keeps and the same rows at every batch size."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.normal(size=(11, 32)).astype(np.float32)  # not near any row: TrackStar's case
+    store = _store(tmp_path, x)
+    assert factory_string("pq", 32, 0, 8, bits, False) == factory
+    index = build_index(store, "pq", pq_m=8, pq_bits=bits, train_sample=300, progress=False)
+    ts, ti, bs, bi = search(index, q, 6, rerank=300, store=store)
+    want = exact_search(q, store.iter_chunks(), 6)
+    for got, exp in zip((ti, bi), (want[1], want[3])):
+        np.testing.assert_array_equal(got, exp)
+    np.testing.assert_allclose(ts, want[0], rtol=1e-5)
+    _, cand = index.search(q, 40)
+    one = _rerank(q, cand, store, 6, largest=True, batch=64)
+    for batch in (1, 4):
+        got = _rerank(q, cand, store, 6, largest=True, batch=batch)
+        np.testing.assert_array_equal(got[1], one[1])
+        np.testing.assert_allclose(got[0], np.take_along_axis(q @ x.T, got[1], 1), rtol=1e-5)
 
 
 def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):

@@ -103,7 +103,7 @@ class HessianParams(_Section):
 
 
 class IndexParams(_Section):
-    kind: Literal["flat", "ivf_flat", "ivf_pq"] = "flat"
+    kind: Literal["flat", "ivf_flat", "ivf_pq", "pq"] = "flat"
     nlist: int = Field(64, ge=1)
     nprobe: int = Field(8, ge=1)
     pq_m: int = Field(64, ge=1)

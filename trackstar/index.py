@@ -1,7 +1,11 @@
 """FAISS inner-product indexes over a preconditioned store: built by streaming chunks, searched
 with optional exact rerank of ANN candidates read from the store grouped by chunk.
 
-Kinds: flat (exact), ivf_flat, ivf_pq (optionally with OPQ). GPU FAISS is used when present.
+Kinds: flat (exact), ivf_flat, ivf_pq (optionally with OPQ), and pq: an exhaustive scan of PQ codes
+with no coarse quantizer (4-bit codes use FAISS's SIMD fast-scan layout). IVF partitions passages by
+their own clusters; TrackStar's whitened queries are nearly orthogonal to every passage, so they miss
+the lists their best passages sit in, while a scan of compact codes plus an exact rerank does not
+depend on that geometry (benchmarks/retrieval.py). GPU FAISS is used when present.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: 
         return "Flat"
     if kind == "ivf_flat":
         return f"IVF{nlist},Flat"
-    if kind == "ivf_pq":
+    if kind in ("ivf_pq", "pq"):
         if d % pq_m:
             raise ValueError(f"index.pq_m={pq_m} must divide d={d}")
+        if kind == "pq":  # 4-bit codes: the fast-scan layout (SIMD lookups, 16 codes per register)
+            return (f"OPQ{pq_m}," if opq else "") + (f"PQ{pq_m}x4fs" if pq_bits == 4 else f"PQ{pq_m}x{pq_bits}")
         return (f"OPQ{pq_m}," if opq else "") + f"IVF{nlist},PQ{pq_m}x{pq_bits}"
     raise ValueError(f"unknown index kind {kind!r}")
 
@@ -58,8 +64,8 @@ def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: i
     are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk."""
     index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq),
                                 faiss.METRIC_INNER_PRODUCT)
-    if on_disk is not None and kind == "flat":
-        raise ValueError("index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not flat")
+    if on_disk is not None and not kind.startswith("ivf"):
+        raise ValueError(f"index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not {kind}")
     if not index.is_trained:
         faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
         sample = _training_sample(store, train_sample, seed)
@@ -173,17 +179,21 @@ def _on_disk(index) -> bool:
         return False
 
 
-def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool):
-    """Exact scores of candidate rows (one grouped read for all queries), best k kept."""
-    flat = cand[cand >= 0]
-    uniq, inv = np.unique(flat, return_inverse=True)
-    vecs = store.read_rows(uniq)
-    pos = np.full(cand.shape, -1)
-    pos[cand >= 0] = inv
-    scores = np.empty(cand.shape, dtype=np.float32)
-    for b in range(0, len(q), 64):  # bounded memory: 64 queries x candidates x d at a time
-        sl = slice(b, b + 64)
-        scores[sl] = np.einsum("qd,qcd->qc", q[sl], vecs[np.maximum(pos[sl], 0)])
-    scores[pos < 0] = -np.inf if largest else np.inf
+def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool, batch: int = 0,
+            budget_bytes: int = 256 << 20):
+    """Exact scores of candidate rows, best k kept. Per batch of queries one grouped read of their
+    distinct candidates (by chunk, never one read per row); the batch is sized so that those rows stay
+    under `budget_bytes` (or is `batch` queries), so memory does not grow with queries or rerank depth."""
+    scores = np.full(cand.shape, -np.inf if largest else np.inf, dtype=np.float32)
+    batch = batch or max(1, min(64, budget_bytes // max(1, cand.shape[1] * store.d * 4)))
+    for b in range(0, len(q), batch):
+        c = cand[b:b + batch]
+        uniq, inv = np.unique(c[c >= 0], return_inverse=True)
+        vecs = store.read_rows(uniq)
+        pos = np.full(c.shape, -1)
+        pos[c >= 0] = inv
+        for j, row in enumerate(pos):
+            ok = row >= 0
+            scores[b + j, ok] = vecs[row[ok]] @ q[b + j]
     order = np.argsort(-scores if largest else scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
