@@ -46,7 +46,7 @@ SEARCHES = {
     "ivf_flat": [(16, 0), (64, 0), (256, 0)],
     "ivf_pq": [(8, 0), (8, 100), (16, 200), (16, 600), (32, 1000), (64, 200), (256, 1000)],
     "ivf_pq_on_disk": [(16, 200)],
-    "pq_fastscan": [(1, 0), (1, 500), (1, 1000), (1, 2000), (1, 4000)],
+    "pq_fastscan": [(1, 0), (1, 100), (1, 200), (1, 500), (1, 1000), (1, 2000), (1, 4000)],
     "opq_pq_fastscan": [(1, 1000), (1, 2000), (1, 4000)],
 }
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
