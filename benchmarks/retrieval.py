@@ -38,16 +38,16 @@ INDEXES = {
     "ivf_pq": dict(kind="ivf_pq", nlist=1024, pq_m=128),
     "ivf_pq_on_disk": dict(kind="ivf_pq", nlist=1024, pq_m=128, on_disk=True),
     # no coarse quantizer: every code scanned (4-bit fast-scan, 128 bytes a row), then an exact rerank
+    "ivf_pq_fastscan": dict(kind="ivf_pq", nlist=1024, pq_m=256, pq_bits=4),
     "pq_fastscan": dict(kind="pq", pq_m=256, pq_bits=4),
-    "opq_pq_fastscan": dict(kind="pq", pq_m=256, pq_bits=4, opq=True),
 }
 SEARCHES = {
     "flat": [(1, 0)],
     "ivf_flat": [(16, 0), (64, 0), (256, 0)],
     "ivf_pq": [(8, 0), (8, 100), (16, 200), (16, 600), (32, 1000), (64, 200), (256, 1000)],
     "ivf_pq_on_disk": [(16, 200)],
+    "ivf_pq_fastscan": [(8, 100), (16, 100), (16, 200), (32, 200), (64, 500), (256, 1000)],
     "pq_fastscan": [(1, 0), (1, 100), (1, 200), (1, 500), (1, 1000), (1, 2000), (1, 4000)],
-    "opq_pq_fastscan": [(1, 1000), (1, 2000), (1, 4000)],
 }
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
 # TrackStar case), and perturbed copies of corpus rows (in-distribution, as passage-to-passage search)
@@ -154,7 +154,7 @@ def run_config(args, name: str) -> list[dict]:
 def _factory(c: dict, d: int) -> str:
     from trackstar.index import factory_string
 
-    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"])
+    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"], c["on_disk"])
 
 
 def child(args, what: str) -> dict:

@@ -17,7 +17,7 @@ def main() -> None:
     store = StoreReader("encodings/final/train.zarr")
     index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed,
                         on_disk="index" if p.on_disk else None)
-    meta = {"kind": p.kind, "on_disk": p.on_disk, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq),
+    meta = {"kind": p.kind, "on_disk": p.on_disk, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq, p.on_disk),
             "rows": store.n, "d": store.d, "checkpoint_hash": store.attrs["checkpoint_hash"],
             "whitening_id": store.attrs["whitening_id"], "config": store.attrs["config"]}
     save_index(index, "index", meta)

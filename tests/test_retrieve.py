@@ -76,6 +76,9 @@ def test_pq_scan_with_full_rerank_is_exact(tmp_path, bits, factory):
     q = rng.normal(size=(11, 32)).astype(np.float32)  # not near any row: TrackStar's case
     store = _store(tmp_path, x)
     assert factory_string("pq", 32, 0, 8, bits, False) == factory
+    # IVF lists in fast-scan layout too, except on disk (FAISS cannot merge blocked lists into a file)
+    assert factory_string("ivf_pq", 32, 8, 8, bits, True) == f"OPQ8,IVF8,{factory}"
+    assert factory_string("ivf_pq", 32, 8, 8, bits, False, on_disk=True) == f"IVF8,PQ8x{bits}"
     index = build_index(store, "pq", pq_m=8, pq_bits=bits, train_sample=300, progress=False)
     ts, ti, bs, bi = search(index, q, 6, rerank=300, store=store)
     want = exact_search(q, store.iter_chunks(), 6)
@@ -83,11 +86,18 @@ def test_pq_scan_with_full_rerank_is_exact(tmp_path, bits, factory):
         np.testing.assert_array_equal(got, exp)
     np.testing.assert_allclose(ts, want[0], rtol=1e-5)
     _, cand = index.search(q, 40)
-    one = _rerank(q, cand, store, 6, largest=True, batch=64)
+    _, cand_bottom = index.search(-q, 40)
+    cand_bottom[0, -5:] = -1  # a candidate list shorter than asked (IVF padding): never chosen
+    one = _rerank(q, cand, cand_bottom, store, 6, batch=64)
     for batch in (1, 4):
-        got = _rerank(q, cand, store, 6, largest=True, batch=batch)
-        np.testing.assert_array_equal(got[1], one[1])
-        np.testing.assert_allclose(got[0], np.take_along_axis(q @ x.T, got[1], 1), rtol=1e-5)
+        top, bottom = _rerank(q, cand, cand_bottom, store, 6, batch=batch)
+        for got, want, c, sign in ((top, one[0], cand, -1), (bottom, one[1], cand_bottom, 1)):
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_allclose(got[0], np.take_along_axis(q @ x.T, got[1], 1), rtol=1e-5)
+            # the best k of the candidates, by exact score
+            key = np.where(c >= 0, sign * np.take_along_axis(q @ x.T, np.maximum(c, 0), 1), np.inf)  # missing: last
+            best = np.sort(key, axis=1)[:, :6] * sign
+            np.testing.assert_allclose(got[0], best, rtol=1e-5)
 
 
 def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):

@@ -25,7 +25,9 @@ from .store import StoreReader
 ON_DISK_LISTS = "lists.ivfdata"
 
 
-def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool) -> str:
+def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool, on_disk: bool = False) -> str:
+    """The FAISS factory string of an index config. 4-bit PQ codes use the SIMD fast-scan layout,
+    except with on-disk lists, which FAISS cannot merge in that (blocked) layout."""
     if kind == "flat":
         return "Flat"
     if kind == "ivf_flat":
@@ -33,9 +35,8 @@ def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: 
     if kind in ("ivf_pq", "pq"):
         if d % pq_m:
             raise ValueError(f"index.pq_m={pq_m} must divide d={d}")
-        if kind == "pq":  # 4-bit codes: the fast-scan layout (SIMD lookups, 16 codes per register)
-            return (f"OPQ{pq_m}," if opq else "") + (f"PQ{pq_m}x4fs" if pq_bits == 4 else f"PQ{pq_m}x{pq_bits}")
-        return (f"OPQ{pq_m}," if opq else "") + f"IVF{nlist},PQ{pq_m}x{pq_bits}"
+        pq = f"PQ{pq_m}x{pq_bits}" + ("fs" if pq_bits == 4 and not on_disk else "")
+        return (f"OPQ{pq_m}," if opq else "") + (pq if kind == "pq" else f"IVF{nlist},{pq}")
     raise ValueError(f"unknown index kind {kind!r}")
 
 
@@ -43,7 +44,10 @@ def _gpu(index):
     """Move to GPU when faiss-gpu and a CUDA device are present; else unchanged."""
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index), res
+        try:
+            return faiss.index_cpu_to_gpu(res, 0, index), res
+        except RuntimeError:  # a kind faiss-gpu lacks (e.g. fast-scan PQ): search on the CPU
+            return index, None
     return index, None
 
 
@@ -62,7 +66,7 @@ def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: i
     With `on_disk` (a directory; IVF kinds only) the inverted lists go to `on_disk/lists.ivfdata`
     (FAISS OnDiskInvertedLists, memory-mapped at search time), so the index may exceed RAM: rows
     are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk."""
-    index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq),
+    index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq, on_disk is not None),
                                 faiss.METRIC_INNER_PRODUCT)
     if on_disk is not None and not kind.startswith("ivf"):
         raise ValueError(f"index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not {kind}")
@@ -163,8 +167,7 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
     bs, bi = index.search(-q, width)
     bs = -bs
     if store is not None and rerank:
-        ts, ti = _rerank(q, ti, store, k, largest=True)
-        bs, bi = _rerank(q, bi, store, k, largest=False)
+        (ts, ti), (bs, bi) = _rerank(q, ti, bi, store, k)
     ts, ti, bs, bi = ts[:, :k].astype(np.float32), ti[:, :k], bs[:, :k].astype(np.float32), bi[:, :k]
     ts[ti < 0] = np.nan
     bs[bi < 0] = np.nan
@@ -179,12 +182,14 @@ def _on_disk(index) -> bool:
         return False
 
 
-def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest: bool, batch: int = 0,
+def _rerank(q: np.ndarray, top: np.ndarray, bottom: np.ndarray, store: StoreReader, k: int, batch: int = 0,
             budget_bytes: int = 256 << 20):
-    """Exact scores of candidate rows, best k kept. Per batch of queries one grouped read of their
-    distinct candidates (by chunk, never one read per row); the batch is sized so that those rows stay
-    under `budget_bytes` (or is `batch` queries), so memory does not grow with queries or rerank depth."""
-    scores = np.full(cand.shape, -np.inf if largest else np.inf, dtype=np.float32)
+    """Exact scores of the proponent and opponent candidate rows; the best k (largest / most negative) of
+    each kept. Per batch of queries one grouped read of the distinct rows of both candidate sets (by chunk,
+    never one read per row); the batch is sized so that those rows stay under `budget_bytes` (or is
+    `batch` queries), so memory does not grow with queries or rerank depth."""
+    cand = np.concatenate([top, bottom], axis=1)
+    scores = np.full(cand.shape, np.nan, dtype=np.float32)
     batch = batch or max(1, min(64, budget_bytes // max(1, cand.shape[1] * store.d * 4)))
     for b in range(0, len(q), batch):
         c = cand[b:b + batch]
@@ -195,5 +200,10 @@ def _rerank(q: np.ndarray, cand: np.ndarray, store: StoreReader, k: int, largest
         for j, row in enumerate(pos):
             ok = row >= 0
             scores[b + j, ok] = vecs[row[ok]] @ q[b + j]
-    order = np.argsort(-scores if largest else scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+    out = []
+    for part, sign in ((slice(0, top.shape[1]), -1), (slice(top.shape[1], None), 1)):
+        s, i = scores[:, part], cand[:, part]
+        key = np.where(i >= 0, sign * s, np.inf)  # missing candidates last
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        out.append((np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)))
+    return out[0], out[1]
