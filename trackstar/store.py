@@ -161,7 +161,6 @@ class StoreReader:
         self.n, self.d = self.array.shape
         self.chunk_rows = self.array.chunks[0]
         self.dtype = self.attrs["dtype"]
-        self._maps: dict[int, np.ndarray | None] = {}
 
     def iter_chunks(self, rank: int = 0, world: int = 1, stop: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(start row, float32 rows) per chunk, in order; one chunk in memory at a time. With `world` > 1
@@ -195,16 +194,8 @@ class StoreReader:
 
     def _mapped_chunk(self, c: int) -> np.ndarray | None:
         """A memory map of chunk c's file when the store is uncompressed (zarr v3 keeps such a
-        chunk as raw little-endian C-order bytes of the full chunk shape); None otherwise. Maps are
-        kept for later reads (pages already touched are not faulted in again), at most 256 at a
-        time (each holds a file descriptor)."""
-        if c not in self._maps:
-            if len(self._maps) >= 256:
-                self._maps.clear()
-            self._maps[c] = self._map_chunk(c)
-        return self._maps[c]
-
-    def _map_chunk(self, c: int) -> np.ndarray | None:
+        chunk as raw little-endian C-order bytes of the full chunk shape); None otherwise. Not kept
+        across reads: touched pages of a kept map would count as this process's resident memory."""
         if self.attrs.get("compressor") != "none" or getattr(self.array.metadata, "zarr_format", 3) != 3:
             return None
         key = self.array.metadata.encode_chunk_key((c, 0))
