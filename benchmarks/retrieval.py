@@ -206,7 +206,8 @@ def main() -> None:
     rows = []
     for name in args.indexes.split(","):
         for r in child(args, name):
-            r.update(rows=args.rows, d=args.d, speedup_vs_exact=r["qps"] / exact[r["queries"]]["qps"],
+            r.update(rows=args.rows, d=args.d, exact_qps=exact[r["queries"]]["qps"],
+                     speedup_vs_exact=r["qps"] / exact[r["queries"]]["qps"],
                      index_bytes_ratio=r["index_bytes"] / raw_bytes)
             rows.append(r)
             print(f"{r['queries']:17s} {r['name']:34s} recall@10 {r['recall_at_10_vs_exact']:.3f}  "
