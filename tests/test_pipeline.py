@@ -91,3 +91,16 @@ def test_trace_cli_reproduces_the_pipeline_and_refuses_stale_artifacts(repo):
         assert "encodings/final/train.zarr" in bad.stderr and "'d' differs" in bad.stderr
     finally:
         set_param(repo, "projection.k", 4)
+    # a W_mix newer than the final stores (hessian rerun by hand after a mix_k edit, precondition not):
+    # the query would be whitened differently from the passages, so trace refuses
+    w_mix = (repo / "hessian/w_mix.safetensors").read_bytes()
+    set_param(repo, "hessian.mix_k", 7)
+    try:
+        run(repo, sys.executable, "stages/hessian.py")  # writes a new file and renames it into place
+        bad = run(repo, sys.executable, "-m", "trackstar.cli", "trace", "x", "--target", " y", check=False)
+        assert bad.returncode == 2
+        assert "hessian/w_mix.safetensors: whitening" in bad.stderr and "run `dvc repro` first" in bad.stderr
+    finally:
+        set_param(repo, "hessian.mix_k", 6)
+        run(repo, sys.executable, "stages/hessian.py")
+    assert (repo / "hessian/w_mix.safetensors").read_bytes() == w_mix  # deterministic: the lock's W_mix again
