@@ -76,7 +76,7 @@ def main() -> None:
            "reference": {"solver": "float64 eigensolve", "seconds": round(t_ref, 2),
                          "mrr": mrr([pids[r[:100]] for r in np.argsort(-s_ref, axis=1, kind="stable")], rel)}}
     for name, w, sec in (("dense_f32_eigensolve", w_dense, t_dense), ("low_rank_update", w_low, t_low)):
-        w64 = w.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
+        w64 = w.matrix()
         s = scores(w, u, p)
         order = np.argsort(-s, axis=1, kind="stable")
         out[name] = {"seconds": round(sec, 2),

@@ -17,11 +17,10 @@ from trackstar.store import StoreReader
 
 def factors(repo) -> dict[str, np.ndarray]:
     """The dense W of the mixed whitening the `hessian` stage wrote and of the train-only one the ladder
-    builds (W = apply(I)^T), float64."""
+    builds, dense (float64)."""
     mix, meta = load_whitening(repo / "hessian/w_mix.safetensors", repo / "hessian/eigen.safetensors")
     train = train_whitening(load_basis(repo / "hessian/eigen.safetensors")[0], meta["damping"])
-    eye = np.eye(meta["d"], dtype=np.float32)
-    return {"w_mix": mix.apply(eye).T.astype(np.float64), "w_train": train.apply(eye).T.astype(np.float64)}
+    return {"w_mix": mix.matrix(), "w_train": train.matrix()}
 
 
 def test_two_process_encode_equals_single_process(tmp_path):

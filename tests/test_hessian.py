@@ -52,11 +52,6 @@ def _basis(r_train, r_eval, u, blocks):
                       lambda: r_eval.astype(np.float32))
 
 
-def _dense(w) -> np.ndarray:
-    """The d x d matrix W of a Whitening (rows W x, so W = apply(I)^T), float64."""
-    return w.apply(np.eye(sum(b - a for a, b in w.blocks), dtype=np.float32)).T.astype(np.float64)
-
-
 def _damped_inverse(r: np.ndarray, damping: float) -> np.ndarray:
     """Independent reference: (R + damping * mean eigenvalue I)^(-1) in float64."""
     return np.linalg.inv(r + damping * np.linalg.eigvalsh(r).mean() * np.eye(len(r)))
@@ -69,7 +64,8 @@ def test_mixed_whitening_equals_the_dense_damped_inverse(ne):
     blocks = _basis(r_train, r_eval, u, [(0, d)])
     assert blocks[0].g.shape == (d, min(ne, d))
     r_mix = lam * r_eval + (1 - lam) * r_train
-    w = _dense(mixed_whitening(blocks, lam, damping))
+    mixed = mixed_whitening(blocks, lam, damping)
+    w = mixed.matrix()
     want = _damped_inverse(r_mix, damping)
     assert np.linalg.norm(w.T @ w - want) / np.linalg.norm(want) < 1e-3  # float32 eigensolve and products
     # the scores TrackStar uses: whitened, normalized inner products, against a float64 symmetric root
@@ -78,11 +74,10 @@ def test_mixed_whitening_equals_the_dense_damped_inverse(ne):
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(5, d)), rng.normal(size=(7, d))
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
-    np.testing.assert_allclose(whiten(x, mixed_whitening(blocks, lam, damping), True)
-                               @ whiten(y, mixed_whitening(blocks, lam, damping), True).T,
+    np.testing.assert_allclose(whiten(x, mixed, True) @ whiten(y, mixed, True).T,
                                unit(x @ root) @ unit(y @ root).T, atol=2e-3)
     # train-only whitening in the same basis
-    wt = _dense(train_whitening(blocks, damping))
+    wt = train_whitening(blocks, damping).matrix()
     want_t = _damped_inverse(r_train, damping)
     # float32 eigensolve of a rank-deficient R_train at damping 1e-3 (condition ~1e5): measured 1.6e-3
     assert np.linalg.norm(wt.T @ wt - want_t) / np.linalg.norm(want_t) < 5e-3
@@ -100,7 +95,7 @@ def test_block_diagonal_whitens_each_block_and_ignores_cross_terms():
     r_train, r_eval, u = _stats(d, 80, 30, 2)  # 30 queries: the 20-wide blocks take R_eval's eigensolve, the 40-wide the rows
     blocks = _basis(r_train, r_eval, u, [(0, 20), (20, d)])
     assert [b.g.shape[1] for b in blocks] == [20, 30]
-    w = _dense(mixed_whitening(blocks, lam, damping))
+    w = mixed_whitening(blocks, lam, damping).matrix()
     assert np.all(w[:20, 20:] == 0) and np.all(w[20:, :20] == 0)
     r_mix = lam * r_eval + (1 - lam) * r_train
     for a, b in ((0, 20), (20, d)):

@@ -167,6 +167,11 @@ class Whitening:
             out[:, start:stop] = h
         return out
 
+    def matrix(self) -> np.ndarray:
+        """The dense d x d W (float64), for checks and references: W = apply(I)^T."""
+        d = self.blocks[-1][1]
+        return self.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
+
 
 def train_whitening(blocks: list[Block], damping: float) -> Whitening:
     """W with W^T W = (R_train + damping * mean(eig) I)^(-1), per block (the ladder's r_train rung)."""
