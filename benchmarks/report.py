@@ -96,7 +96,7 @@ def encode(r: dict) -> list[str]:
 
 
 def gap(r: dict) -> list[str]:
-    return [f"### Rank-1 vs exact Adam correction (`correction_gap.py`)", "",
+    return ["### Rank-1 vs exact Adam correction (`correction_gap.py`)", "",
             f"{r['passages']} passages, {r['queries']} queries, d = {r['d']}: cosine(rank-1, exact) of passage "
             f"encodings mean {r['cosine_passages_mean']:.3f} (min {r['cosine_passages_min']:.3f}), of query encodings "
             f"mean {r['cosine_queries_mean']:.3f} (min {r['cosine_queries_min']:.3f}); top-10 proponent sets overlap "

@@ -7,7 +7,6 @@ rank writes its own whole chunks (rank 0 creates the store, then a barrier).
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline import dvc, make_repo, repro
+from tests.pipeline import dvc, make_repo, repro, run
 
 CORPUS = "inputs/data/corpus.jsonl"
 QUERIES = "inputs/data/queries.jsonl"
@@ -96,7 +96,7 @@ DATA_CASES = [
 
 
 def run_py(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True)
+    return run(repo, sys.executable, *args, check=False)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, expected: str) -> str:

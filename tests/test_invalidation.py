@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline import ROOT, dvc, repro, set_param
+from tests.pipeline import ROOT, repro, set_param
 
 E = {"encode@train", "encode@query"}
 P = {"precondition@train", "precondition@query"}

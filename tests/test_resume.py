@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.pipeline import make_repo, repro
+from tests.pipeline import make_repo, repro, run
 from trackstar.errors import TrackStarError
 from trackstar.store import StoreReader
 
@@ -113,12 +112,11 @@ CHAIN = [("script", "before_write:0"), ("script", "mid_write:0"), ("script", "be
 def run_stage(repo: Path, how: str, kill_at: str | None) -> tuple[int, str]:
     """Run encode@train (the script, or `dvc repro -f`); returns (returncode, stdout + stderr)."""
     env = {k: v for k, v in os.environ.items() if k != "TRACKSTAR_KILL_AT"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if kill_at:
         env["TRACKSTAR_KILL_AT"] = kill_at
     cmd = ([sys.executable, "stages/encode.py", "train"] if how == "script"
            else [sys.executable, "-m", "dvc", "repro", "-f", "-s", "encode@train"])
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
+    proc = run(repo, *cmd, check=False, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -79,3 +79,17 @@ def test_read_rows_memory_mapped_equals_decoded(tmp_path, dtype):
     got = readers["none"].read_rows(rows)
     np.testing.assert_array_equal(got, readers["zstd"].read_rows(rows))
     np.testing.assert_array_equal(got, readers["zstd"].read_all()[rows])
+
+
+def test_small_store_has_one_chunk_of_its_own_size(tmp_path):
+    """A store with fewer rows than a chunk holds is one chunk of exactly its rows: zarr keeps an
+    uncompressed chunk at full shape, so a 32 MB chunk for 5 rows would cost 32 MB on disk."""
+    x = np.arange(5 * 8, dtype=np.float32).reshape(5, 8)
+    w = StoreWriter(tmp_path / "out.zarr", tmp_path / "work", 5, 8, ["g"], chunk_mb=32.0)
+    assert w.chunk_rows == 5 and w.n_chunks == 1
+    w.prepare()
+    w.write_chunk(0, {"g": x})
+    w.finalize()
+    size = sum(p.stat().st_size for p in (tmp_path / "out.zarr").rglob("*") if p.is_file())
+    assert size < 4096, size
+    np.testing.assert_array_equal(StoreReader(tmp_path / "out.zarr").read_all(), x)

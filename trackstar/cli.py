@@ -8,9 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .errors import ArtifactMismatch, TrackStarError
+from .errors import ArtifactMismatch
 from .runner import flush_denormals, run_main
 
 

@@ -27,9 +27,12 @@ FORMAT = "trackstar-encodings/1"
 _NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 
 
-def chunk_rows_for(d: int, dtype: str, chunk_mb: float) -> int:
-    """Rows per chunk so one chunk holds about chunk_mb megabytes."""
-    return max(1, int(chunk_mb * 2**20 // (d * np.dtype(_NP_DTYPE[dtype]).itemsize)))
+def chunk_rows_for(d: int, dtype: str, chunk_mb: float, n_rows: int) -> int:
+    """Rows per chunk so one chunk holds about chunk_mb megabytes, and no more rows than the store
+    has: zarr keeps an uncompressed chunk at its full shape, so a 72-row store in 32 MB chunks
+    would take 32 MB per array on disk (and in DVC's cache)."""
+    rows = max(1, int(chunk_mb * 2**20 // (d * np.dtype(_NP_DTYPE[dtype]).itemsize)))
+    return max(1, min(rows, n_rows))
 
 
 def _compressors(name: str):
@@ -67,7 +70,7 @@ class StoreWriter:
         self.path, self.work = Path(path), Path(work_dir)
         self.store_path, self.done_dir = self.work / "store.zarr", self.work / "done"
         self.n, self.d, self.arrays, self.dtype = n_rows, d, arrays, dtype
-        self.chunk_rows = chunk_rows_for(d, dtype, chunk_mb)
+        self.chunk_rows = chunk_rows_for(d, dtype, chunk_mb, n_rows)
         self.attrs = {"format": FORMAT, "n": n_rows, "d": d, "dtype": dtype, "arrays": arrays,
                       "chunk_rows": self.chunk_rows, "compressor": compressor,
                       "storage_dtype": "uint16 view of bfloat16" if dtype == "bf16" else dtype,
