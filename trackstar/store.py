@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -178,46 +177,34 @@ class StoreReader:
         return from_storage(self.array[:], self.dtype)
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Rows in the given order (repeats allowed), read grouped by chunk: one open per touched chunk,
-        one pread per run of consecutive rows (uncompressed stores), or one decode per chunk."""
+        """Rows in the given order, read grouped by chunk (one read per touched chunk, not per row)."""
         rows = np.asarray(rows, dtype=np.int64)
-        uniq, inv = np.unique(rows, return_inverse=True)
-        got = np.empty((len(uniq), self.d), dtype=_NP_DTYPE[self.dtype])
-        chunk = uniq // self.chunk_rows
-        bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(uniq)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            c = int(chunk[lo])
-            local = uniq[lo:hi] - c * self.chunk_rows
-            if not self._pread_rows(c, local, got[lo:hi]):
-                start = c * self.chunk_rows
-                got[lo:hi] = self.array[start:min(start + self.chunk_rows, self.n)][local]
-        return from_storage(got, self.dtype)[inv.reshape(-1)]
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        if len(rows) == 0:
+            return out
+        order = np.argsort(rows, kind="stable")  # rows grouped by chunk: one pass, no per-chunk scan of all rows
+        chunk = rows[order] // self.chunk_rows
+        bounds = np.flatnonzero(np.diff(chunk)) + 1
+        for sel in np.split(order, bounds):
+            c = int(rows[sel[0]] // self.chunk_rows)
+            start = c * self.chunk_rows
+            raw = self._mapped_chunk(c)
+            if raw is not None:  # only the needed rows' pages are read
+                out[sel] = from_storage(raw[rows[sel] - start], self.dtype)
+            else:
+                out[sel] = from_storage(self.array[start:start + self.chunk_rows], self.dtype)[rows[sel] - start]
+        return out
 
-    def _pread_rows(self, c: int, local: np.ndarray, dest: np.ndarray) -> bool:
-        """Read sorted, distinct rows `local` of chunk c straight from its file into `dest` when the store
-        is uncompressed (zarr v3 keeps such a chunk as raw little-endian C-order bytes of the full chunk
-        shape): random rows cost a pread each, several times faster than gathering through a memory map
-        (page faults) or decoding the whole chunk. False when that does not apply (compressed, big-endian
-        host, or a chunk never written because it equals the fill value): the caller decodes instead."""
-        if (self.attrs.get("compressor") != "none" or sys.byteorder != "little"
-                or getattr(self.array.metadata, "zarr_format", 3) != 3):
-            return False
-        path = self.path / self.array.path / self.array.metadata.encode_chunk_key((c, 0))
-        row_bytes = self.d * dest.itemsize
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            if os.fstat(fd).st_size != row_bytes * self.chunk_rows:
-                return False
-            buf = memoryview(dest).cast("B")
-            starts = [0, *(np.flatnonzero(np.diff(local) != 1) + 1).tolist()]
-            ends = starts[1:] + [len(local)]
-            for a, b in zip(starts, ends):  # one read per run of consecutive rows
-                want = (b - a) * row_bytes
-                if os.preadv(fd, [buf[a * row_bytes:b * row_bytes]], int(local[a]) * row_bytes) != want:
-                    raise TrackStarError(f"{path}: short read (file changed while reading?)")
-        finally:
-            os.close(fd)
-        return True
+    def _mapped_chunk(self, c: int) -> np.ndarray | None:
+        """A memory map of chunk c's file when the store is uncompressed (zarr v3 keeps such a
+        chunk as raw little-endian C-order bytes of the full chunk shape); None otherwise. Not kept
+        across reads: touched pages of a kept map would count as this process's resident memory."""
+        if self.attrs.get("compressor") != "none" or getattr(self.array.metadata, "zarr_format", 3) != 3:
+            return None
+        key = self.array.metadata.encode_chunk_key((c, 0))
+        path = self.path / self.array.path / key
+        shape = (self.chunk_rows, self.d)
+        dtype = np.dtype(_NP_DTYPE[self.dtype]).newbyteorder("<")
+        if not path.is_file() or path.stat().st_size != dtype.itemsize * shape[0] * shape[1]:
+            return None  # e.g. a chunk never written because it equals the fill value
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
