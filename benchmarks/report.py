@@ -167,6 +167,17 @@ def readme_results() -> None:
     readme.write_text(head + b + "\n" + "\n".join(lines) + "\n" + e + rest.split(e, 1)[1])
 
 
+def read_rows(r: dict) -> list[str]:
+    out = [f"### Rerank reads (`read_rows.py`; {machine(r)})", "",
+           f"{r['read_rows']:,} distinct random rows of a {r['rows']:,} x {r['d']} fp32 store, median of {r['repeats']}.", "",
+           "| page cache | memory-map gather (library) s | pread per run of rows s | pread speed / gather speed |",
+           "|---|---|---|---|"]
+    for case, c in r["cases"].items():
+        out.append(f"| {case} | {c['median_s']['mmap_gather']:.3f} | {c['median_s']['pread']:.3f} | "
+                   f"{c['speedup_pread_vs_mmap']:.2f}× |")
+    return out
+
+
 def experiments(r: dict) -> list[str]:
     out = ["### Variants of the default pipeline (`dvc exp run -S ...`)", "", r["how"] + ".", "",
            "| variant | " + " | ".join(f"{m} MRR / tail-patch@10" for m in ("optimizer", "r_train", "trackstar")) + " |",
@@ -183,6 +194,7 @@ def main() -> None:
     parts = []
     encodes = sorted(p.stem for p in RES.glob("encode_throughput*.json")) or ["encode_throughput"]
     for name, fn in [("pipeline", pipeline), *[(e, encode) for e in encodes], ("retrieval", retrieval),
+                     ("read_rows", read_rows),
                      ("correction_gap", gap), ("whitening", whitening), ("experiments", experiments), ("d_sweep", sweep)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
