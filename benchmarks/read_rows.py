@@ -2,9 +2,9 @@
 touched chunk file) against one pread per run of consecutive rows, on the same store and the same
 random row sets, alternating, in one run.
 
-The pread path was the library's for one commit (a6751eb): a noisy comparison taken under load
-suggested it was faster; this benchmark, on a quiet machine, showed it slower in both cases, and the
-memory-map gather was restored. The store is synthetic (random fp32 rows, `--rows` x `--d`,
+The pread path was the library's reader from 279a263 to edc64d2: a noisy comparison taken under
+load suggested it was faster; this benchmark, on a quiet machine, showed it slower at the default
+size (100k rows) both warm and cold, and the memory-map gather was restored. The store is synthetic (random fp32 rows, `--rows` x `--d`,
 uncompressed, 32 MB chunks: the layout of the pipeline's preconditioned stores); what is timed is
 only where the bytes come from. Two cases: `warm`, the store in the page cache (one untimed pass
 first; a store that fits in RAM), and `cold`, every chunk file evicted from the page cache before
