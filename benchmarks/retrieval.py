@@ -40,6 +40,9 @@ INDEXES = {
     # no coarse quantizer: every code scanned (4-bit fast-scan, 128 bytes a row), then an exact rerank
     "ivf_pq_fastscan": dict(kind="ivf_pq", nlist=1024, pq_m=256, pq_bits=4),
     "pq_fastscan": dict(kind="pq", pq_m=256, pq_bits=4),
+    # 2 bits a dimension (6.25 % of raw, over the 5 % budget): what TrackStar queries need (benchmarks/ann_ceiling.py)
+    "pq_fastscan_2bit": dict(kind="pq", pq_m=512, pq_bits=4),
+    "ivf_pq_fastscan_2bit": dict(kind="ivf_pq", nlist=1024, pq_m=512, pq_bits=4),
 }
 SEARCHES = {
     "flat": [(1, 0)],
@@ -49,6 +52,8 @@ SEARCHES = {
     "ivf_pq_fastscan": [(8, 100), (16, 100), (16, 200), (16, 250), (16, 300), (16, 400), (32, 200), (32, 300),
                         (64, 500), (256, 1000)],
     "pq_fastscan": [(1, 0), (1, 100), (1, 200), (1, 500), (1, 1000), (1, 2000), (1, 4000)],
+    "pq_fastscan_2bit": [(1, 0), (1, 100), (1, 300), (1, 1000)],
+    "ivf_pq_fastscan_2bit": [(64, 300), (256, 300)],
 }
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
 # TrackStar case), and perturbed copies of corpus rows (in-distribution, as passage-to-passage search)

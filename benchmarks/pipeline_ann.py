@@ -1,0 +1,101 @@
+"""Attribution metrics of the default pipeline under ANN index configs, against flat, with their noise.
+
+Reads a repo after `dvc repro` (its `encodings/final` stores and `data/`), builds each index config
+with the library (`trackstar.index`), retrieves the top k with the same search the `retrieve` stage
+runs, and scores TrackStar's rankings with `trackstar.evaluate` (MRR, recall@10). "Within noise" is
+a paired bootstrap over queries: the 95 % interval of MRR(config) - MRR(flat), resampling queries.
+Tail-patch needs the model and runs only in `evaluate` (`dvc exp run`, see benchmarks/README).
+Writes benchmarks/results/pipeline_ann.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trackstar.data import iter_corpus, read_queries
+from trackstar.evaluate import mrr, recall_at_k
+from trackstar.index import build_index, factory_string, search
+from trackstar.store import StoreReader
+
+HERE = Path(__file__).resolve().parent
+# (build params, nprobe, rerank); the first carries the benchmark's in-distribution winner to 3,200 rows
+CONFIGS = [
+    (dict(kind="ivf_pq", nlist=64, pq_m=1856, pq_bits=4), 16, 300),
+    (dict(kind="ivf_flat", nlist=64), 16, 0),
+    (dict(kind="ivf_flat", nlist=64), 32, 0),
+    (dict(kind="pq", pq_m=1856, pq_bits=4), 1, 300),
+    (dict(kind="pq", pq_m=1856, pq_bits=4), 1, 1000),
+    (dict(kind="pq", pq_m=3712, pq_bits=4), 1, 300),
+    (dict(kind="pq", pq_m=3712, pq_bits=4), 1, 1000),
+]
+
+
+def paired_interval(ranked: list, base: list, relevant: list, boots: int, seed: int) -> list[float]:
+    """95 % bootstrap interval of mrr(ranked) - mrr(base), resampling queries (the same ones for both)."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(boots):
+        ix = rng.integers(0, len(ranked), len(ranked))
+        rel = [relevant[i] for i in ix]
+        diffs.append(mrr([ranked[i] for i in ix], rel) - mrr([base[i] for i in ix], rel))
+    return [float(x) for x in np.percentile(diffs, [2.5, 97.5])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", default=".", help="a repo after `dvc repro`")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--boots", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE / "results/pipeline_ann.json"))
+    args = ap.parse_args()
+    repo = Path(args.repo)
+    store = StoreReader(repo / "encodings/final/train.zarr")
+    q = StoreReader(repo / "encodings/final/query.zarr").read_all()
+    queries = read_queries(repo / "data/queries.jsonl")
+    ids = np.array([p.id for p in iter_corpus(repo / "data/corpus.jsonl")])
+    relevant = [set(x.relevant_ids or []) for x in queries]
+
+    def run(build: dict, nprobe: int, rerank: int) -> dict:
+        t = time.perf_counter()
+        index = build_index(store, progress=False, **build)
+        built = time.perf_counter() - t
+        t = time.perf_counter()
+        _, rows, _, _ = search(index, q, args.k, nprobe, rerank, store)
+        return {"rows": rows, "build_s": built, "search_s": time.perf_counter() - t}
+
+    flat = run(dict(kind="flat"), 1, 0)
+    base = [list(ids[r[r >= 0]]) for r in flat["rows"]]
+    out = {"repo": str(repo), "rows": store.n, "d": store.d, "queries": len(q), "k": args.k,
+           "flat": {"mrr": mrr(base, relevant), "recall@10": recall_at_k(base, relevant, 10),
+                    # against empty rankings (MRR 0): the bootstrap interval of flat's own MRR
+                    "mrr_95ci": paired_interval(base, [[] for _ in base], relevant, args.boots, args.seed)},
+           "configs": []}
+    print(f"flat: MRR {out['flat']['mrr']:.4f} (95% CI {out['flat']['mrr_95ci'][0]:.4f}..{out['flat']['mrr_95ci'][1]:.4f})"
+          f"  recall@10 {out['flat']['recall@10']:.3f}", flush=True)
+    for build, nprobe, rerank in CONFIGS:
+        c = {"nlist": 64, "pq_m": 64, "pq_bits": 8, "opq": False, **build}
+        res = run(c, nprobe, rerank)
+        ranked = [list(ids[r[r >= 0]]) for r in res["rows"]]
+        vs_exact = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(res["rows"], flat["rows"])]))
+        row = {"factory": factory_string(c["kind"], store.d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"]),
+               "nprobe": nprobe, "rerank": rerank, "mrr": mrr(ranked, relevant),
+               "recall@10": recall_at_k(ranked, relevant, 10), "recall_at_10_vs_exact": vs_exact,
+               "mrr_minus_flat_95ci": paired_interval(ranked, base, relevant, args.boots, args.seed),
+               "build_s": res["build_s"], "search_s": res["search_s"]}
+        row["within_noise"] = row["mrr_minus_flat_95ci"][0] <= 0 <= row["mrr_minus_flat_95ci"][1]
+        out["configs"].append(row)
+        print(f"{row['factory']:22s} nprobe {nprobe:3d} rerank {rerank:4d}: MRR {row['mrr']:.4f} "
+              f"(diff 95% CI {row['mrr_minus_flat_95ci'][0]:+.4f}..{row['mrr_minus_flat_95ci'][1]:+.4f})  "
+              f"recall@10 {row['recall@10']:.3f}  vs exact {vs_exact:.3f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
