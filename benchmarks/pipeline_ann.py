@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from trackstar.data import iter_corpus, read_queries
@@ -32,7 +33,17 @@ CONFIGS = [
     (dict(kind="pq", pq_m=1856, pq_bits=4), 1, 1000),
     (dict(kind="pq", pq_m=3712, pq_bits=4), 1, 300),
     (dict(kind="pq", pq_m=3712, pq_bits=4), 1, 1000),
+    # index.pca at the passages' rank (3,200 here): lossless, and the codes' error stays inside the span
+    (dict(kind="flat", pca=3200), 1, 0),
+    (dict(kind="pq", pq_m=800, pq_bits=4, pca=3200), 1, 100),
+    (dict(kind="pq", pq_m=800, pq_bits=4, pca=3200), 1, 300),
+    (dict(kind="ivf_pq", nlist=64, pq_m=800, pq_bits=4, pca=3200), 16, 300),
 ]
+
+
+def index_bytes(index) -> int:
+    """Serialized size of a FAISS index (codes, lists, quantizers and transforms)."""
+    return int(faiss.serialize_index(index).size)
 
 
 def paired_interval(ranked: list, base: list, relevant: list, boots: int, seed: int) -> list[float]:
@@ -67,7 +78,7 @@ def main() -> None:
         built = time.perf_counter() - t
         t = time.perf_counter()
         _, rows, _, _ = search(index, q, args.k, nprobe, rerank, store)
-        return {"rows": rows, "build_s": built, "search_s": time.perf_counter() - t}
+        return {"rows": rows, "build_s": built, "search_s": time.perf_counter() - t, "index": index}
 
     flat = run(dict(kind="flat"), 1, 0)
     base = [list(ids[r[r >= 0]]) for r in flat["rows"]]
@@ -83,12 +94,16 @@ def main() -> None:
         res = run(c, nprobe, rerank)
         ranked = [list(ids[r[r >= 0]]) for r in res["rows"]]
         vs_exact = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(res["rows"], flat["rows"])]))
-        row = {"factory": factory_string(c["kind"], store.d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"]),
+        pca = c.get("pca", 0)
+        row = {"factory": (f"pca={pca} → " if pca else "")
+                          + factory_string(c["kind"], pca or store.d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"]),
+               "index_bytes_per_row": index_bytes(res["index"]) / store.n,
                "nprobe": nprobe, "rerank": rerank, "mrr": mrr(ranked, relevant),
                "recall@10": recall_at_k(ranked, relevant, 10), "recall_at_10_vs_exact": vs_exact,
                "mrr_minus_flat_95ci": paired_interval(ranked, base, relevant, args.boots, args.seed),
                "build_s": res["build_s"], "search_s": res["search_s"]}
         row["within_noise"] = row["mrr_minus_flat_95ci"][0] <= 0 <= row["mrr_minus_flat_95ci"][1]
+        row["index_bytes_ratio"] = row["index_bytes_per_row"] / (store.d * 4)
         out["configs"].append(row)
         print(f"{row['factory']:22s} nprobe {nprobe:3d} rerank {rerank:4d}: MRR {row['mrr']:.4f} "
               f"(diff 95% CI {row['mrr_minus_flat_95ci'][0]:+.4f}..{row['mrr_minus_flat_95ci'][1]:+.4f})  "

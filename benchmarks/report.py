@@ -210,11 +210,12 @@ def pipeline_ann(r: dict) -> list[str]:
            f"{r['rows']:,} passages × d = {r['d']:,}, {r['queries']} queries, top {r['k']}. Flat (exact): TrackStar MRR "
            f"{f['mrr']:.4f} (95 % bootstrap interval {f['mrr_95ci'][0]:.3f}–{f['mrr_95ci'][1]:.3f}), recall@10 "
            f"{f['recall@10']:.3f}. Paired bootstrap over queries for the difference.", "",
-           "| index | nprobe | rerank | MRR | MRR − flat, 95 % interval | within noise | recall@10 | recall@10 vs exact |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| index | index / raw | nprobe | rerank | MRR | MRR − flat, 95 % interval | within noise | recall@10 | "
+           "recall@10 vs exact |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r["configs"]:
         lo, hi = c["mrr_minus_flat_95ci"]
-        out.append(f"| `{c['factory']}` | {c['nprobe'] if c['factory'].startswith('IVF') else ''} | {c['rerank']} | "
+        out.append(f"| `{c['factory']}` | {c.get('index_bytes_ratio', float('nan')):.4f} | "
+                   f"{c['nprobe'] if 'IVF' in c['factory'] else ''} | {c['rerank']} | "
                    f"{c['mrr']:.4f} | {lo:+.3f} … {hi:+.3f} | {'yes' if c['within_noise'] else 'no'} | "
                    f"{c['recall@10']:.3f} | {c['recall_at_10_vs_exact']:.3f} |")
     return out

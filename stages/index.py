@@ -16,8 +16,9 @@ def main() -> None:
     t0 = time.time()
     store = StoreReader("encodings/final/train.zarr")
     index = build_index(store, p.kind, p.nlist, p.pq_m, p.pq_bits, p.opq, p.train_sample, p.seed,
-                        on_disk="index" if p.on_disk else None)
-    meta = {"kind": p.kind, "on_disk": p.on_disk, "factory": factory_string(p.kind, store.d, p.nlist, p.pq_m, p.pq_bits, p.opq, p.on_disk),
+                        on_disk="index" if p.on_disk else None, pca=p.pca)
+    meta = {"kind": p.kind, "on_disk": p.on_disk, "pca": p.pca,
+            "factory": factory_string(p.kind, p.pca or store.d, p.nlist, p.pq_m, p.pq_bits, p.opq, p.on_disk),
             "rows": store.n, "d": store.d, "checkpoint_hash": store.attrs["checkpoint_hash"],
             "whitening_id": store.attrs["whitening_id"], "config": store.attrs["config"]}
     save_index(index, "index", meta)

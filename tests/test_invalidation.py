@@ -87,6 +87,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "index.pq_m": (8, {"index"}),
     "index.pq_bits": (4, {"index"}),
     "index.opq": (True, {"index"}),
+    "index.pca": (4, {"index"}),
     "index.rerank": (20, {"retrieve"}),  # a search-time knob
     "index.train_sample": (50, {"index"}),
     "index.seed": (1, {"index"}),

@@ -109,6 +109,7 @@ class IndexParams(_Section):
     pq_m: int = Field(64, ge=1)
     pq_bits: int = Field(8, ge=1, le=16)
     opq: bool = False
+    pca: int = Field(0, ge=0)  # PCA to this many dims in front of the index (0 = off; the passages' rank = lossless)
     rerank: int = Field(0, ge=0)  # ANN candidates rescored exactly from the store (0 = off)
     train_sample: int = Field(100_000, ge=1)
     seed: int = 0

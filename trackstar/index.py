@@ -5,7 +5,11 @@ Kinds: flat (exact), ivf_flat, ivf_pq (optionally with OPQ), and pq: an exhausti
 with no coarse quantizer (4-bit codes use FAISS's SIMD fast-scan layout). IVF partitions passages by
 their own clusters; TrackStar's whitened queries are nearly orthogonal to every passage, so they miss
 the lists their best passages sit in, while a scan of compact codes plus an exact rerank does not
-depend on that geometry (benchmarks/retrieval.py). GPU FAISS is used when present.
+depend on that geometry (benchmarks/retrieval.py). An optional projection onto the passages' top
+principal directions (uncentered, so inner products are kept) goes in front: lossless when it keeps
+their whole span (N < d passages span N dimensions), and then a code spends its bits where scores are
+decided, not on directions only the queries occupy (benchmarks/pipeline_ann.py). GPU FAISS is used
+when present.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: 
     raise ValueError(f"unknown index kind {kind!r}")
 
 
+def span_transform(sample: np.ndarray, dims: int):
+    """A FAISS LinearTransform onto the sample's top `dims` right singular vectors. Uncentered (unlike
+    FAISS's PCAMatrix, which subtracts the mean and so changes inner products): x -> V^T x keeps q.x for
+    every x in the span, whatever part of q lies outside it."""
+    x = np.asarray(sample, dtype=np.float32)
+    n, d = x.shape
+    if n < d:  # the Gram matrix is the smaller eigenproblem; same nonzero spectrum
+        ev, u = np.linalg.eigh((x @ x.T).astype(np.float64))
+        ev, u = ev[::-1][:dims], u[:, ::-1][:, :dims]
+        v = (x.T.astype(np.float64) @ u) / np.sqrt(np.clip(ev, 1e-30, None))
+    else:
+        ev, v = np.linalg.eigh((x.T @ x).astype(np.float64))
+        v = v[:, ::-1][:, :dims]
+    lt = faiss.LinearTransform(d, dims, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(v.T, dtype=np.float32).ravel(), lt.A)
+    lt.is_trained = True
+    return lt
+
+
 def _gpu(index):
     """Move to GPU when faiss-gpu and a CUDA device are present; else unchanged."""
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
@@ -60,20 +83,30 @@ def _training_sample(store: StoreReader, n: int, seed: int) -> np.ndarray:
 
 def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: int = 64, pq_bits: int = 8,
                 opq: bool = False, train_sample: int = 100_000, seed: int = 0, progress: bool = True,
-                on_disk: str | Path | None = None, block_rows: int = 262_144):
+                on_disk: str | Path | None = None, block_rows: int = 262_144, pca: int = 0):
     """Train (if needed) on a row sample, then add the store chunk by chunk (bounded memory).
 
     With `on_disk` (a directory; IVF kinds only) the inverted lists go to `on_disk/lists.ivfdata`
     (FAISS OnDiskInvertedLists, memory-mapped at search time), so the index may exceed RAM: rows
-    are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk."""
-    index = faiss.index_factory(store.d, factory_string(kind, store.d, nlist, pq_m, pq_bits, opq, on_disk is not None),
-                                faiss.METRIC_INNER_PRODUCT)
+    are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk.
+    `pca` > 0: `span_transform` of the training sample to that many dimensions in front."""
     if on_disk is not None and not kind.startswith("ivf"):
         raise ValueError(f"index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not {kind}")
-    if not index.is_trained:
+    if not 0 <= pca <= min(store.d, train_sample, store.n):
+        raise ValueError(f"index.pca={pca} must be 0 (off) or at most d={store.d} and the training rows "
+                         f"({min(train_sample, store.n)}: index.train_sample={train_sample}, {store.n} rows)")
+    if pca and kind in ("ivf_pq", "pq") and pca % pq_m:
+        raise ValueError(f"index.pq_m={pq_m} must divide index.pca={pca}")
+    dim = pca or store.d
+    index = faiss.index_factory(dim, factory_string(kind, dim, nlist, pq_m, pq_bits, opq, on_disk is not None),
+                                faiss.METRIC_INNER_PRODUCT)
+    if pca or not index.is_trained:
         faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
         sample = _training_sample(store, train_sample, seed)
-        index.train(sample)
+        if pca:
+            index = faiss.IndexPreTransform(span_transform(sample, pca), index)
+        if not index.is_trained:
+            index.train(sample)
     bar = tqdm(total=store.n, desc="index add", unit="row", disable=not progress or None, mininterval=2.0)
     if on_disk is None:
         for _, x in store.iter_chunks():
