@@ -156,6 +156,8 @@ def test_pca_to_the_passage_span_keeps_scores_exact_and_codes_better(tmp_path):
         build_index(store, "flat", pca=200, progress=False)
     with pytest.raises(ValueError, match=r"index.pca=64 .* training rows \(50: index.train_sample=50"):
         build_index(store, "flat", pca=rank, train_sample=50, progress=False)
+    with pytest.raises(ValueError, match=r"index.pca=65 exceeds the rank of the 100 training rows \(64\)"):
+        build_index(store, "flat", pca=rank + 1, train_sample=100, progress=False)
     flat = build_index(store, "flat", pca=rank, progress=False)
     ts, ti, bs, bi = search(flat, q, 10)
     want = exact_search(q, store.iter_chunks(), 10)

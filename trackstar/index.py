@@ -52,8 +52,11 @@ def span_transform(sample: np.ndarray, dims: int):
     n, d = x.shape
     if n < d:  # the Gram matrix is the smaller eigenproblem; same nonzero spectrum
         ev, u = np.linalg.eigh((x @ x.T).astype(np.float64))
-        ev, u = ev[::-1][:dims], u[:, ::-1][:, :dims]
-        v = (x.T.astype(np.float64) @ u) / np.sqrt(np.clip(ev, 1e-30, None))
+        ev, u = ev[::-1], u[:, ::-1]
+        rank = int(np.sum(ev > ev[0] * 1e-6))
+        if dims > rank:  # x^T u / sqrt(ev) of a null direction is noise, not a unit vector
+            raise ValueError(f"index.pca={dims} exceeds the rank of the {n} training rows ({rank})")
+        v = (x.T.astype(np.float64) @ u[:, :dims]) / np.sqrt(ev[:dims])
     else:
         ev, v = np.linalg.eigh((x.T @ x).astype(np.float64))
         v = v[:, ::-1][:, :dims]
