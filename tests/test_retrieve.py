@@ -115,17 +115,18 @@ def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):
         np.testing.assert_allclose(s, x[r] @ x[qi], rtol=1e-5)
 
 
-def test_on_disk_ivf_equals_in_memory_and_survives_a_move(tmp_path):
+@pytest.mark.parametrize("pca", [0, 8])
+def test_on_disk_ivf_equals_in_memory_and_survives_a_move(tmp_path, pca):
     """Inverted lists merged into a memory-mapped file give the same results as the in-memory index,
-    also after the index directory moves (as on a DVC checkout into another clone)."""
-    from trackstar.index import _on_disk, load_index, save_index
+    also after the index directory moves (as on a DVC checkout into another clone); also behind index.pca."""
+    from trackstar.index import _on_disk
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(700, 16)).astype(np.float32)
     store = _store(tmp_path, x)
-    mem = build_index(store, "ivf_pq", nlist=8, pq_m=4, pq_bits=6, progress=False)
+    mem = build_index(store, "ivf_pq", nlist=8, pq_m=4, pq_bits=6, progress=False, pca=pca)
     disk = build_index(store, "ivf_pq", nlist=8, pq_m=4, pq_bits=6, progress=False,
-                       on_disk=tmp_path / "ix", block_rows=150)
+                       on_disk=tmp_path / "ix", block_rows=150, pca=pca)
     assert _on_disk(disk) and not _on_disk(mem) and disk.ntotal == 700
     save_index(disk, tmp_path / "ix", {"on_disk": True})
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["index.faiss", "lists.ivfdata", "meta.json"]
