@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,6 @@ def model_recall(n: int, distortion: float, reranks=RERANKS, trials: int = 40, s
 
 def spectrum(repo: Path) -> dict:
     """Flatness of the whitened passage spectrum and the query energy inside the passage span."""
-    sys.path.insert(0, str(HERE.parent))
     from trackstar.store import StoreReader
 
     x = StoreReader(repo / "encodings/final/train.zarr").read_all().astype(np.float64)
