@@ -14,6 +14,7 @@ Three parts, written to benchmarks/results/ann_ceiling.json:
   quantizers  FAISS codes on isotropic unit rows (`--n-check` x `--d`): measured D (every row
               scored for a sample of queries) and recall@10 after rerank R, beside the model's
               prediction at the measured D, which checks the model
+  routing     IVF-Flat on the same rows: recall@10 against the share of rows its probed lists hold
   ceiling     the model at `--rows` rows for Shannon's D at 1, 1.6 and 2 bits a dimension
 The model: backward Gaussian test channel, s = s_hat + e with s_hat ~ N(0, 1 - D), e ~ N(0, D);
 recall@10 = share of the top 10 of s inside the top R of s_hat (Monte Carlo, `--trials`).
@@ -68,16 +69,43 @@ def spectrum(repo: Path) -> dict:
             "query_energy_in_passage_span_mean": float(inside.mean())}
 
 
-def check_quantizers(n: int, d: int, queries: int, seed: int, trials: int) -> list[dict]:
-    """Measured D and recall of FAISS codes on isotropic unit rows, beside the model at that D."""
-    import faiss
-
+def isotropic(n: int, d: int, queries: int, seed: int):
+    """(rows, queries, exact scores, exact top-10 rows): unit Gaussian rows and queries."""
     rng = np.random.default_rng(seed)
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     x = unit(rng.standard_normal((n, d), dtype=np.float32))
     q = unit(rng.standard_normal((queries, d), dtype=np.float32))
     exact = q @ x.T
-    top = np.argpartition(-exact, 10, axis=1)[:, :10]
+    return x, q, exact, np.argpartition(-exact, 10, axis=1)[:, :10]
+
+
+def check_routing(n: int, d: int, queries: int, seed: int, nlist: int = 256) -> list[dict]:
+    """Recall@10 of IVF-Flat (exact scores inside the probed lists) on the same isotropic rows, against
+    the share of rows its probed lists hold: with no clusters to route by, the two stay close."""
+    import faiss
+
+    x, q, _, top = isotropic(n, d, queries, seed)
+    index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x[: min(n, 65_536)])
+    index.add(x)
+    sizes = np.array([index.invlists.list_size(i) for i in range(nlist)])
+    out = []
+    for nprobe in (nlist // 64, nlist // 16, nlist // 4):
+        index.nprobe = nprobe
+        _, ids = index.search(q, 10)
+        _, probed = index.quantizer.search(q, nprobe)
+        out.append({"nlist": nlist, "nprobe": nprobe, "rows_scanned_share": float(sizes[probed].sum(1).mean() / n),
+                    "recall_at_10": float(np.mean([len(set(t) & set(i)) / 10 for t, i in zip(top, ids)]))})
+        print(f"IVF{nlist},Flat nprobe {nprobe}: scans {out[-1]['rows_scanned_share']:.3f} of rows, "
+              f"recall@10 {out[-1]['recall_at_10']:.3f}", flush=True)
+    return out
+
+
+def check_quantizers(n: int, d: int, queries: int, seed: int, trials: int) -> list[dict]:
+    """Measured D and recall of FAISS codes on isotropic unit rows, beside the model at that D."""
+    import faiss
+
+    x, q, exact, top = isotropic(n, d, queries, seed)
     out = []
     for factory, bits in QUANTIZERS.items():
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -117,6 +145,7 @@ def main() -> None:
         print("spectrum:", json.dumps(result["spectrum"]), flush=True)
     result["quantizers"] = {"rows": args.n_check, "d": args.d, "queries": args.queries,
                             "results": check_quantizers(args.n_check, args.d, args.queries, args.seed, args.trials)}
+    result["routing"] = check_routing(args.n_check, args.d, args.queries, args.seed)
     result["ceiling"] = {"rows": args.rows, "results": []}
     for bits in (1.0, 1.6, 2.0):
         distortion = 2.0 ** (-2 * bits)

@@ -195,6 +195,10 @@ def ceiling(r: dict) -> list[str]:
     for c in q["results"]:
         out.append(f"| `{c['factory']}` | {c['bits_per_dim']:.1f} | {c['bytes_per_row']} | {c['measured_D']:.3f} | "
                    + " | ".join(f"{c['recall_at_10'][str(x)]:.3f} / {c['model_recall_at_10'][str(x)]:.3f}" for x in rr) + " |")
+    if "routing" in r:
+        out += ["", "IVF-Flat on the same rows (exact scores inside the probed lists): "
+                + "; ".join(f"`nprobe` {x['nprobe']} of {x['nlist']} scans {x['rows_scanned_share']:.1%} of the rows, "
+                            f"recall@10 {x['recall_at_10']:.3f}" for x in r["routing"]) + "."]
     c = r["ceiling"]
     out += ["", f"Ceiling at {c['rows']:,} rows: the model at Shannon's bound D = 2^(-2b), which no real code reaches.", "",
             "| bits/dim | index / raw | D | " + head[2:], "|---|---|---|" + "---|" * len(rr)]
