@@ -51,17 +51,15 @@ def model_recall(n: int, distortion: float, reranks=RERANKS, trials: int = 40, s
 
 def spectrum(repo: Path) -> dict:
     """Flatness of the whitened passage spectrum and the query energy inside the passage span."""
+    from trackstar.index import principal_directions
     from trackstar.store import StoreReader
 
-    x = StoreReader(repo / "encodings/final/train.zarr").read_all().astype(np.float64)
+    x = StoreReader(repo / "encodings/final/train.zarr").read_all()
     q = StoreReader(repo / "encodings/final/query.zarr").read_all().astype(np.float64)
     if len(x) > 20_000:
         x = x[np.random.default_rng(0).choice(len(x), 20_000, replace=False)]
-    small = len(x) <= x.shape[1]
-    ev, v = np.linalg.eigh(x @ x.T if small else x.T @ x)  # same nonzero eigenvalues either way
-    ev, v = np.clip(ev[::-1], 0, None), v[:, ::-1]
-    rank = int(np.sum(ev > ev[0] * 1e-9))
-    basis = (x.T @ v[:, :rank]) / np.sqrt(ev[:rank]) if small else v[:, :rank]  # d x rank, orthonormal
+    ev, basis = principal_directions(x)  # d x rank
+    rank = basis.shape[1]
     shares = {f"{p}%": float(ev[: max(1, rank * p // 100)].sum() / ev.sum()) for p in (1, 10, 50)}
     inside = np.sum((q @ basis) ** 2, axis=1) / np.sum(q ** 2, axis=1)
     return {"rows": len(x), "d": x.shape[1], "rank": rank,
@@ -79,12 +77,13 @@ def isotropic(n: int, d: int, queries: int, seed: int):
     return x, q, exact, np.argpartition(-exact, 10, axis=1)[:, :10]
 
 
-def check_routing(n: int, d: int, queries: int, seed: int, nlist: int = 256) -> list[dict]:
+def check_routing(data, nlist: int = 256) -> list[dict]:
     """Recall@10 of IVF-Flat (exact scores inside the probed lists) on the same isotropic rows, against
     the share of rows its probed lists hold: with no clusters to route by, the two stay close."""
     import faiss
 
-    x, q, _, top = isotropic(n, d, queries, seed)
+    x, q, _, top = data
+    n, d = x.shape
     index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     index.train(x[: min(n, 65_536)])
     index.add(x)
@@ -101,11 +100,12 @@ def check_routing(n: int, d: int, queries: int, seed: int, nlist: int = 256) -> 
     return out
 
 
-def check_quantizers(n: int, d: int, queries: int, seed: int, trials: int) -> list[dict]:
+def check_quantizers(data, seed: int, trials: int) -> list[dict]:
     """Measured D and recall of FAISS codes on isotropic unit rows, beside the model at that D."""
     import faiss
 
-    x, q, exact, top = isotropic(n, d, queries, seed)
+    x, q, exact, top = data
+    n, d = x.shape
     out = []
     for factory, bits in QUANTIZERS.items():
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -143,9 +143,10 @@ def main() -> None:
     if (Path(args.repo) / "encodings/final/train.zarr").exists():
         result["spectrum"] = spectrum(Path(args.repo))
         print("spectrum:", json.dumps(result["spectrum"]), flush=True)
+    data = isotropic(args.n_check, args.d, args.queries, args.seed)
     result["quantizers"] = {"rows": args.n_check, "d": args.d, "queries": args.queries,
-                            "results": check_quantizers(args.n_check, args.d, args.queries, args.seed, args.trials)}
-    result["routing"] = check_routing(args.n_check, args.d, args.queries, args.seed)
+                            "results": check_quantizers(data, args.seed, args.trials)}
+    result["routing"] = check_routing(data)
     result["ceiling"] = {"rows": args.rows, "results": []}
     for bits in (1.0, 1.6, 2.0):
         distortion = 2.0 ** (-2 * bits)

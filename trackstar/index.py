@@ -44,24 +44,28 @@ def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: 
     raise ValueError(f"unknown index kind {kind!r}")
 
 
+def principal_directions(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues of x^T x, descending; d x r orthonormal basis of its top r directions), uncentered, r the
+    rank (eigenvalues above 1e-6 of the largest). The Gram matrix x x^T is the smaller eigenproblem when
+    n < d (same nonzero spectrum); x^T u / sqrt(ev) of a null direction would be noise, not a unit vector."""
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    ev, vec = np.linalg.eigh(((x @ x.T) if n < d else (x.T @ x)).astype(np.float64))
+    ev, vec = np.clip(ev[::-1], 0, None), vec[:, ::-1]
+    rank = int(np.sum(ev > ev[0] * 1e-6))
+    basis = (x.T.astype(np.float64) @ vec[:, :rank]) / np.sqrt(ev[:rank]) if n < d else vec[:, :rank]
+    return ev, basis
+
+
 def span_transform(sample: np.ndarray, dims: int):
-    """A FAISS LinearTransform onto the sample's top `dims` right singular vectors. Uncentered (unlike
+    """A FAISS LinearTransform onto the sample's top `dims` principal directions. Uncentered (unlike
     FAISS's PCAMatrix, which subtracts the mean and so changes inner products): x -> V^T x keeps q.x for
     every x in the span, whatever part of q lies outside it."""
-    x = np.asarray(sample, dtype=np.float32)
-    n, d = x.shape
-    if n < d:  # the Gram matrix is the smaller eigenproblem; same nonzero spectrum
-        ev, u = np.linalg.eigh((x @ x.T).astype(np.float64))
-        ev, u = ev[::-1], u[:, ::-1]
-        rank = int(np.sum(ev > ev[0] * 1e-6))
-        if dims > rank:  # x^T u / sqrt(ev) of a null direction is noise, not a unit vector
-            raise ValueError(f"index.pca={dims} exceeds the rank of the {n} training rows ({rank})")
-        v = (x.T.astype(np.float64) @ u[:, :dims]) / np.sqrt(ev[:dims])
-    else:
-        ev, v = np.linalg.eigh((x.T @ x).astype(np.float64))
-        v = v[:, ::-1][:, :dims]
-    lt = faiss.LinearTransform(d, dims, False)
-    faiss.copy_array_to_vector(np.ascontiguousarray(v.T, dtype=np.float32).ravel(), lt.A)
+    _, basis = principal_directions(sample)
+    if dims > basis.shape[1]:
+        raise ValueError(f"index.pca={dims} exceeds the rank of the {len(sample)} training rows ({basis.shape[1]})")
+    lt = faiss.LinearTransform(basis.shape[0], dims, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(basis[:, :dims].T, dtype=np.float32).ravel(), lt.A)
     lt.is_trained = True
     return lt
 
