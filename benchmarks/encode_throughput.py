@@ -95,7 +95,7 @@ def _setup(args):
     from trackstar.checkpoint import load_checkpoint
     from trackstar.data import iter_corpus
     from trackstar.encoder import pick_device
-    from trackstar.examples import passage_example
+    from trackstar.examples import pad_token_id, passage_example
 
     torch.set_flush_denormal(True)  # as every pipeline stage does (trackstar.runner)
     if args.threads:
@@ -104,7 +104,7 @@ def _setup(args):
     device = pick_device(args.device)
     model, tok = load_checkpoint(args.model)
     model.to(device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     texts = [p.text for _, p in zip(range(args.examples), iter_corpus(args.corpus))]
     if not texts:
         raise SystemExit(f"{args.corpus}: no passages")

@@ -10,7 +10,7 @@ from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_m
 from trackstar.config import load_params
 from trackstar.data import iter_corpus, read_queries
 from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
-from trackstar.examples import passage_example, query_example
+from trackstar.examples import pad_token_id, passage_example, query_example
 from trackstar.memo import Memo, code_hash, memo_key
 from trackstar.results import read_results
 from trackstar.runner import run_main
@@ -34,7 +34,7 @@ def main() -> None:
     metrics = metrics_table(ranked, relevant)
 
     model, tok = load_checkpoint("model")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_token_id(tok)
     max_len = params.gradients.max_length
     acc = accuracy(model, tok, queries, max_len)
     if e.tail_patch_queries:

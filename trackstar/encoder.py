@@ -20,7 +20,7 @@ from .correction import Correction, build_correction
 from .data import iter_corpus, read_queries
 from .encode import encode_chunk
 from .errors import InputError
-from .examples import Example, passage_example, query_example
+from .examples import Example, pad_token_id, passage_example, query_example
 from .gradients import HookProjector, estimate_second_moments
 from .layers import find_layers, layout
 
@@ -43,7 +43,7 @@ class Encoder:
         self.device = pick_device(encode.device)
         self.model, self.tok = load_checkpoint(self.model_dir)
         self.model.to(self.device)
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self.pad_id = pad_token_id(self.tok)
         self.layers = find_layers(self.model, gradients.include, gradients.exclude, gradients.include_lm_head)
         self.d = projection.k ** 2 * len(self.layers)
         self.ckpt_hash = checkpoint_hash(self.model_dir)

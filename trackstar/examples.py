@@ -53,6 +53,15 @@ def query_example(tok, prompt: str, target: str, max_length: int) -> Example:
     return Example(ids, mask, truncated)
 
 
+def pad_token_id(tok) -> int:
+    """The one padding rule: the tokenizer's pad token, else its eos token, else 0. Padded positions
+    carry attention 0 and loss 0, so any valid id works; GPT-2-style tokenizers have no pad token."""
+    for tid in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and loss mask 0."""
     n = max(len(e.input_ids) for e in examples)

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .examples import collate, passage_example, per_example_loss, query_example
+from .examples import collate, pad_token_id, passage_example, per_example_loss, query_example
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 
@@ -130,7 +130,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], cfg: TrainConfig, progress:
         for _epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, cfg.batch_size):
-                batch = collate([examples[i] for i in order[s : s + cfg.batch_size]], tokenizer.pad_token_id)
+                batch = collate([examples[i] for i in order[s : s + cfg.batch_size]], pad_token_id(tokenizer))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = _batch_loss(model, batch)
                 opt.zero_grad(set_to_none=True)
@@ -166,7 +166,7 @@ def accuracy(model, tokenizer, queries, max_length: int, batch_size: int = 64) -
     correct = 0
     for s in range(0, len(qs), batch_size):
         exs = [query_example(tokenizer, q.prompt, q.target, max_length) for q in qs[s : s + batch_size]]
-        b = collate(exs, tokenizer.pad_token_id)
+        b = collate(exs, pad_token_id(tokenizer))
         ids = b["input_ids"].to(device)
         logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
         pred = logits[:, :-1].argmax(-1)
