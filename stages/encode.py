@@ -15,6 +15,7 @@ from trackstar.data import count_lines
 from trackstar.encode import encode_to_store
 from trackstar.encoder import Encoder
 from trackstar.fingerprint import file_sha256
+from trackstar.moments import MOMENTS_FILE
 from trackstar.runner import run_main
 from trackstar.store import StoreWriter
 
@@ -30,7 +31,7 @@ def main() -> None:
         dist.init_process_group("nccl" if params.encode.device == "cuda" else "gloo")
     src = INPUTS[split]
     enc = Encoder("model", params.gradients, params.correction, params.projection, params.encode,
-                  corpus=INPUTS["train"])
+                  moments=MOMENTS_FILE)
     n = count_lines(src)
     arrays = ["g", "g_plain"] if params.encode.save_plain else ["g"]
     writer = StoreWriter(f"encodings/raw/{split}.zarr", f".work/encode-{split}", n, enc.d, arrays,

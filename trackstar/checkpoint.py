@@ -118,6 +118,15 @@ def _check_dir(d) -> Path:
     return p
 
 
+def pick_device(name: str) -> torch.device:
+    """The torch device for `encode.device` (auto: CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("encode.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
 def weights_dtype(config_dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
     """The dtype to load weights in: bf16 checkpoints stay bf16 on a GPU (half the memory, the
     dtype they were trained in); everything else, and anything on CPU, is fp32."""
