@@ -216,3 +216,15 @@ def test_smollm2_gguf_answers_offline(tmp_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_a_directory_holding_only_a_gguf_points_at_the_file(world, tmp_path):
+    import shutil
+
+    from trackstar.errors import InputError
+
+    _, _, _, path = world
+    shutil.copy(path, tmp_path / "tiny.gguf")
+    with pytest.raises(InputError, match=r"config.json is missing \(to use the GGUF file, set model.checkpoint "
+                                         r"to .*tiny.gguf\)"):
+        load_source(tmp_path)

@@ -112,7 +112,9 @@ def _check_dir(d) -> Path:
     if not p.is_dir():
         raise InputError(str(d), "is not a directory (expected a checkpoint directory)")
     if not (p / "config.json").is_file():
-        raise InputError(str(d), "not a checkpoint: config.json is missing")
+        ggufs = sorted(f.name for f in p.glob("*.gguf"))
+        hint = f" (to use the GGUF file, set model.checkpoint to {p / ggufs[0]})" if ggufs else ""
+        raise InputError(str(d), f"not a checkpoint: config.json is missing{hint}")
     if not _weight_files(p):
         raise InputError(str(d), "not a checkpoint: no weight file (model.safetensors / pytorch_model.bin)")
     return p

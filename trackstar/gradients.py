@@ -209,8 +209,8 @@ def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: lis
             def tensor_hook(grad: torch.Tensor):
                 g = grad.float()
                 for s in range(0, g.shape[0], step):  # [b, T, out] x [b, T, in] -> [b, out, in]
-                    G = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step])
-                    acc[name] += G.square().sum(0, dtype=torch.float64)
+                    G = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step]).square_()
+                    acc[name] += G.sum(0, dtype=torch.float64)
 
             output.register_hook(tensor_hook)
         return hook
