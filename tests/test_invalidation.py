@@ -70,6 +70,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "correction.seed": (1, E),
     "projection.k": (5, E),
     "projection.seed": (1, E),
+    "projection.d": (100, E),
     "encode.batch_size": (5, E),
     "encode.dtype": ("fp16", E),
     "encode.chunk_mb": (1.0, E),
@@ -79,7 +80,8 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "hessian.mix_k": (6, {"hessian"}),
     "hessian.lambda": (0.5, {"hessian"}),
     "hessian.damping": (0.01, {"hessian", "ladder"}),  # the ladder's r_train rung is damped too
-    "hessian.block_diagonal": (True, {"eigen"}),
+    "hessian.structure": ("module", {"autocorrelation"}),  # the plan picks the blocks R is accumulated in
+    "hessian.memory_gb": (4.0, {"autocorrelation"}),
     "hessian.train_sample": (32, {"autocorrelation"}),
     "index.kind": ("ivf_flat", {"index"}),
     "index.nlist": (3, {"index"}),
