@@ -42,10 +42,10 @@ def test_structures_over_the_smollm2_layout():
 
 def test_auto_takes_the_coarsest_structure_within_the_budget():
     layout, enc = smol_layout(), EncodeParams()
-    picks = {gb: plan(layout, 300, 50, HessianParams(memory_gb=gb), enc).chosen for gb in (40, 8, 1, 0.25)}
+    picks = {gb: plan(layout, 300, 50, HessianParams(memory_gb=gb), enc).chosen for gb in (40, 8, 0.5, 0.25)}
     assert picks[40].structure == "full"
     assert picks[8].structure == "layer"
-    assert picks[1].structure == "module"
+    assert picks[0.5].structure == "module"
     assert picks[0.25] is None
     p = plan(layout, 300, 50, HessianParams(), enc)
     full = next(c for c in p.candidates if c.structure == "full")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .config import EncodeParams, HessianParams, param_error
 
 STRUCTURES = ("full", "layer", "module")  # coarsest first: auto takes the first that fits
-BASE_BYTES = 320 << 20  # python + numpy + scipy + zarr + safetensors resident (benchmarks/hessian_memory.py)
+BASE_BYTES = 112 << 20  # python + numpy + scipy + zarr resident: 76-90 MB measured (benchmarks/hessian_memory.py)
 _SLAB_BYTES = 64 << 20  # the stats writer's cast slab (trackstar.hessian._SLAB_BYTES)
 _ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 GIB = 1 << 30
@@ -99,8 +99,8 @@ def estimate(structure: str, blocks: list[tuple[int, int]], n_query: int, chunk_
     def stream(rows: int) -> int:  # a chunk read (storage + float32) and one block's float64 slice
         return 2 * rows * d * 4 + rows * bmax * 8
 
-    auto = BASE_BYTES + 8 * sq + 8 * sum(b * b for b in eval_sizes) + max(stream(chunk_rows_train),
-                                                                            stream(chunk_rows_query)) + _SLAB_BYTES
+    auto = (BASE_BYTES + 8 * sq + 8 * sum(b * b for b in eval_sizes)
+            + max(stream(chunk_rows_train), stream(chunk_rows_query)) + min(_SLAB_BYTES, 4 * bmax * bmax))
     held = 4 * sq + 8 * d
     eigen = BASE_BYTES + held + max(8 * bmax * bmax,
                                     4 * low_rank + stream(chunk_rows_query),
