@@ -5,7 +5,9 @@ Random encoding stores (a few hundred rows, no model) are written at each k; the
 them, each in its own process, with hessian.structure fixed; peak RSS per run comes from os.wait4 (ru_maxrss)
 and the plan's estimate for the same structure is printed next to it. A structure whose estimate exceeds
 --limit-gb (default 6: this machine is shared) is not run, only estimated. A bare interpreter that imports
-what the stages import gives the fixed overhead (`trackstar.plan.BASE_BYTES`).
+what the stages import gives the fixed overhead (`trackstar.plan.BASE_BYTES`). Baseline, same run and
+stores: the stages as they were before the structure choice (commit BASELINE: the full d x d statistics
+always, `hessian.block_diagonal` only splitting them in `eigen`), where their d x d fits (--baseline-ks).
 
     python benchmarks/hessian_memory.py            # k = 4 (d = 3,376) and k = 16 (d = 54,016), ~3 min on 2 CPUs
 """
@@ -34,16 +36,17 @@ from trackstar.plan import BASE_BYTES, GIB, plan  # noqa: E402
 from trackstar.store import StoreWriter  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/hessian_memory.json"
+BASELINE = "0b33863"  # the last commit before hessian.structure
 BARE = ("import numpy, scipy.linalg, zarr, safetensors, json; import trackstar.store, trackstar.hessian, "
         "trackstar.plan, trackstar.memo")
 
 
-def measured(cmd: list[str], cwd: Path) -> dict:
+def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
     """Run cmd; its wall time, CPU time (user + system: steadier than wall time on a shared machine) and peak RSS
     (os.wait4's ru_maxrss of that process, KiB on Linux)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
@@ -89,8 +92,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--limit-gb", type=float, default=6.0, help="estimated peak above which a structure is not run")
+    ap.add_argument("--baseline-ks", default="4", help="k values at which the baseline stages also run")
     args = ap.parse_args()
     py = sys.executable
+    base_code = Path(tempfile.mkdtemp(prefix="hessmem-baseline-"))
+    subprocess.run(f"git -C {ROOT} archive {BASELINE} trackstar stages | tar -x -C {base_code}", shell=True, check=True)
+    base_env = {**os.environ, "PYTHONPATH": str(base_code)}
     bare = measured([py, "-c", BARE], ROOT)
     print(f"bare interpreter with the stages' imports: {bare['peak_rss_mb']:.0f} MB peak RSS "
           f"(plan.BASE_BYTES = {BASE_BYTES / 2**20:.0f} MiB)")
@@ -104,7 +111,8 @@ def main() -> None:
             for structure in ("full", "layer", "module"):
                 h = HessianParams(structure=structure, memory_gb=1000)
                 c = plan(layout, args.train, args.queries, h, EncodeParams()).chosen
-                row = {"k": k, "d": d, "structure": structure, "blocks": len(c.blocks), "largest_block": max(c.sizes),
+                row = {"k": k, "d": d, "structure": structure, "code": "this", "blocks": len(c.blocks),
+                       "largest_block": max(c.sizes),
                        "estimated_mb": {"autocorrelation": round(c.autocorrelation / 2**20, 1),
                                         "eigen": round(c.eigen / 2**20, 1)}}
                 if c.peak > args.limit_gb * GIB:
@@ -122,9 +130,25 @@ def main() -> None:
                       + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
                                   f"{row[s]['peak_rss_mb']:.0f} MB "
                                   f"(estimated {row['estimated_mb'][s]:.0f} MB)" for s in ("autocorrelation", "eigen")))
+            if str(k) not in args.baseline_ks.split(","):
+                continue
+            for structure, diagonal in (("full", False), ("module", True)):
+                (repo / "params.yaml").write_text(yaml.safe_dump({"hessian": {"block_diagonal": diagonal}}))
+                shutil.rmtree(repo / "hessian", ignore_errors=True)
+                row = {"k": k, "d": d, "structure": structure, "code": f"baseline {BASELINE}",
+                       "blocks": 1 if structure == "full" else len(layout),
+                       "largest_block": d if structure == "full" else k * k}
+                for stage in ("autocorrelation", "eigen"):
+                    row[stage] = measured([py, str(base_code / f"stages/{stage}.py")], repo, base_env)
+                runs.append(row)
+                print(f"k={k} d={d:,} {structure} (baseline {BASELINE}, block_diagonal={diagonal}): "
+                      + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
+                                  f"{row[s]['peak_rss_mb']:.0f} MB" for s in ("autocorrelation", "eigen")))
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "rows": {"train": args.train, "queries": args.queries}, "layout": "SmolLM2-135M: 30 x 7 modules + lm_head",
-              "bare_interpreter_rss_mb": bare["peak_rss_mb"], "base_bytes_mb": BASE_BYTES / 2**20, "runs": runs}
+              "bare_interpreter_rss_mb": bare["peak_rss_mb"], "base_bytes_mb": BASE_BYTES / 2**20,
+              "baseline": f"commit {BASELINE}: full d x d statistics, block_diagonal split only in eigen", "runs": runs}
+    shutil.rmtree(base_code, ignore_errors=True)
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2))
     print(f"wrote {OUT.relative_to(ROOT)}")

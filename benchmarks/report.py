@@ -241,17 +241,19 @@ def hessian_memory(r: dict) -> list[str]:
            "(211 modules × k² columns); the real `autocorrelation` and `eigen` stages per `hessian.structure`, each in "
            "its own process. Peak RSS from `wait4`; *est.*: the memory plan's estimate for the same structure (what "
            "`auto` compares with `hessian.memory_gb`). CPU s = user + system, steadier than wall time on the shared "
-           f"machine. A bare interpreter with the stages' imports: {r['bare_interpreter_rss_mb']:.0f} MB.", "",
-           "| k | d | structure | blocks (widest) | autocorrelation s (CPU s) | peak RSS / est. (MB) | "
-           "eigen s (CPU s) | peak RSS / est. (MB) |", "|---|---|---|---|---|---|---|---|"]
+           f"machine. Baseline (same run, same stores): {r['baseline']} (its `autocorrelation` also imported torch). "
+           f"A bare interpreter with the stages' imports: {r['bare_interpreter_rss_mb']:.0f} MB.", "",
+           "| k | d | code | structure | blocks (widest) | autocorrelation s (CPU s) | peak RSS / est. (MB) | "
+           "eigen s (CPU s) | peak RSS / est. (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
-        head = f"| {x['k']} | {x['d']:,} | {x['structure']} | {x['blocks']} ({x['largest_block']:,}) |"
-        est = x["estimated_mb"]
+        head = f"| {x['k']} | {x['d']:,} | {x['code']} | {x['structure']} | {x['blocks']} ({x['largest_block']:,}) |"
+        est = x.get("estimated_mb", {})
+        fmt = lambda s: f"{est[s]:,.0f}" if s in est else "—"
         if "skipped" in x:
-            out.append(f"{head} not run | — / {est['autocorrelation']:,.0f} | not run | — / {est['eigen']:,.0f} |")
+            out.append(f"{head} not run | — / {fmt('autocorrelation')} | not run | — / {fmt('eigen')} |")
             continue
         out.append(head + "".join(f" {x[s]['seconds']:.1f} ({x[s]['cpu_seconds']:.1f}) | "
-                                  f"{x[s]['peak_rss_mb']:,.0f} / {est[s]:,.0f} |" for s in ("autocorrelation", "eigen")))
+                                  f"{x[s]['peak_rss_mb']:,.0f} / {fmt(s)} |" for s in ("autocorrelation", "eigen")))
     return out
 
 

@@ -233,11 +233,12 @@ def spectra(blocks: list[Block]) -> tuple[np.ndarray, np.ndarray]:
     """The eigenvalues of R_train and of R_eval (block-diagonal parts when there are several blocks),
     each sorted descending: the curves the eigen-crossing rule compares."""
     et, ee = [], []
-    for b in blocks:
-        et.append(b.e * b.scale)
-        g = b.g.astype(np.float64)
-        ev = np.clip(np.linalg.eigvalsh(g.T @ g), 0, None)  # nonzero eigenvalues of E^T E = those of E E^T
-        ee.append(np.concatenate([ev, np.zeros(b.stop - b.start - len(ev))]))
+    with _blas_for(max(max(b.g.shape) for b in blocks)):
+        for b in blocks:
+            et.append(b.e * b.scale)
+            g = b.g.astype(np.float64)
+            ev = np.clip(np.linalg.eigvalsh(g.T @ g), 0, None)  # nonzero eigenvalues of E^T E = those of E E^T
+            ee.append(np.concatenate([ev, np.zeros(b.stop - b.start - len(ev))]))
     return np.sort(np.concatenate(et))[::-1].copy(), np.sort(np.concatenate(ee))[::-1].copy()
 
 
@@ -287,18 +288,19 @@ def mixed_whitening(blocks: list[Block], lam: float, damping: float) -> Whitenin
     (float64), d_b m^2 flops instead of a d_b^3 eigensolve. `vt` may be unloaded (None): only s, L, R are
     computed here."""
     s, left, right = [], [], []
-    for b in blocks:
-        db = b.stop - b.start
-        shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, damping)
-        sb = eig_scales(b.e, b.scale, 1 - lam, shift)
-        bb = (b.g.astype(np.float64) * (sb * np.sqrt(lam))[:, None])
-        s2, q = np.linalg.eigh(bb.T @ bb)
-        root = np.sqrt(1 + np.clip(s2, 0, None))
-        # (I + B B^T)^(-1/2) = I + B Q diag(f(s^2)) Q^T B^T, f(x) = ((1 + x)^(-1/2) - 1) / x, written without cancellation
-        c = (q * (-1 / (root * (1 + root)))) @ q.T
-        s.append(sb.astype(np.float32))
-        left.append((bb @ c).astype(np.float32))
-        right.append(bb.astype(np.float32))
+    with _blas_for(max(max(b.g.shape) for b in blocks)):
+        for b in blocks:
+            db = b.stop - b.start
+            shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, damping)
+            sb = eig_scales(b.e, b.scale, 1 - lam, shift)
+            bb = (b.g.astype(np.float64) * (sb * np.sqrt(lam))[:, None])
+            s2, q = np.linalg.eigh(bb.T @ bb)
+            root = np.sqrt(1 + np.clip(s2, 0, None))
+            # (I + B B^T)^(-1/2) = I + B Q diag(f(s^2)) Q^T B^T, f(x) = ((1 + x)^(-1/2) - 1) / x, written without cancellation
+            c = (q * (-1 / (root * (1 + root)))) @ q.T
+            s.append(sb.astype(np.float32))
+            left.append((bb @ c).astype(np.float32))
+            right.append(bb.astype(np.float32))
     return Whitening([(b.start, b.stop) for b in blocks], [b.vt for b in blocks], s, left, right)
 
 

@@ -6,8 +6,8 @@ transformer block together, found from module names: the prefix up to the first 
 estimated peak resident memory fits `hessian.memory_gb`. The estimate counts what the stages allocate:
 
 - autocorrelation: float64 accumulators for R_train's blocks (8 b^2 bytes each) and for R_eval's blocks no
-  wider than the number of queries m (the only ones eigen decomposes), one store chunk in float32 plus its
-  float64 block slice, one write slab;
+  wider than the number of queries m (the only ones eigen decomposes), one store chunk read (four
+  chunk-sized buffers: measured) plus its float64 block slice, one write slab;
 - eigen: float32 eigenvectors of every block (4 b^2), LAPACK's float32 workspace for the largest block
   (8 b^2), R_eval's factors (4 b min(m, b)), and the float64 eigensolve of the largest block no wider than
   m (40 b^2: the block, its eigenvectors, workspace and the product);
@@ -96,8 +96,8 @@ def estimate(structure: str, blocks: list[tuple[int, int]], n_query: int, chunk_
     eval_sizes = [b for b in sizes if b <= m]  # blocks whose R_eval is accumulated and decomposed
     low_rank = sum(b * min(m, b) for b in sizes)
 
-    def stream(rows: int) -> int:  # a chunk read (storage + float32) and one block's float64 slice
-        return 2 * rows * d * 4 + rows * bmax * 8
+    def stream(rows: int) -> int:  # a chunk read: ~4 chunk-sized buffers measured (file bytes, zarr's buffer,
+        return 4 * rows * d * 4 + rows * bmax * 8  # the float32 rows, allocator slack) + one block's float64 slice
 
     auto = (BASE_BYTES + 8 * sq + 8 * sum(b * b for b in eval_sizes)
             + max(stream(chunk_rows_train), stream(chunk_rows_query)) + min(_SLAB_BYTES, 4 * bmax * bmax))
@@ -105,7 +105,7 @@ def estimate(structure: str, blocks: list[tuple[int, int]], n_query: int, chunk_
     eigen = BASE_BYTES + held + max(8 * bmax * bmax,
                                     4 * low_rank + stream(chunk_rows_query),
                                     4 * low_rank + 40 * max(eval_sizes, default=0) ** 2)
-    white = BASE_BYTES + held + 8 * low_rank + 4 * m * d + 4 * chunk_rows_train * d * 4
+    white = BASE_BYTES + held + 8 * low_rank + 4 * m * d + stream(chunk_rows_train) + chunk_rows_train * d * 4
     return Candidate(structure, blocks, int(auto), int(eigen), int(white))
 
 
