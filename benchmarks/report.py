@@ -254,6 +254,24 @@ def hessian_memory(r: dict) -> list[str]:
             continue
         out.append(head + "".join(f" {x[s]['seconds']:.1f} ({x[s]['cpu_seconds']:.1f}) | "
                                   f"{x[s]['peak_rss_mb']:,.0f} / {fmt(s)} |" for s in ("autocorrelation", "eigen")))
+    ran = [x for x in r["runs"] if "skipped" not in x]
+    new = {(x["k"], x["structure"]): x for x in ran if x["code"] == "this"}
+    base = {(x["k"], x["structure"]): x for x in ran if x["code"] != "this"}
+    within = all(x[s]["peak_rss_mb"] <= x["estimated_mb"][s] for x in new.values() for s in ("autocorrelation", "eigen"))
+    out += ["", f"Every measured peak is {'within' if within else 'NOT within'} its estimate.", ""]
+    for (k, st), b in sorted(base.items()):
+        n = new.get((k, st))
+        if n:
+            out.append(f"- k = {k}, {st}: peak RSS {n['autocorrelation']['peak_rss_mb']:.0f} vs "
+                       f"{b['autocorrelation']['peak_rss_mb']:.0f} MB (autocorrelation), "
+                       f"{n['eigen']['peak_rss_mb']:.0f} vs {b['eigen']['peak_rss_mb']:.0f} MB (eigen) against the "
+                       f"baseline; CPU {n['autocorrelation']['cpu_seconds'] + n['eigen']['cpu_seconds']:.1f} vs "
+                       f"{b['autocorrelation']['cpu_seconds'] + b['eigen']['cpu_seconds']:.1f} s for both stages.")
+    big = [x for x in r["runs"] if x.get("skipped")]
+    for x in big:
+        out.append(f"- k = {x['k']} (d = {x['d']:,}), {x['structure']}: not run ({x['skipped']}); the baseline built "
+                   f"this d × d statistic for every structure (its float64 accumulator alone "
+                   f"{8 * x['d'] ** 2 / 2 ** 30:.1f} GiB), so it cannot run at this d on a 24 GB machine.")
     return out
 
 
