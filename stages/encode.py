@@ -17,6 +17,7 @@ from trackstar.data import count_lines
 from trackstar.encode import encode_to_store
 from trackstar.encoder import Encoder
 from trackstar.fingerprint import file_sha256
+from trackstar.moments import MOMENTS_FILE
 from trackstar.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import StoreWriter
@@ -33,7 +34,7 @@ def main() -> None:
         dist.init_process_group("nccl" if params.encode.device == "cuda" else "gloo")
     src = INPUTS[split]
     enc = Encoder("model", params.gradients, params.correction, params.projection, params.encode,
-                  corpus=INPUTS["train"])
+                  moments=MOMENTS_FILE)
     n = count_lines(src)
     p = plan(enc.attrs["layout"], count_lines(INPUTS["train"]), count_lines(INPUTS["query"]), params.hessian,
              params.encode)

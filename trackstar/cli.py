@@ -33,8 +33,10 @@ def _trace(args: argparse.Namespace) -> None:
         flush_denormals()  # torch is loaded now: encode exactly as the encode stage does
         from .store import StoreReader
 
+        from .moments import MOMENTS_FILE
+
         enc = Encoder(root / "model", params.gradients, params.correction, params.projection, params.encode,
-                      corpus=root / "data/corpus.jsonl")
+                      moments=root / MOMENTS_FILE, params_file=root / "params.yaml")
         final = StoreReader(root / "encodings/final/train.zarr")
         for key in ("checkpoint_hash", "d", "config"):
             if json.dumps(final.attrs[key], sort_keys=True) != json.dumps(enc.attrs[key], sort_keys=True):

@@ -34,10 +34,12 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    """The checkpoint: trained in the pipeline (source=train) or a user's HF checkpoint directory."""
+    """The checkpoint: trained in the pipeline (source=train), a user's checkpoint taken as is
+    (source=checkpoint) or fine-tuned on the corpus (source=finetune); `checkpoint` is an HF
+    checkpoint directory or a GGUF file."""
 
-    source: Literal["train", "checkpoint"] = "train"
-    checkpoint: str = "inputs/checkpoint"
+    source: Literal["train", "checkpoint", "finetune"] = "train"
+    checkpoint: str = "inputs/checkpoint"  # directory or .gguf file (source checkpoint / finetune)
     vocab_size: int = Field(1024, ge=64)
     hidden_size: int = Field(128, ge=8)
     layers: int = Field(4, ge=1)
