@@ -105,3 +105,20 @@ def test_cache_reuses_known_pairs_and_adds_new_ones():
     assert first["a"]["tail_patch@1"] == pytest.approx((reference_delta(model, qs[0], ps[0], None, 1e-4)
                                                         + reference_delta(model, qs[1], ps[1], None, 1e-4)) / 2, rel=1e-6)
     assert cache[pair_key(qs[0], ps[2])] == pytest.approx(reference_delta(model, qs[0], ps[2], None, 1e-4), rel=1e-6)
+
+
+def test_grouped_by_passage_equals_the_per_pair_loop_and_leaves_the_model_untouched():
+    """Passages shared by up to 18 queries (more than one re-score forward holds), chunks of 4 passages
+    with uneven query counts (padded slots), repeated pairs: each pair equals the plain per-pair step."""
+    model = tiny_llama().double()
+    v = {n: t.double() for n, t in random_moments(model).items()}
+    qs = random_examples(18, seed=3, query=True)
+    ps = random_examples(7, seed=4)
+    pairs = [(i, ps[0]) for i in range(18)] + [(i, ps[1 + i % 6]) for i in range(0, 18, 2)] + [(5, ps[3]), (5, ps[3])]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = batched_deltas(model, qs, pairs, 0, v, 1e-3, batch=4, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
+    assert len({round(w, 12) for w in want}) > 20  # the pairs differ
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-9)
