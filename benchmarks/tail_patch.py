@@ -165,7 +165,7 @@ def main() -> None:
     result: dict = {"v_hat": "ones (no optimizer state: a plain gradient step; the cost does not depend on v_hat)",
                     "lists": "made up: bm25 top-k, five noisy reorderings of BM25's top 2k, random (see docstring)",
                     "world": "generate_fact_world(entities=40)", "torch_threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine()}
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     if args.small_queries:
         from trackstar.config import load_params
         from trackstar.train import ModelConfig, build_model, train_tokenizer

@@ -1,6 +1,8 @@
-"""Tail-patch influence (DESIGN §6): one optimizer step from the final checkpoint on a single
+"""Tail-patch influence: one optimizer step from the final checkpoint on a single
 proponent, theta' = theta - lr * g / sqrt(v_hat + eps) (final second moments, no momentum), then
-the change in the query target's log-probability and probability.
+the change in the query target's log-probability and probability: measured on the stepped model,
+not predicted to first order. The step depends only on the proponent, so the work is grouped by
+passage: one gradient per distinct passage, all the queries that have it re-scored in one forward.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: M
     """Mean change in target log-prob / prob over the top-k proponents of each query, per method.
 
     `proponents[method][i]` lists query i's proponents, best first (their passage examples).
-    Each distinct (query, passage) step is computed once and shared between methods; with `cache`
+    Each distinct (query, passage) pair is computed once and shared between methods, and each distinct
+    passage's step once for all its queries (`batched_deltas`); with `cache`
     (pair_key -> log-prob change, for this model, v_hat, lr and eps) known steps are reused and new
     ones added, so a rerun after a ranking change computes only the pairs it has not seen.
     """
