@@ -71,6 +71,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "correction.seed": (1, EM),
     "projection.k": (5, E),
     "projection.seed": (1, E),
+    "projection.d": (100, E),
     "encode.batch_size": (5, EM),
     "encode.dtype": ("fp16", E),
     "encode.chunk_mb": (1.0, E),
@@ -80,7 +81,8 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "hessian.mix_k": (6, {"hessian"}),
     "hessian.lambda": (0.5, {"hessian"}),
     "hessian.damping": (0.01, {"hessian", "ladder"}),  # the ladder's r_train rung is damped too
-    "hessian.block_diagonal": (True, {"eigen"}),
+    "hessian.structure": ("module", {"autocorrelation"}),  # the plan picks the blocks R is accumulated in
+    "hessian.memory_gb": (4.0, {"autocorrelation"}),
     "hessian.train_sample": (32, {"autocorrelation"}),
     "index.kind": ("ivf_flat", {"index"}),
     "index.nlist": (3, {"index"}),
@@ -129,6 +131,8 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     # mix_k leaves W_train byte-identical: the ladder is skipped
     ("hessian.mix_k",): FROM_HESSIAN - {"ladder"},
     ("hessian.train_sample",): {"autocorrelation", "eigen"} | FROM_HESSIAN,
+    # a budget edit that leaves the chosen structure as it was: the statistics come out byte-identical
+    ("hessian.memory_gb",): {"autocorrelation"},
     # ivf_flat with nlist 4, nprobe 2 is approximate: retrievals change, so evaluate reruns
     ("index.kind",): {"index", "retrieve", "evaluate"},
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
@@ -289,6 +293,10 @@ def write_docs(path: Path) -> None:
               "- `data.corpus`, `data.queries` are read only with `data.source: files`; `model.checkpoint` only",
               "  with `model.source: checkpoint` or `finetune`. Editing them otherwise reruns `data` / `train`, whose outputs",
               "  come out identical, so nothing after them reruns.",
+              "- `hessian.structure` and `hessian.memory_gb` pick the Hessian's blocks in `autocorrelation`; a",
+              "  budget edit that leaves the chosen structure as it was gives identical statistics, so nothing",
+              "  after it reruns. `encode@*` checks the same memory plan before encoding but does not read them",
+              "  as params: editing them never re-encodes.",
               ""]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines))

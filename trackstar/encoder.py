@@ -50,7 +50,8 @@ class Encoder:
                               f"{self.model_dir} ({ctx} positions)", params_file)
         self.pad_id = pad_token_id(self.tok)
         self.layers = find_layers(self.model, gradients.include, gradients.exclude, gradients.include_lm_head)
-        self.d = projection.k ** 2 * len(self.layers)
+        self.p = projection.model_copy(update={"k": projection.k_for(len(self.layers))})  # projection.d -> k
+        self.d = self.p.k ** 2 * len(self.layers)
         self.ckpt_hash = checkpoint_hash(self.model_dir)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.correction = self._correction(moments)
