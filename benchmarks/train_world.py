@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--trace", action="store_true", help="print held-out accuracy after every epoch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,8 +72,15 @@ def main() -> None:
         model = build_model(mcfg, tok)
         tcfg = TrainConfig(epochs=ep, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            warmup_fraction=args.warmup, seed=args.seed)
+        trace = []
+
+        def on_epoch(e: int) -> None:
+            trace.append((e, round(accuracy(model, tok, queries, 64), 4), round(accuracy(model, tok, probes, 64), 4)))
+            print(json.dumps({"run_epochs": ep, "epoch": e, "query_acc": trace[-1][1],
+                              "statement_prefix_acc": trace[-1][2]}), flush=True)
+
         t0 = time.perf_counter()
-        pretrain(model, tok, texts, tcfg, progress=False)
+        pretrain(model, tok, texts, tcfg, progress=False, on_epoch=on_epoch if args.trace else None)
         dt = time.perf_counter() - t0
         t1 = time.perf_counter()
         acc = accuracy(model, tok, queries, 64)

@@ -30,6 +30,9 @@ class DataParams(_Section):
     paraphrases: int = Field(3, ge=1)
     question_fraction: float = Field(0.5, ge=0.0, le=1.0)
     distractors_per_entity: int = Field(2, ge=0)
+    confusers_per_entity: int = Field(2, ge=0)
+    confuser_true_value: float = Field(0.5, ge=0.0, le=1.0)
+    near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
 
 
 class ModelParams(_Section):
@@ -48,10 +51,10 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(20, ge=0)
+    epochs: int = Field(60, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
