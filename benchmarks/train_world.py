@@ -38,10 +38,12 @@ def main() -> None:
     ap.add_argument("--values", type=int, default=8)
     ap.add_argument("--distractors", type=int, default=2)
     ap.add_argument("--question-fraction", type=float, default=0.5)
+    ap.add_argument("--confusers", type=int, default=2)
+    ap.add_argument("--near-miss", type=float, default=0.3)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=float, default=0.1)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -55,7 +57,7 @@ def main() -> None:
     wcfg = FactWorldConfig(
         seed=args.seed, entities=args.entities, relations=args.relations, paraphrases=args.paraphrases,
         question_fraction=args.question_fraction, distractors_per_entity=args.distractors,
-        values_per_relation=args.values,
+        values_per_relation=args.values, confusers_per_entity=args.confusers, near_miss_fraction=args.near_miss,
     )
     passages, queries, stats = generate_fact_world(wcfg)
     texts = [p.text for p in passages]

@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     meta = json.loads(Path("hessian/hessian.json").read_text())
     stats = load_file("hessian/stats.safetensors")
-    lam, damping, d = meta["lambda"], meta["damping"], meta["d"]
+    lam, damping, d = meta["lambda"], meta.get("damping_eta", meta["damping"]), meta["d"]
     r_train, r_eval = stats["r_train"].astype(np.float64), stats["r_eval"].astype(np.float64)
     u = StoreReader("encodings/raw/query.zarr").read_all()
     p = StoreReader("encodings/raw/train.zarr").read_all()

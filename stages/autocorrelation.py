@@ -11,7 +11,7 @@ import torch.distributed as dist
 from safetensors.numpy import save_file
 
 from trackstar.config import load_params
-from trackstar.hessian import autocorrelation
+from trackstar.hessian import autocorrelation, norm4_sums
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
 
@@ -33,7 +33,18 @@ def main() -> None:
         reduce = all_reduce_sum
     train = StoreReader("encodings/raw/train.zarr")
     query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
-    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d, reduce)
+    # the whole row and each layer's block: sums of ||g||^4, for the Ledoit-Wolf damping (hessian.damping=auto)
+    ranges = [(0, train.d)] + [(l["start"], l["stop"]) for l in train.attrs["layout"]]
+    s4 = np.zeros(len(ranges))
+
+    def tapped():
+        for _, x in train.iter_chunks(rank, world, h.train_sample):
+            s4[:] += norm4_sums(x, ranges)
+            yield x
+
+    r_train, n_train = autocorrelation(tapped(), train.d, reduce)
+    if reduce is not None:
+        s4[:] = reduce(s4)
     r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)
     if world > 1:
         dist.destroy_process_group()
@@ -42,6 +53,7 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     meta = {"n_train": n_train, "n_eval": n_eval, "d": train.d, "train_sample": h.train_sample,
             "trace_train": float(np.trace(r_train)), "trace_eval": float(np.trace(r_eval)),
+            "norm4_train": [[a, b, float(v) / n_train] for (a, b), v in zip(ranges, s4)],  # mean ||g[a:b]||^4
             "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"],
             "train_input_sha256": train.attrs["input_sha256"], "query_input_sha256": query.attrs["input_sha256"]}
     tmp = OUT.with_suffix(".tmp")

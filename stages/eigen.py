@@ -32,6 +32,9 @@ def main() -> None:
         basis = eigenbasis(stats.get_tensor("r_train"), blocks, meta["n_eval"],
                            query_chunks=lambda: (x for _, x in query.iter_chunks()),
                            r_eval=lambda: stats.get_tensor("r_eval"))
+    norm4 = {(a, b): v for a, b, v in meta.get("norm4_train", [])}
+    for b in basis:
+        b.norm4 = norm4.get((b.start, b.stop), float("nan"))
     out = {"block_diagonal": h.block_diagonal, "d": d, "n_train": meta["n_train"], "n_eval": meta["n_eval"],
            "checkpoint_hash": meta["checkpoint_hash"], "encode_config": meta["encode_config"]}
     # names the basis by everything that determines it; the whitening files and final stores carry ids built on it

@@ -6,7 +6,7 @@ Each DVC stage reads only its own sections, so an edit invalidates exactly what 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -98,7 +98,7 @@ class EncodeParams(_Section):
 class HessianParams(_Section):
     mix_k: int = Field(100, ge=1)  # eigen-crossing component (1-based), ~1.5 % of d
     lambda_: Optional[float] = Field(None, alias="lambda", ge=0.0, le=1.0)
-    damping: float = Field(0.001, ge=0)
+    damping: Union[Literal["auto"], Annotated[float, Field(ge=0)]] = "auto"  # auto: Ledoit-Wolf shrinkage
     block_diagonal: bool = False
     train_sample: int = Field(0, ge=0)  # 0 = all training rows
 
