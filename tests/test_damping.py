@@ -1,15 +1,16 @@
 """A small corpus (N < d) and a weak model: with the default damping rule (hessian.damping=auto,
 Ledoit-Wolf) TrackStar must not fall below plain cosine on MRR, and the hessian stage must say that
-R_train is rank-deficient and what it did. A fixed tiny damping (1e-3, the previous default) fails
-the same check on this world, which shows the test can fail."""
+R_train is rank-deficient and what it did. Undamped (hessian.damping=0) TrackStar collapses below cosine
+on the same world, so the check can fail."""
 
 import json
 
 from tests.pipeline import dvc, make_repo, repro, set_param
 
-# 40 entities x 2 relations: ~320 passages, 40 queries; k = 6 -> d = 36 x 15 modules = 540 > N
+# 40 entities x 2 relations: 320 passages, 40 queries; k = 12 -> d = 144 x 15 modules = 2,160 > N; the
+# tiny model trained 2 epochs answers none of the queries
 WEAK = {"data": {"entities": 40, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1},
-        "projection": {"k": 6}, "eval": {"tail_patch_queries": 0}, "retrieve": {"k": 50}, "bm25": {"k": 50}}
+        "projection": {"k": 12}, "eval": {"tail_patch_queries": 0}, "retrieve": {"k": 50}, "bm25": {"k": 50}}
 
 
 def _read(repo, path):
@@ -24,10 +25,13 @@ def test_trackstar_keeps_up_with_cosine_when_n_below_d(tmp_path):
     assert "rank-deficient" in h["rank"]["warning"] and h["damping_rule"].startswith("Ledoit-Wolf")
     assert h["rank"]["directions_below_shift"] >= h["d"] - h["n_train"]
     assert _read(repo, "metrics/model.json")["accuracy"] < 0.5  # a weak model
+    # measured: cosine 0.209, r_train 0.425, trackstar 0.802 (eta 0.072); at damping 1e-3: 0.294, 0.720
     assert m["trackstar"]["mrr"] >= m["cosine"]["mrr"] > 2 * m["random"]["mrr"]
+    assert m["r_train"]["mrr"] >= m["cosine"]["mrr"]
     # the stage's stderr carries the same warning
     assert "WARNING: R_train is rank-deficient" in dvc(repo, "repro", "--force", "-s", "hessian").stderr
-    set_param(repo, "hessian.damping", 0.001)
+    set_param(repo, "hessian.damping", 0.0)  # measured: trackstar 0.020, r_train 0.039 (1e-6: 0.250, 0.079)
     repro(repo)
     low = _read(repo, "metrics/metrics.json")
-    assert low["trackstar"]["mrr"] < low["cosine"]["mrr"]
+    assert low["trackstar"]["mrr"] < low["cosine"]["mrr"] == m["cosine"]["mrr"]
+    assert low["r_train"]["mrr"] < low["cosine"]["mrr"]
