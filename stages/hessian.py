@@ -12,6 +12,7 @@ from trackstar.atomic import atomic_open
 from trackstar.config import load_params
 from trackstar.hessian import block_dampings, load_basis, mix_lambda, mixed_whitening, rank_report, save_whitening, spectra
 from trackstar.memo import code_hash, memo_key
+from trackstar.plan import estimate
 from trackstar.plots import plot_eigen_crossing
 from trackstar.runner import run_main
 
@@ -39,7 +40,7 @@ def main() -> None:
     meta = {"lambda": lam, "lambda_source": "fixed" if h.lambda_ is not None else f"eigen-crossing at component {h.mix_k}",
             "mix_k": h.mix_k, "damping": h.damping, "damping_rule": rule,
             "damping_eta": etas[0] if len(etas) == 1 else etas, "rank": rank,
-            "block_diagonal": basis["block_diagonal"], "blocks": len(blocks),
+            "structure": basis["structure"], "blocks": len(blocks),
             "eval_rank": sum(b.g.shape[1] for b in blocks), "n_train": basis["n_train"], "n_eval": basis["n_eval"],
             "d": basis["d"], "checkpoint_hash": basis["checkpoint_hash"], "encode_config": basis["encode_config"],
             "basis_id": basis["basis_id"]}
@@ -47,17 +48,20 @@ def main() -> None:
     # retrieval / trace refuse artifacts whose ids differ
     meta["whitening_id"] = memo_key(meta=meta, code=code_hash(hessian_lib))
     save_whitening(OUT / "w_mix.safetensors", w, meta)
+    # the structure's block sizes and estimated peak bytes (not part of W: a memory-model edit leaves W as is)
+    memory = estimate(basis["structure"], [(b.start, b.stop) for b in blocks], basis["n_eval"], *basis["chunk_rows"])
     with atomic_open(OUT / "hessian.json") as f:
-        f.write(json.dumps(meta, indent=2))
+        f.write(json.dumps({**meta, "memory": memory.record()}, indent=2))
     with atomic_open(OUT / "eigenvalues.csv") as f:
         f.write("component,train,eval,train_scaled,eval_scaled\n")
         for i in range(len(e_train)):
             f.write(f"{i + 1},{e_train[i]:.6g},{e_eval[i]:.6g},{(1 - lam) * e_train[i]:.6g},{lam * e_eval[i]:.6g}\n")
     plot_eigen_crossing(e_train, e_eval, lam, h.mix_k, OUT / "eigen_crossing.png")
     with atomic_open("metrics/hessian.json") as f:
-        f.write(json.dumps({"lambda": lam, "damping_eta": max(etas), "n_train": basis["n_train"],
-                            "n_eval": basis["n_eval"], "d": basis["d"],
-                            "seconds": round(time.time() - t0, 1)}, indent=2))
+        f.write(json.dumps({"lambda": lam, "damping_eta": max(etas), "n_train": basis["n_train"], "n_eval": basis["n_eval"], "d": basis["d"],
+                            "structure": basis["structure"], "blocks": len(blocks),
+                            "largest_block": max(b.stop - b.start for b in blocks),
+                            "estimated_peak_bytes": memory.peak, "seconds": round(time.time() - t0, 1)}, indent=2))
     print(json.dumps({"lambda": lam, "d": basis["d"], "eval_rank": meta["eval_rank"]}))
 
 
