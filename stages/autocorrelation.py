@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from trackstar.config import load_params
 from trackstar.hessian import autocorrelation
 from trackstar.runner import run_main
-from trackstar.store import StoreReader
+from trackstar.store import ConcatReader, StoreReader, corpus_stores
 
 OUT = Path("hessian/stats.safetensors")
 
@@ -25,13 +25,14 @@ def all_reduce_sum(x: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    h = load_params().hessian
+    params = load_params()
+    h = params.hessian
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     reduce = None
     if world > 1:
         dist.init_process_group("gloo")
         reduce = all_reduce_sum
-    train = StoreReader("encodings/raw/train.zarr")
+    train = ConcatReader(corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", params.data.shards))
     query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
     r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d, reduce)
     r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trackstar.checkpoint import load_checkpoint, load_second_moments
 from trackstar.config import load_params
-from trackstar.data import iter_corpus
+from trackstar.data import corpus_files, iter_corpus
 from trackstar.runner import run_main
 
 OUT = Path("model")
@@ -30,7 +30,7 @@ def main() -> None:
     from trackstar.checkpoint import save_checkpoint
     from trackstar.train import ModelConfig, TrainConfig, build_model, pretrain, train_tokenizer
 
-    texts = [x.text for x in iter_corpus("data/corpus.jsonl")]
+    texts = [x.text for x in iter_corpus(corpus_files())]
     t0 = time.time()
     tok = train_tokenizer(texts, m.vocab_size)
     model = build_model(ModelConfig(hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,

@@ -14,13 +14,13 @@ from .runner import flush_denormals, run_main
 
 def _trace(args: argparse.Namespace) -> None:
     from .config import load_params
-    from .data import iter_corpus
+    from .data import corpus_files, iter_corpus
 
     root = Path(args.root)
     params = load_params(root / "params.yaml")
     if args.method == "bm25":
         from .bm25 import bm25_search
-        (ids, scores), = bm25_search(((p.id, p.text) for p in iter_corpus(root / "data/corpus.jsonl")),
+        (ids, scores), = bm25_search(((p.id, p.text) for p in iter_corpus(corpus_files(root / "data"))),
                                      [("q", args.prompt + args.target)], args.k, params.bm25.k1, params.bm25.b)
         top = list(zip(ids, scores))
         bottom: list[tuple[str, float]] = []
@@ -52,11 +52,11 @@ def _trace(args: argparse.Namespace) -> None:
         (ts, ti), (bs, bi) = valid_hits(ts[0], ti[0]), valid_hits(bs[0], bi[0])
         ts, ti, bs, bi = ts[None], ti[None], bs[None], bi[None]
         rows = set(ti[0].tolist()) | set(bi[0].tolist())
-        text = {i: p for i, p in enumerate(iter_corpus(root / "data/corpus.jsonl")) if i in rows}
+        text = {i: p for i, p in enumerate(iter_corpus(corpus_files(root / "data"))) if i in rows}
         top = [(text[r].id, float(s)) for r, s in zip(ti[0], ts[0])]
         bottom = [(text[r].id, float(s)) for r, s in zip(bi[0], bs[0])]
     need = {i for i, _ in top + bottom}
-    texts = {p.id: p.text for p in iter_corpus(root / "data/corpus.jsonl") if p.id in need}
+    texts = {p.id: p.text for p in iter_corpus(corpus_files(root / "data")) if p.id in need}
     if args.json:
         print(json.dumps({"inputs_plaintext": args.prompt, "targets_plaintext": args.target, "method": args.method,
                           "proponent_ids": [i for i, _ in top], "proponent_scores": [s for _, s in top],

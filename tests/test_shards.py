@@ -1,0 +1,135 @@
+"""A corpus that grows in shards (docs/shards.md), end to end on a fixed checkpoint: with the corpus and 3
+shards built, adding a 4th encodes only it (`dvc status` and the stages `dvc repro` ran say so), its scores
+equal a from-scratch build on all 4 shards row for row, and removing it again restores every earlier
+artifact from DVC's run-cache with nothing encoded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline import dvc, git, make_repo, repro, set_param
+from trackstar.data import FactWorldConfig, generate_fact_world, query_record, write_jsonl
+from trackstar.errors import TrackStarError
+from trackstar.store import corpus_stores
+
+SHARDS = ["s1", "s2", "s3"]
+# tiny params; eval.tail_patch_queries 0 keeps `evaluate` to MRR (the test is about what reruns)
+OVERRIDES = {"model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0},
+             "data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl",
+                      "shards": {s: f"inputs/data/shards/{s}.jsonl" for s in SHARDS}}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The fact world cut into the corpus + s1..s4 jsonl files and a fixed tiny checkpoint (one epoch of AdamW,
+    so it has second moments), under inputs/ of a folder that each repo copies."""
+    from trackstar.checkpoint import save_checkpoint
+    from trackstar.train import ModelConfig, TrainConfig, build_model, pretrain, train_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, paraphrases=2,
+                                                               distractors_per_entity=1))
+    relevant = {r for q in queries for r in q.relevant_ids}
+    # s4 holds passages no query needs (relevant ids must resolve with or without it)
+    s4 = [p for p in passages if p.id not in relevant][:12]
+    rest = [p for p in passages if p not in s4]
+    cut = len(rest) // 2
+    parts = {"corpus": rest[:cut], **{s: rest[cut + i::3] for i, s in enumerate(SHARDS)}, "s4": s4}
+    (root / "inputs/data/shards").mkdir(parents=True)
+    for name, rows in parts.items():
+        path = root / ("inputs/data/corpus.jsonl" if name == "corpus" else f"inputs/data/shards/{name}.jsonl")
+        write_jsonl(path, ({"id": p.id, "text": p.text} for p in rows))
+    write_jsonl(root / "inputs/data/queries.jsonl", (query_record(q) for q in queries))
+    texts = [p.text for p in passages]
+    tok = train_tokenizer(texts, 300)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                    max_position_embeddings=64), tok)
+    opt = pretrain(model, tok, texts, TrainConfig(epochs=1, batch_size=16, max_length=64), progress=False)
+    save_checkpoint(model, tok, opt, root / "inputs/checkpoint")
+    return root
+
+
+def shard_repo(dest: Path, world: Path, shards: list[str]) -> Path:
+    """A tiny repo whose inputs are the world's corpus + the given shards."""
+    dest.mkdir(parents=True)
+    shutil.copytree(world / "inputs/checkpoint", dest / "inputs/checkpoint")
+    (dest / "inputs/data/shards").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        shutil.copy(world / "inputs/data" / name, dest / "inputs/data" / name)
+    for s in shards:
+        shutil.copy(world / f"inputs/data/shards/{s}.jsonl", dest / f"inputs/data/shards/{s}.jsonl")
+    over = json.loads(json.dumps(OVERRIDES))
+    over["data"]["shards"] = {s: f"inputs/data/shards/{s}.jsonl" for s in shards}
+    return make_repo(dest, over)
+
+
+def status_text(repo: Path) -> str:
+    return dvc(repo, "status").stdout
+
+
+def changed(repo: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return {name.rsplit("dvc.yaml:", 1)[-1] for name in r.status()}
+
+
+def scores(repo: Path) -> dict[str, list]:
+    """Every retrieval file's (query, proponent ids + scores, opponent ids + scores), in order."""
+    out = {}
+    for f in sorted([repo / "retrievals/trackstar.jsonl", *(repo / "retrievals/ladder").glob("*.jsonl")]):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        out[f.name] = [(r["example_id"], r["proponent_ids"], r["proponent_scores"], r["opponent_ids"],
+                        r["opponent_scores"]) for r in rows]
+    return out
+
+
+def encoded(ran: list[str]) -> list[str]:
+    return [s for s in ran if s.startswith("encode")]
+
+
+def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_path):
+    repo = shard_repo(tmp_path / "grow", world, SHARDS)
+    ran = repro(repo)
+    assert sorted(encoded(ran)) == ["encode@query", "encode@train", "encode_shard@s1", "encode_shard@s2",
+                                    "encode_shard@s3"]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "3 shards")
+    before = scores(repo)
+    final = (repo / "encodings/final/train.zarr/zarr.json").read_text()
+
+    shutil.copy(world / "inputs/data/shards/s4.jsonl", repo / "inputs/data/shards/s4.jsonl")
+    set_param(repo, "data.shards", {**OVERRIDES["data"]["shards"], "s4": "inputs/data/shards/s4.jsonl"})
+    text = status_text(repo)
+    print(text)
+    got = changed(repo)
+    assert {s for s in got if s.startswith("encode")} == {"encode_shard@s4"}, text
+    assert {"data", "encode_shard@s4"} <= got
+    ran = repro(repo)
+    assert encoded(ran) == ["encode_shard@s4"], ran
+    assert "train" in ran and "autocorrelation" in ran and "precondition@train" in ran and "retrieve" in ran
+    assert changed(repo) == set()
+    grown = scores(repo)
+    assert grown != before
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "4 shards")
+
+    scratch = shard_repo(tmp_path / "scratch", world, [*SHARDS, "s4"])
+    ran = repro(scratch)
+    assert "encode_shard@s4" in ran
+    assert scores(scratch) == grown  # ids and float scores, row for row
+
+    # remove s4 again: params and inputs back, its store deleted (a store of no listed shard is refused)
+    git(repo, "checkout", "HEAD~1", "--", "params.yaml")
+    (repo / "inputs/data/shards/s4.jsonl").unlink()
+    with pytest.raises(TrackStarError, match="s4.zarr: not a shard"):
+        corpus_stores(repo / "encodings/raw/train.zarr", repo / "encodings/raw/shards", SHARDS)
+    shutil.rmtree(repo / "encodings/raw/shards/s4.zarr")
+    assert repro(repo) == []  # every stage restored from the run-cache: nothing encoded, nothing recomputed
+    assert changed(repo) == set()
+    assert scores(repo) == before
+    assert (repo / "encodings/final/train.zarr/zarr.json").read_text() == final
