@@ -13,8 +13,9 @@ from trackstar.store import ConcatReader, StoreWriter, corpus_stores
 def main() -> None:
     split = sys.argv[1]
     w, meta = load_whitening("hessian/w_mix.safetensors", "hessian/eigen.safetensors")
-    shards = load_params().data.shards if split == "train" else {}
-    raw = ConcatReader(corpus_stores(f"encodings/raw/{split}.zarr", "encodings/raw/shards", shards),
+    paths = (corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", load_params().data.shards)
+             if split == "train" else ["encodings/raw/query.zarr"])
+    raw = ConcatReader(paths,
                        expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"], "config": meta["encode_config"]})
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}

@@ -14,6 +14,7 @@ import pytest
 from tests.pipeline import dvc, git, make_repo, repro, set_param
 from trackstar.data import FactWorldConfig, generate_fact_world, query_record, write_jsonl
 from trackstar.errors import TrackStarError
+from trackstar.partials import partial_paths
 from trackstar.store import corpus_stores
 
 SHARDS = ["s1", "s2", "s3"]
@@ -97,6 +98,8 @@ def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_
     ran = repro(repo)
     assert sorted(encoded(ran)) == ["encode@query", "encode@train", "encode_shard@s1", "encode_shard@s2",
                                     "encode_shard@s3"]
+    assert sorted(s for s in ran if s.startswith("autocorrelation_shard")) == [f"autocorrelation_shard@{s}"
+                                                                                for s in SHARDS]
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "3 shards")
     before = scores(repo)
@@ -111,6 +114,7 @@ def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_
     assert {"data", "encode_shard@s4"} <= got
     ran = repro(repo)
     assert encoded(ran) == ["encode_shard@s4"], ran
+    assert [s for s in ran if s.startswith("autocorrelation_shard")] == ["autocorrelation_shard@s4"]
     assert "train" in ran and "autocorrelation" in ran and "precondition@train" in ran and "retrieve" in ran
     assert changed(repo) == set()
     grown = scores(repo)
@@ -119,8 +123,8 @@ def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_
     git(repo, "commit", "-qm", "4 shards")
 
     scratch = shard_repo(tmp_path / "scratch", world, [*SHARDS, "s4"])
-    ran = repro(scratch)
-    assert "encode_shard@s4" in ran
+    ran = repro(scratch, "retrieve", "ladder")  # what the comparison reads (bm25 and evaluate add nothing here)
+    assert "encode_shard@s4" in ran and "autocorrelation_shard@s4" in ran
     assert scores(scratch) == grown  # ids and float scores, row for row
 
     # remove s4 again: params and inputs back, its store deleted (a store of no listed shard is refused)
@@ -128,8 +132,43 @@ def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_
     (repo / "inputs/data/shards/s4.jsonl").unlink()
     with pytest.raises(TrackStarError, match="s4.zarr: not a shard"):
         corpus_stores(repo / "encodings/raw/train.zarr", repo / "encodings/raw/shards", SHARDS)
+    with pytest.raises(TrackStarError, match="s4.safetensors: not a shard"):
+        partial_paths(repo / "hessian/partials", SHARDS)
     shutil.rmtree(repo / "encodings/raw/shards/s4.zarr")
+    (repo / "hessian/partials/s4.safetensors").unlink()
     assert repro(repo) == []  # every stage restored from the run-cache: nothing encoded, nothing recomputed
     assert changed(repo) == set()
     assert scores(repo) == before
     assert (repo / "encodings/final/train.zarr/zarr.json").read_text() == final
+
+
+def test_concat_reader_reads_stores_as_one(tmp_path):
+    """Rows of several stores in order: chunks (dealt to ranks, cut at a row), re-blocked across store
+    boundaries, and gathered by row number, all equal to the concatenated arrays."""
+    import numpy as np
+
+    from trackstar.store import ConcatReader, StoreWriter
+
+    rng = np.random.default_rng(0)
+    parts, paths = [], []
+    for i, n in enumerate([7, 5, 9]):
+        x = rng.standard_normal((n, 6)).astype(np.float32)
+        w = StoreWriter(tmp_path / f"s{i}.zarr", tmp_path / f"w{i}", n, 6, ["g"], chunk_mb=3 * 6 * 4 / 2**20,
+                        attrs={"checkpoint_hash": "c", "config": {}})
+        w.prepare()
+        for c in range(w.n_chunks):
+            a, b = w.chunk_range(c)
+            w.write_chunk(c, {"g": x[a:b]})
+        w.finalize()
+        parts.append(x)
+        paths.append(tmp_path / f"s{i}.zarr")
+    want = np.concatenate(parts)
+    r = ConcatReader(paths)
+    assert r.n == 21 and np.array_equal(r.read_all(), want)
+    got = list(r.iter_chunks(0, 2, stop=16)) + list(r.iter_chunks(1, 2, stop=16))
+    rows = np.concatenate([x for _, x in sorted(got, key=lambda t: t[0])])
+    assert np.array_equal(rows, want[:16])
+    blocks = list(r.iter_blocks(4))
+    assert [s for s, _ in blocks] == [0, 4, 8, 12, 16, 20] and np.array_equal(np.concatenate([b for _, b in blocks]), want)
+    pick = np.array([20, 0, 8, 7, 3, 12])
+    assert np.array_equal(r.read_rows(pick), want[pick])

@@ -38,6 +38,21 @@ def autocorrelation(chunks: Iterable[np.ndarray], d: int,
     return acc / n, n
 
 
+def autocorrelation_sums(chunks: Iterable[np.ndarray], blocks: list[tuple[int, int]]) -> tuple[list[np.ndarray], int]:
+    """Unnormalized sums S_b = sum_i g_i[b] g_i[b]^T of the diagonal blocks [start, stop) over streamed row chunks
+    (float32 products, float64 accumulation), and the row count: sums over disjoint rows (processes, corpus
+    shards) add up to the sum over their union."""
+    acc = [np.zeros((stop - start, stop - start), dtype=np.float64) for start, stop in blocks]
+    n = 0
+    for x in chunks:
+        x = np.asarray(x, dtype=np.float32)
+        for a, (start, stop) in zip(acc, blocks):
+            xb = np.ascontiguousarray(x[:, start:stop])
+            a += xb.T @ xb
+        n += len(x)
+    return acc, n
+
+
 def _scale(r: np.ndarray) -> float:
     """Mean eigenvalue (trace / d), or 1 for a zero matrix."""
     t = float(np.trace(r)) / len(r)
