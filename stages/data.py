@@ -24,57 +24,59 @@ def copy_passages(src: str, dest: Path, p, seen: dict[str, str]) -> int:
     if Path(src).suffix == ".jsonl" and (p.text_column, p.id_column) == ("text", "id"):
         n = 0
         for x in read_passages(src):
-            if x.id in seen:
-                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", line=n + 1, field="id")
-            seen[x.id] = src
             n += 1
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+            if x.id in seen:
+                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", line=n, field="id")
+            seen[x.id] = src
+        shutil.copyfile(src, dest)
         return n
 
     def rows():
-        for x in read_passages(src, p.text_column, p.id_column):
+        for n, x in enumerate(read_passages(src, p.text_column, p.id_column), start=1):
             if x.id in seen:
-                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", field=p.id_column)
+                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", line=n, field=p.id_column)
             seen[x.id] = src
             yield {"id": x.id, "text": x.text}
     return write_jsonl(dest, rows())
 
 
-def write_shards(p, seen: dict[str, str]) -> dict:
-    """data/shards/: one jsonl per shard and shards.json (name -> source, passages), replaced as a whole."""
-    tmp = Path(tempfile.mkdtemp(dir=OUT, prefix=".shards."))
-    manifest = {name: {"source": src, "passages": copy_passages(src, tmp / f"{name}.jsonl", p, seen)}
+def write_shards(folder: Path, p, seen: dict[str, str]) -> dict:
+    """folder/: one jsonl per shard of data.shards and shards.json (name -> source, passages)."""
+    folder.mkdir()
+    manifest = {name: {"source": src, "passages": copy_passages(src, folder / f"{name}.jsonl", p, seen)}
                 for name, src in sorted(p.shards.items())}
-    (tmp / "shards.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(SHARDS, ignore_errors=True)
-    os.replace(tmp, SHARDS)
+    (folder / "shards.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
 def main() -> None:
     p = load_params().data
     OUT.mkdir(exist_ok=True)
-    if p.source == "generate":
-        cfg = FactWorldConfig(seed=p.seed, entities=p.entities, relations=p.relations, paraphrases=p.paraphrases,
-                              question_fraction=p.question_fraction, distractors_per_entity=p.distractors_per_entity)
-        passages, queries, stats = generate_fact_world(cfg)
-        write_jsonl(OUT / "corpus.jsonl", ({"id": x.id, "text": x.text} for x in passages))
-        write_jsonl(OUT / "queries.jsonl", (query_record(q) for q in queries))
-        write_shards(p, {})
-    else:
-        seen: dict[str, str] = {}
-        copy_passages(p.corpus, OUT / "corpus.jsonl", p, seen)  # validates every row (atomic write)
-        shards = write_shards(p, seen)
-        queries = read_queries(p.queries, corpus_ids=set(seen))
-        stats = {"passages": len(seen), "shards": {k: v["passages"] for k, v in shards.items()},
-                 "queries": len(queries)}
-        fd, tmp = tempfile.mkstemp(dir=OUT, prefix=".queries.jsonl.")
-        os.close(fd)
-        shutil.copyfile(p.queries, tmp)
-        os.replace(tmp, OUT / "queries.jsonl")
+    tmp = Path(tempfile.mkdtemp(dir=OUT, prefix=".staging."))  # every output is complete before any is moved
+    try:
+        if p.source == "generate":
+            cfg = FactWorldConfig(seed=p.seed, entities=p.entities, relations=p.relations, paraphrases=p.paraphrases,
+                                  question_fraction=p.question_fraction,
+                                  distractors_per_entity=p.distractors_per_entity)
+            passages, queries, stats = generate_fact_world(cfg)
+            write_jsonl(tmp / "corpus.jsonl", ({"id": x.id, "text": x.text} for x in passages))
+            write_jsonl(tmp / "queries.jsonl", (query_record(q) for q in queries))
+            write_shards(tmp / "shards", p, {})
+        else:
+            seen: dict[str, str] = {}
+            copy_passages(p.corpus, tmp / "corpus.jsonl", p, seen)
+            shards = write_shards(tmp / "shards", p, seen)
+            queries = read_queries(p.queries, corpus_ids=set(seen))
+            stats = {"passages": len(seen), "queries": len(queries)}
+            if shards:
+                stats["shards"] = {k: v["passages"] for k, v in shards.items()}
+            shutil.copyfile(p.queries, tmp / "queries.jsonl")
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            os.replace(tmp / name, OUT / name)
+        shutil.rmtree(SHARDS, ignore_errors=True)
+        os.replace(tmp / "shards", SHARDS)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(stats))
 
 

@@ -58,11 +58,12 @@ def main() -> None:
     enc = Encoder("model", params.gradients, params.correction, params.projection, params.encode,
                   corpus=INPUTS["train"])
     if split in ("shard", "shards"):
-        # shard NAME: one shard's store (one process). shards [NAME...]: every listed shard (default: all) whose
-        # store is missing, rank r of a torchrun job taking whole shards r, r + world, ... (no shared stores)
+        # shard NAME: one shard's store (one process). shards [NAME...]: of the listed shards (default: all, by
+        # name), rank r of a torchrun job owns r, r + world, ... (one writer per store) and encodes those whose
+        # store is missing
         names = sys.argv[2:] or sorted(params.data.shards)
         if split == "shards":
-            names = [s for s in names if not Path(f"encodings/raw/shards/{s}.zarr/zarr.json").exists()][rank::world]
+            names = [s for s in names[rank::world] if not Path(f"encodings/raw/shards/{s}.zarr/zarr.json").exists()]
         for name in names:
             if name not in params.data.shards:
                 raise SystemExit(f"error: params.yaml data.shards has no shard {name!r}")

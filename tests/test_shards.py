@@ -172,3 +172,28 @@ def test_concat_reader_reads_stores_as_one(tmp_path):
     assert [s for s, _ in blocks] == [0, 4, 8, 12, 16, 20] and np.array_equal(np.concatenate([b for _, b in blocks]), want)
     pick = np.array([20, 0, 8, 7, 3, 12])
     assert np.array_equal(r.read_rows(pick), want[pick])
+
+
+def test_torchrun_ranks_take_whole_shards(world, tmp_path):
+    """`torchrun stages/encode.py shards`: each of 2 ranks encodes whole shards into their own stores, equal to
+    the stores of one process; `dvc commit` records them, and no encode_shard@ stage is left to run."""
+    import sys
+
+    import numpy as np
+
+    from tests.pipeline import run
+    from trackstar.store import StoreReader
+
+    repo = shard_repo(tmp_path / "ranks", world, SHARDS)
+    repro(repo, "data", "train")
+    out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+              "stages/encode.py", "shards").stdout
+    assert sorted(json.loads(x)["split"] for x in out.splitlines() if x.startswith("{")) == [f"shard:{s}" for s in SHARDS]
+    ranked = {s: StoreReader(repo / f"encodings/raw/shards/{s}.zarr").read_all() for s in SHARDS}
+    dvc(repo, "commit", "-f", "encode_shard")
+    assert not {s for s in changed(repo) if s.startswith("encode_shard")}
+    for s in SHARDS:  # the same shard encoded by one plain process
+        shutil.rmtree(repo / f"encodings/raw/shards/{s}.zarr")
+    run(repo, sys.executable, "stages/encode.py", "shards")
+    for s in SHARDS:
+        np.testing.assert_array_equal(StoreReader(repo / f"encodings/raw/shards/{s}.zarr").read_all(), ranked[s])
