@@ -2,7 +2,7 @@
 (DESIGN §2 step 4), in the structure the memory plan picks from hessian.structure / hessian.memory_gb (refused
 before any work if none fits). Under torchrun each rank sums its own chunks and an all-reduce adds them up.
 With corpus shards, each shard's rows enter through its partial sums (`autocorrelation_shard@<name>`, computed
-once per shard: `python stages/autocorrelation.py shard NAME`)."""
+once per shard: `python stages/autocorrelation.py shard NAME`; `... shards` makes every missing one)."""
 
 import json
 import os
@@ -68,6 +68,11 @@ def shards_r_train(train: ConcatReader, shards: list[str], blocks, rank: int, wo
 def main() -> None:
     if sys.argv[1:2] == ["shard"]:
         return shard_partial(sys.argv[2])
+    if sys.argv[1:2] == ["shards"]:  # every listed shard without its partial, in one process (then `dvc commit`)
+        for name in sorted(load_params().data.shards):
+            if not Path(f"hessian/partials/{name}.safetensors").exists():
+                shard_partial(name)
+        return
     params = load_params()
     h = params.hessian
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
