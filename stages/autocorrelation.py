@@ -1,5 +1,8 @@
-"""DVC stage `autocorrelation`: R_train and R_eval, the Gauss-Newton Hessian statistics (DESIGN §2
-step 4). Under torchrun each rank sums its own chunks and an all-reduce adds them up."""
+"""DVC stage `autocorrelation`: the diagonal blocks of R_train and R_eval, the Gauss-Newton Hessian statistics
+(DESIGN §2 step 4), in the structure the memory plan picks from hessian.structure / hessian.memory_gb (refused
+before any work if none fits). Under torchrun each rank sums its own chunks and an all-reduce adds them up.
+With corpus shards, each shard's rows enter through its partial sums (`autocorrelation_shard@<name>`, computed
+once per shard: `python stages/autocorrelation.py shard NAME`; `... shards` makes every missing one)."""
 
 import json
 import os
@@ -7,13 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from safetensors.numpy import save_file
 
-from trackstar.config import load_params
-from trackstar.hessian import autocorrelation, autocorrelation_sums
-from trackstar.partials import add_partial, partial_paths, save_partial
+from trackstar.config import EncodeParams, load_params
+from trackstar.data import corpus_files, count_lines
+from trackstar.hessian import autocorrelation, autocorrelation_sums, normalize_sums, save_stats
+from trackstar.partials import add_partial, partial_blocks, partial_paths, save_partial
+from trackstar.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import ConcatReader, StoreReader, corpus_stores
 
@@ -21,64 +23,94 @@ OUT = Path("hessian/stats.safetensors")
 
 
 def all_reduce_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the torchrun processes, in place."""
+    import torch
+    import torch.distributed as dist
+
     t = torch.from_numpy(np.ascontiguousarray(x))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.numpy()
 
 
 def shard_partial(name: str) -> None:
-    """`autocorrelation_shard@<name>`: one shard's unnormalized sums, computed once (docs/shards.md)."""
+    """`autocorrelation_shard@<name>`: one shard's unnormalized sums in the structure the plan picks for the
+    whole corpus (its rows counted from data/), computed once per shard."""
+    h = load_params().hessian
     store = StoreReader(f"encodings/raw/shards/{name}.zarr")
-    blocks = [(0, store.d)]
+    n_train = sum(count_lines(f) for f in corpus_files())
+    blocks = plan(store.attrs["layout"], n_train, count_lines("data/queries.jsonl"), h,
+                  EncodeParams(**store.attrs["encode"])).require().blocks
     sums, n = autocorrelation_sums((x for _, x in store.iter_chunks()), blocks)
     save_partial(f"hessian/partials/{name}.safetensors", sums, n, blocks, store)
-    print(json.dumps({"shard": name, "rows": n, "d": store.d}))
+    print(json.dumps({"shard": name, "rows": n, "d": store.d, "blocks": len(blocks)}))
 
 
-def shards_r_train(train: ConcatReader, shards: list[str], rank: int, world: int, reduce) -> tuple[np.ndarray, int]:
-    """R_train = (the corpus's sums, over this rank's chunks, all-reduced + every shard's partial sums) / N."""
-    blocks = [(0, train.d)]
+def shards_r_train(train: ConcatReader, shards: list[str], blocks, rank: int, world: int,
+                   reduce) -> tuple[list[np.ndarray], int]:
+    """R_train's blocks = (the corpus's sums, over this rank's chunks, all-reduced + every shard's partial
+    sums) / N. A partial made for other blocks (the plan chose another structure since) is recomputed here."""
     sums, n = autocorrelation_sums((x for _, x in train.parts[0].iter_chunks(rank, world)), blocks)
     if reduce is not None:
         sums = [reduce(x) for x in sums]
         n = int(reduce(np.array([n], dtype=np.float64))[0])
     for path, store in zip(partial_paths("hessian/partials", shards), train.parts[1:]):
-        n += add_partial(path, sums, blocks, store)
-    return sums[0] / n, n
+        if partial_blocks(path) == [tuple(b) for b in blocks]:
+            n += add_partial(path, sums, blocks, store)
+        else:
+            print(f"{path}: made for other Hessian blocks; summing {store.path} again", file=sys.stderr)
+            more, m = autocorrelation_sums((x for _, x in store.iter_chunks()), blocks)
+            for s, x in zip(sums, more):
+                s += x
+            n += m
+    return normalize_sums(sums, n), n
 
 
 def main() -> None:
     if sys.argv[1:2] == ["shard"]:
         return shard_partial(sys.argv[2])
+    if sys.argv[1:2] == ["shards"]:  # every listed shard without its partial, in one process (then `dvc commit`)
+        for name in sorted(load_params().data.shards):
+            if not Path(f"hessian/partials/{name}.safetensors").exists():
+                shard_partial(name)
+        return
     params = load_params()
     h = params.hessian
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    reduce = None
-    if world > 1:
-        dist.init_process_group("gloo")
-        reduce = all_reduce_sum
     train = ConcatReader(corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", params.data.shards))
     query = StoreReader("encodings/raw/query.zarr", expect={k: train.attrs[k] for k in ("d", "checkpoint_hash", "config")})
+    p = plan(train.attrs["layout"], train.n, query.n, h, EncodeParams(**train.attrs["encode"]))
+    if rank == 0:
+        print(p.text(), file=sys.stderr)
+    chosen = p.require()
+    blocks = chosen.blocks
+    eval_idx = [i for i, (a, b) in enumerate(blocks) if b - a <= query.n]  # the blocks eigen decomposes R_eval of
+    reduce = None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        reduce = all_reduce_sum
     if params.data.shards and not h.train_sample:  # each shard's rows enter through its partial sums
-        r_train, n_train = shards_r_train(train, sorted(params.data.shards), rank, world, reduce)
+        r_train, n_train = shards_r_train(train, sorted(params.data.shards), blocks, rank, world, reduce)
     else:
-        r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), train.d,
+        r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), blocks,
                                            reduce)
-    r_eval, n_eval = autocorrelation((x for _, x in query.iter_chunks(rank, world)), query.d, reduce)
+    r_eval, n_eval = ([], query.n) if not eval_idx else autocorrelation(
+        (x for _, x in query.iter_chunks(rank, world)), [blocks[i] for i in eval_idx], reduce)
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return
     OUT.parent.mkdir(exist_ok=True)
     meta = {"n_train": n_train, "n_eval": n_eval, "d": train.d, "train_sample": h.train_sample,
-            "trace_train": float(np.trace(r_train)), "trace_eval": float(np.trace(r_eval)),
+            "structure": chosen.structure, "blocks": [list(b) for b in blocks],
+            "chunk_rows": [train.parts[0].chunk_rows, query.chunk_rows],  # with the blocks: the memory estimate
+            "trace_train": float(sum(np.trace(r) for r in r_train)),
             "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"],
             "train_input_sha256": train.attrs["input_sha256"], "query_input_sha256": query.attrs["input_sha256"]}
-    tmp = OUT.with_suffix(".tmp")
-    save_file({"r_train": r_train.astype(np.float32), "r_eval": r_eval.astype(np.float32)}, str(tmp),
-              metadata={"meta": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, OUT)
-    print(json.dumps({"n_train": n_train, "n_eval": n_eval, "d": train.d}))
+    save_stats(OUT, r_train, dict(zip(eval_idx, r_eval)), meta)
+    print(json.dumps({"n_train": n_train, "n_eval": n_eval, "d": train.d, "structure": chosen.structure,
+                      "blocks": len(blocks)}))
 
 
 if __name__ == "__main__":

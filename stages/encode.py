@@ -3,7 +3,9 @@ a chunked Zarr store.
 
 Resumable: chunks finished before a crash are kept in .work/ and skipped. Under torchrun each
 rank writes its own whole chunks (rank 0 creates the store, then a barrier). `encode.py shards` encodes
-every shard whose store is missing, ranks taking whole shards (docs/shards.md).
+every shard whose store is missing, ranks taking whole shards (docs/shards.md). Prints the memory plan of the
+Hessian stages first and refuses to start when no structure fits hessian.memory_gb: a check only (the hessian
+params are not this stage's DVC params, so editing them never re-encodes).
 """
 
 import json
@@ -14,10 +16,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from trackstar.config import load_params
-from trackstar.data import count_lines
+from trackstar.data import corpus_files, count_lines
 from trackstar.encode import encode_to_store
 from trackstar.encoder import Encoder
 from trackstar.fingerprint import file_sha256
+from trackstar.moments import MOMENTS_FILE
+from trackstar.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import StoreWriter
 
@@ -56,7 +60,12 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     enc = Encoder("model", params.gradients, params.correction, params.projection, params.encode,
-                  corpus=INPUTS["train"])
+                  moments=MOMENTS_FILE)
+    n_train = sum(count_lines(f) for f in corpus_files())  # the corpus and its shards
+    p = plan(enc.attrs["layout"], n_train, count_lines(INPUTS["query"]), params.hessian, params.encode)
+    if rank == 0:
+        print(p.text(), file=sys.stderr)
+    p.require()
     if split in ("shard", "shards"):
         # shard NAME: one shard's store (one process). shards [NAME...]: of the listed shards (default: all, by
         # name), rank r of a torchrun job owns r, r + world, ... (one writer per store) and encodes those whose

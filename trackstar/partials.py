@@ -37,6 +37,14 @@ def save_partial(path: str | Path, sums: list[np.ndarray], n: int, blocks: list[
     os.replace(tmp, path)
 
 
+def partial_blocks(path: str | Path) -> list[tuple[int, int]]:
+    """The Hessian blocks a partial was computed for."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return [tuple(b) for b in json.loads(f.metadata()["info"])["blocks"]]
+
+
 def add_partial(path: str | Path, sums: list[np.ndarray], blocks: list[tuple[int, int]], store: StoreReader) -> int:
     """sums += the file's sums (float64, in place); returns its row count. Refuses a file computed from other
     rows or blocks than `store` and `blocks`."""
