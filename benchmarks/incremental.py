@@ -237,6 +237,36 @@ def scale(work: Path, shards: int, per_shard: int) -> dict:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The benchmarks/README section from a results file (`--markdown`)."""
+    out = []
+    for name in ("large", "default"):
+        r = res.get(name)
+        if not r:
+            continue
+        out += [f"**{name}** ({r['passages']:,} passages, d = {r['d']:,}, hidden {r['model']['hidden']}, "
+                f"{r['model']['layers']} layers; s5 = {r['added_passages']:,} passages): full build from scratch "
+                f"**{r['full_build_s']:.0f} s**, adding s5 **{r['add_shard_s']:.0f} s = "
+                f"{100 * r['add_shard_vs_full']:.0f} %** of it; scores equal to the full build row for row: "
+                f"**{str(r['scores_equal_from_scratch']).lower()}**.", "",
+                "| stage | full build (s) | add s5 (s) |", "|---|---|---|"]
+        for st in dict.fromkeys([*r["full_stage_s"], *r["add_stage_s"]]):
+            f, a = r["full_stage_s"].get(st), r["add_stage_s"].get(st)
+            out.append(f"| `{st}` | {'' if f is None else f'{f:.1f}'} | {'' if a is None else f'{a:.1f}'} |")
+        out.append("")
+    sc = res.get("scale")
+    if sc:
+        out += [f"**scale** ({sc['shards']} shards of {sc['passages_per_shard']} passages, {sc['stages']} stages, "
+                f"{sc['files_per_shard_store']} files per shard store): `dvc status` "
+                f"**{sc['dvc_status_median_s']:.1f} s** (median of {len(sc['dvc_status_s'])}), no-op `dvc repro` "
+                f"**{sc['noop_repro_median_s']:.1f} s**, first `dvc push` to a local-directory remote "
+                f"**{sc['dvc_push_first_s']:.1f} s** ({sc['remote_files']:,} files), a second push "
+                f"{sc['dvc_push_again_s']:.1f} s; all shards encoded in one process "
+                f"{sc['encode_and_partials_one_process_s']:.0f} s, `dvc commit` of their "
+                f"{2 * sc['shards']} stages {sc['dvc_commit_shard_stages_s']:.1f} s.", ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
@@ -246,7 +276,11 @@ def main() -> None:
     ap.add_argument("--large-layers", type=int, default=2)
     ap.add_argument("--scale-shards", type=int, default=100)
     ap.add_argument("--out", default=str(HERE / "results/incremental.json"))
+    ap.add_argument("--markdown", action="store_true", help="print the README section of --out and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
