@@ -185,7 +185,7 @@ def test_torchrun_ranks_take_whole_shards(world, tmp_path):
     from trackstar.store import StoreReader
 
     repo = shard_repo(tmp_path / "ranks", world, SHARDS)
-    repro(repo, "data", "train")
+    repro(repo, "data", "train", "moments")  # what encode_shard@ reads
     out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
               "stages/encode.py", "shards").stdout
     assert sorted(json.loads(x)["split"] for x in out.splitlines() if x.startswith("{")) == [f"shard:{s}" for s in SHARDS]
