@@ -293,8 +293,8 @@ def main() -> None:
     def save() -> None:  # after every scenario: a later one may not finish
         if "large" in res:
             res["add_shard_vs_full"] = res["large"]["add_shard_vs_full"]
-        res["scores_equal_from_scratch"] = all(res[s]["scores_equal_from_scratch"] for s in ("default", "large")
-                                               if s in res)
+        compared = [res[s]["scores_equal_from_scratch"] for s in ("default", "large") if s in res]
+        res["scores_equal_from_scratch"] = bool(compared) and all(compared)  # false when nothing was compared
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
 
