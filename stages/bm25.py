@@ -4,7 +4,7 @@ import json
 
 from trackstar.bm25 import bm25_search
 from trackstar.config import load_params
-from trackstar.data import iter_corpus, read_queries
+from trackstar.data import corpus_files, iter_corpus, read_queries
 from trackstar.results import make_result, write_results
 from trackstar.runner import run_main
 
@@ -12,10 +12,10 @@ from trackstar.runner import run_main
 def main() -> None:
     p = load_params().bm25
     queries = read_queries("data/queries.jsonl")
-    hits = bm25_search(((x.id, x.text) for x in iter_corpus("data/corpus.jsonl")),
+    hits = bm25_search(((x.id, x.text) for x in iter_corpus(corpus_files())),
                        ((q.id, q.prompt + q.target) for q in queries), p.k, p.k1, p.b)
     need = {i for ids, _ in hits for i in ids}
-    text = {x.id: x.text for x in iter_corpus("data/corpus.jsonl") if x.id in need}
+    text = {x.id: x.text for x in iter_corpus(corpus_files()) if x.id in need}
     write_results("retrievals/bm25.jsonl", (make_result(q.id, q.prompt, q.target, ids, scores, text, query_set="bm25")
                                             for q, (ids, scores) in zip(queries, hits)))
     print(json.dumps({"queries": len(queries)}))

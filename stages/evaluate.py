@@ -8,7 +8,7 @@ import trackstar.examples as examples_lib
 import trackstar.tailpatch as tailpatch_lib
 from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
-from trackstar.data import iter_corpus, read_queries
+from trackstar.data import corpus_files, iter_corpus, read_queries
 from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
 from trackstar.examples import pad_token_id, passage_example, query_example
 from trackstar.memo import Memo, code_hash, memo_key
@@ -28,7 +28,7 @@ def main() -> None:
     for path in sorted(Path("retrievals/ladder").glob("*.jsonl")):
         rankings[path.stem] = read_results(path)
     ranked = {m: {r.example_id: r.proponent_ids for r in res} for m, res in rankings.items()}
-    passage_ids = [p.id for p in iter_corpus("data/corpus.jsonl")]
+    passage_ids = [p.id for p in iter_corpus(corpus_files())]
     k = max(len(v) for v in ranked["trackstar"].values())
     ranked["random"] = dict(zip([q.id for q in queries], random_ranking(passage_ids, len(queries), k, e.seed)))
     metrics = metrics_table(ranked, relevant)
@@ -40,7 +40,7 @@ def main() -> None:
     if e.tail_patch_queries:
         sample = queries[: e.tail_patch_queries]
         need = {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
-        text = {p.id: p.text for p in iter_corpus("data/corpus.jsonl") if p.id in need}
+        text = {p.id: p.text for p in iter_corpus(corpus_files()) if p.id in need}
         state = load_second_moments("model")
         props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
                      for q in sample] for m in ranked}

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from trackstar.config import load_params
-from trackstar.data import read_queries
+from trackstar.data import corpus_files, read_queries
 from trackstar.hessian import block_dampings, load_basis, train_whitening, whiten
 from trackstar.results import write_retrievals
 from trackstar.retrieve import exact_search
 from trackstar.runner import run_main
-from trackstar.store import StoreReader
+from trackstar.store import ConcatReader, StoreReader, corpus_stores
 
 # rung -> (raw array, uses W_train, unit-normalize)
 LADDER = {"dot": ("g_plain", False, False), "cosine": ("g_plain", False, True), "optimizer": ("g", False, True),
@@ -35,13 +35,13 @@ def main() -> None:
         w_train = train_whitening(blocks, block_dampings(blocks, params.hessian.damping, basis["n_train"]))
     for method in r.methods:
         array, whitened, norm = LADDER[method]
-        train = StoreReader("encodings/raw/train.zarr", array=array)
+        train = ConcatReader(corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", params.data.shards), array)
         query = StoreReader("encodings/raw/query.zarr", array=array, expect={"checkpoint_hash": train.attrs["checkpoint_hash"]})
         w = w_train if whitened else None
         found = exact_search(whiten(query.read_all(), w, norm), train.iter_chunks(), min(r.k, train.n),
                              transform=lambda x, w=w, norm=norm: whiten(x, w, norm), query_batch=r.query_batch,
                              total_rows=train.n)
-        write_retrievals(OUT / f"{method}.jsonl", queries, found, "data/corpus.jsonl", method)
+        write_retrievals(OUT / f"{method}.jsonl", queries, found, corpus_files(), method)
     print(json.dumps({"queries": len(queries), "methods": r.methods, "seconds": round(time.time() - t0, 1)}))
 
 

@@ -4,25 +4,30 @@
 import json
 import sys
 
+from trackstar.config import load_params
 from trackstar.hessian import load_whitening, whiten
 from trackstar.runner import run_main
-from trackstar.store import StoreReader, StoreWriter
+from trackstar.store import ConcatReader, StoreWriter, corpus_stores
 
 
 def main() -> None:
     split = sys.argv[1]
     w, meta = load_whitening("hessian/w_mix.safetensors", "hessian/eigen.safetensors")
-    raw = StoreReader(f"encodings/raw/{split}.zarr", expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"],
-                                                             "config": meta["encode_config"]})
+    paths = (corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", load_params().data.shards)
+             if split == "train" else ["encodings/raw/query.zarr"])
+    raw = ConcatReader(paths,
+                       expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"], "config": meta["encode_config"]})
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
                                        "config", "split", "input_sha256")}
     attrs.update(whitening_id=meta["whitening_id"], preconditioned=True, normalized=True)
+    if len(raw.parts) > 1:  # the corpus, then its shards
+        attrs["shards"] = {p.attrs["split"]: p.attrs["input_sha256"] for p in raw.parts[1:]}
     writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
                          raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
     writer.prepare()
     todo = set(writer.pending())
     rows = {}
-    for start, x in raw.iter_chunks():  # chunk boundaries coincide: same n, d, dtype and chunk_mb
+    for start, x in raw.iter_blocks(writer.chunk_rows):  # the final store's chunks, across shard boundaries
         c = start // writer.chunk_rows
         if c in todo:
             rows = {"g": whiten(x, w, normalize=True)}

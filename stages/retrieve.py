@@ -5,7 +5,7 @@ import json
 import time
 
 from trackstar.config import load_params
-from trackstar.data import read_queries
+from trackstar.data import corpus_files, read_queries
 from trackstar.index import load_index, search
 from trackstar.results import write_retrievals
 from trackstar.runner import run_main
@@ -26,7 +26,7 @@ def main() -> None:
     if short:
         print(f"warning: {short} queries got fewer than k={k} index hits (probed IVF lists too small); "
               f"raise index.nprobe (now {ix.nprobe}) or lower index.nlist", flush=True)
-    write_retrievals("retrievals/trackstar.jsonl", queries, found, "data/corpus.jsonl", "trackstar")
+    write_retrievals("retrievals/trackstar.jsonl", queries, found, corpus_files(), "trackstar")
     print(json.dumps({"queries": len(queries), "seconds": round(time.time() - t0, 1)}))
 
 

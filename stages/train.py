@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trackstar.checkpoint import context_length, load_checkpoint, load_second_moments, load_source, save_checkpoint
 from trackstar.config import TrainParams, load_params, param_error
-from trackstar.data import iter_corpus
+from trackstar.data import corpus_files, iter_corpus
 from trackstar.runner import run_main
 
 OUT = Path("model")
@@ -49,7 +49,7 @@ def main() -> None:
 
     from trackstar.train import ModelConfig, build_model, pretrain, train_tokenizer
 
-    texts = [x.text for x in iter_corpus("data/corpus.jsonl")]
+    texts = [x.text for x in iter_corpus(corpus_files())]
     t0 = time.time()
     if m.source == "finetune":
         model, tok = load_source(m.checkpoint)

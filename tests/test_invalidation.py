@@ -43,6 +43,8 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "data.paraphrases": (3, {"data"}),
     "data.question_fraction": (0.25, {"data"}),
     "data.distractors_per_entity": (2, {"data"}),
+    "data.text_column": ("body", {"data"}),
+    "data.id_column": ("doc_id", {"data"}),
     "model.source": ("checkpoint", {"train"}),
     "model.checkpoint": ("inputs/other_checkpoint", {"train"}),
     "model.vocab_size": (320, {"train"}),

@@ -15,13 +15,13 @@ from .runner import flush_denormals, run_main
 
 def _trace(args: argparse.Namespace) -> None:
     from .config import load_params
-    from .data import iter_corpus
+    from .data import corpus_files, iter_corpus
 
     root = Path(args.root)
     params = load_params(root / "params.yaml")
     if args.method == "bm25":
         from .bm25 import bm25_search
-        (ids, scores), = bm25_search(((p.id, p.text) for p in iter_corpus(root / "data/corpus.jsonl")),
+        (ids, scores), = bm25_search(((p.id, p.text) for p in iter_corpus(corpus_files(root / "data"))),
                                      [("q", args.prompt + args.target)], args.k, params.bm25.k1, params.bm25.b)
         top = list(zip(ids, scores))
         bottom: list[tuple[str, float]] = []
@@ -55,11 +55,11 @@ def _trace(args: argparse.Namespace) -> None:
         (ts, ti), (bs, bi) = valid_hits(ts[0], ti[0]), valid_hits(bs[0], bi[0])
         ts, ti, bs, bi = ts[None], ti[None], bs[None], bi[None]
         rows = set(ti[0].tolist()) | set(bi[0].tolist())
-        text = {i: p for i, p in enumerate(iter_corpus(root / "data/corpus.jsonl")) if i in rows}
+        text = {i: p for i, p in enumerate(iter_corpus(corpus_files(root / "data"))) if i in rows}
         top = [(text[r].id, float(s)) for r, s in zip(ti[0], ts[0])]
         bottom = [(text[r].id, float(s)) for r, s in zip(bi[0], bs[0])]
     need = {i for i, _ in top + bottom}
-    texts = {p.id: p.text for p in iter_corpus(root / "data/corpus.jsonl") if p.id in need}
+    texts = {p.id: p.text for p in iter_corpus(corpus_files(root / "data")) if p.id in need}
     if args.json:
         print(json.dumps({"inputs_plaintext": args.prompt, "targets_plaintext": args.target, "method": args.method,
                           "proponent_ids": [i for i, _ in top], "proponent_scores": [s for _, s in top],
@@ -79,7 +79,7 @@ def _trace(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     """Print the memory plan for the current params.yaml, model and data (exit 2 if no structure fits)."""
     from .config import load_params
-    from .data import count_lines
+    from .data import corpus_files, count_lines
     from .errors import TrackStarError
     from .plan import plan
 
@@ -96,7 +96,8 @@ def _plan(args: argparse.Namespace) -> None:
 
     g = params.gradients
     layers = find_layers(load_checkpoint(model)[0], g.include, g.exclude, g.include_lm_head)
-    p = plan(layout(layers, params.projection.k_for(len(layers))), count_lines(corpus), count_lines(queries),
+    p = plan(layout(layers, params.projection.k_for(len(layers))),
+             sum(count_lines(f) for f in corpus_files(root / "data")), count_lines(queries),
              params.hessian, params.encode)
     print(p.text())
     p.require(str(root / "params.yaml"))

@@ -6,6 +6,7 @@ Each DVC stage reads only its own sections, so an edit invalidates exactly what 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -34,6 +35,20 @@ class DataParams(_Section):
     confusers_per_entity: int = Field(2, ge=0)
     confuser_true_value: float = Field(0.5, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
+    text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
+    id_column: str = Field("id", min_length=1)  # field / column holding the passage id
+    shards: dict[str, str] = {}  # name -> file under inputs/data/: more corpus, one encode_shard@<name> stage each
+
+    @model_validator(mode="after")
+    def _shards(self) -> "DataParams":
+        for name, path in self.shards.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"data.shards: name {name!r} must be letters, digits, '_', '.', '-' (it names a stage)")
+            if not str(Path(path)).startswith("inputs/data/"):
+                raise ValueError(f"data.shards.{name}: {path!r} must lie under inputs/data/ (the data stage's input)")
+        if self.shards and self.source != "files":
+            raise ValueError("data.shards needs data.source: files (the generated world is one corpus)")
+        return self
 
 
 class ModelParams(_Section):

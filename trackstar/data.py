@@ -88,16 +88,27 @@ def _check_unicode(path, n: int, v: str, name: str) -> None:
                          line=n, field=name) from None
 
 
-def iter_corpus(path) -> Iterator[Passage]:
-    """Stream passages from corpus.jsonl, validating each line (ids must be unique)."""
-    seen: dict[str, int] = {}
-    for n, obj in _iter_objects(path):
-        pid = _req_str(path, n, obj, "id")
-        text = _req_str(path, n, obj, "text")
-        if pid in seen:
-            raise InputError(str(path), f"duplicate id {pid!r} (first on line {seen[pid]})", line=n, field="id")
-        seen[pid] = n
-        yield Passage(pid, text)
+def iter_corpus(path, text_field: str = "text", id_field: str = "id") -> Iterator[Passage]:
+    """Stream passages from corpus.jsonl, validating each line (ids must be unique). `path` may be a list
+    of files read one after the other as one corpus (the base corpus, then its shards): ids unique across all."""
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    seen: dict[str, tuple[str, int]] = {}
+    for one in paths:
+        for n, obj in _iter_objects(one):
+            pid = _req_str(one, n, obj, id_field)
+            text = _req_str(one, n, obj, text_field)
+            if pid in seen:
+                first = seen[pid]
+                where = f"line {first[1]}" if first[0] == str(one) else f"{first[0]}:{first[1]}"
+                raise InputError(str(one), f"duplicate id {pid!r} (first on {where})", line=n, field=id_field)
+            seen[pid] = (str(one), n)
+            yield Passage(pid, text)
+
+
+def corpus_files(data_dir: str | Path = "data") -> list[Path]:
+    """The corpus as the pipeline stores it: data/corpus.jsonl, then data/shards/*.jsonl by name (docs/shards.md)."""
+    data_dir = Path(data_dir)
+    return [data_dir / "corpus.jsonl", *sorted((data_dir / "shards").glob("*.jsonl"))]
 
 
 def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:

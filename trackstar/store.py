@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
@@ -208,3 +208,72 @@ class StoreReader:
         if not path.is_file() or path.stat().st_size != dtype.itemsize * shape[0] * shape[1]:
             return None  # e.g. a chunk never written because it equals the fill value
         return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+class ConcatReader:
+    """Several complete stores read as one [N, d] store, rows in the given order: the corpus's store, then
+    its shards' (docs/shards.md). Every part must agree on d, dtype, checkpoint and encoding config."""
+
+    def __init__(self, paths: list[str | Path], array: str = "g", expect: dict | None = None):
+        self.parts = [StoreReader(p, array, expect) for p in paths]
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            for key in ("d", "dtype", "checkpoint_hash", "config"):
+                if json.dumps(part.attrs.get(key), sort_keys=True) != json.dumps(first.attrs.get(key), sort_keys=True):
+                    raise ArtifactMismatch(f"{part.path}: attr '{key}' differs from {first.path}; run `dvc repro`")
+        self.attrs, self.d, self.dtype = first.attrs, first.d, first.dtype
+        self.offsets = np.cumsum([0] + [p.n for p in self.parts])
+        self.n = int(self.offsets[-1])
+        self.path = first.path
+
+    def iter_chunks(self, rank: int = 0, world: int = 1, stop: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(global start row, float32 rows) per stored chunk, parts in order; chunks numbered across parts and
+        dealt round-robin to ranks; `stop` > 0 ends at that global row."""
+        end = min(self.n, stop) if stop else self.n
+        c = 0
+        for off, part in zip(self.offsets[:-1].tolist(), self.parts):
+            if off >= end:
+                break
+            for start, x in part.iter_chunks(stop=end - off):
+                if c % world == rank:
+                    yield off + start, x
+                c += 1
+
+    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows) in blocks of `rows` rows (the last shorter) across part boundaries: the chunking of a
+        store over all rows, whatever the parts' own chunk sizes."""
+        buf, have, start = [], 0, 0
+        for _, x in self.iter_chunks():
+            while len(x):
+                take = min(rows - have, len(x))
+                buf.append(x[:take])
+                have, x = have + take, x[take:]
+                if have == rows:
+                    yield start, np.concatenate(buf) if len(buf) > 1 else buf[0]
+                    start, buf, have = start + rows, [], 0
+        if have:
+            yield start, np.concatenate(buf)
+
+    def read_all(self) -> np.ndarray:
+        return np.concatenate([p.read_all() for p in self.parts])
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in the given order, each part's rows read grouped by chunk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i in np.unique(part):
+            sel = np.flatnonzero(part == i)
+            out[sel] = self.parts[i].read_rows(rows[sel] - self.offsets[i])
+        return out
+
+
+def corpus_stores(base: str | Path, shard_dir: str | Path, shards: Iterable[str]) -> list[Path]:
+    """The corpus's store, then one store per shard by name; refuses a store in `shard_dir` that is no
+    listed shard (a removed shard's encodings left behind would silently change what DVC hashes)."""
+    names = sorted(shards)
+    stray = sorted(p.name for p in Path(shard_dir).glob("*.zarr") if p.name[:-5] not in names)
+    if stray:
+        raise TrackStarError(f"{Path(shard_dir) / stray[0]}: not a shard in params.yaml data.shards (a removed shard's "
+                             f"encodings); delete it (rm -r {Path(shard_dir) / stray[0]})")
+    return [Path(base), *(Path(shard_dir) / f"{n}.zarr" for n in names)]

@@ -1,0 +1,316 @@
+"""A corpus that grows: time to add a shard of 10 % of the corpus against a full rebuild, with a fixed
+checkpoint (`model.source: checkpoint`), and DVC's own costs at >= 100 shards.
+
+Scenarios (each in fresh clones of this repo under --work, the current Python environment):
+  default  the embedded fact world (2.8k passages, the default model size and params) cut into the corpus
+           (50 %) + shards s1..s4 (10 % each); then s5 (10 %) is added. A fixed checkpoint: the default model
+           size after a few AdamW steps (so it has second moments).
+  large    the same on a larger generated world (>= 50k short passages) and a wider model (hidden 256) at
+           projection.k 8, so that encoding is the bulk of the work as it is at scale.
+  scale    --scale-shards tiny shards (tiny model): `dvc status`, a no-op `dvc repro` and `dvc push` to a
+           local-directory remote, files per shard.
+For default / large: a full build from scratch of the corpus + s1..s5; in another clone the base build (corpus +
+s1..s4, sharing the first clone's DVC cache, so its encodings come from the run-cache); then s5 is added and
+`dvc repro --no-run-cache` timed per stage (s5 encoded, everything after it recomputed, nothing restored). The
+add's retrievals (trackstar and every ladder rung) must equal the full build's row for row (ids and float
+scores). eval.tail_patch_queries is 0 in both builds (the same in both; tail-patch costs nothing shard-specific).
+
+    nice -n 10 python benchmarks/incremental.py [--scenarios default,large,scale]
+
+Writes benchmarks/results/incremental.json (add_shard_vs_full: the large scenario's ratio;
+scores_equal_from_scratch: true only if every compared scenario matched row for row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline import REPO, env, timed_repro  # benchmarks/pipeline.py: clone env, timed `dvc repro`
+
+HERE = Path(__file__).resolve().parent
+ENCODE = ("encode@", "encode_shard@")
+
+
+def run(repo: Path, *cmd: str) -> str:
+    proc = subprocess.run(list(cmd), cwd=repo, env=env(repo), capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed in {repo}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def git(repo: Path, *args: str) -> None:
+    run(repo, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args)
+
+
+def world(entities: int, seed: int = 0):
+    """The generated world at this size (passages already shuffled)."""
+    from trackstar.data import FactWorldConfig, generate_fact_world
+
+    return generate_fact_world(FactWorldConfig(seed=seed, entities=entities))
+
+
+def split(passages, queries, parts: dict[str, float], max_queries: int):
+    """Consecutive slices of the (shuffled) passages by fraction; queries whose relevant passages all lie
+    outside the last part, which is the one added later (a query must resolve before and after)."""
+    out, start = {}, 0
+    for i, (name, frac) in enumerate(parts.items()):
+        stop = len(passages) if i == len(parts) - 1 else start + round(frac * len(passages))
+        out[name] = passages[start:stop]
+        start = stop
+    late = {p.id for p in out[list(parts)[-1]]}
+    keep = [q for q in queries if not late & set(q.relevant_ids or [])][:max_queries]
+    return out, keep
+
+
+def checkpoint(out: Path, texts: list[str], hidden: int, layers: int, vocab: int, steps: int = 3) -> None:
+    """A fixed checkpoint: BPE tokenizer on the texts, a seeded Llama, a few AdamW steps (second moments)."""
+    import torch
+
+    from trackstar.checkpoint import save_checkpoint
+    from trackstar.examples import collate, passage_example
+    from trackstar.train import ModelConfig, build_model, train_tokenizer
+
+    tok = train_tokenizer(texts[:20000], vocab)
+    model = build_model(ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
+                                    intermediate_size=4 * hidden), tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for s in range(steps):
+        b = collate([passage_example(tok, t, 64) for t in texts[32 * s: 32 * (s + 1)]], tok.pad_token_id)
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(model, tok, opt, out)
+
+
+def make_repo(dest: Path, ckpt: Path, parts: dict, queries, shards: list[str], params: dict) -> Path:
+    """A clone with inputs/data/{corpus,queries}.jsonl, the listed shards, the checkpoint and params, committed."""
+    from trackstar.data import query_record, write_jsonl
+
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    (dest / "inputs/data/shards").mkdir(parents=True, exist_ok=True)
+    write_jsonl(dest / "inputs/data/corpus.jsonl", ({"id": p.id, "text": p.text} for p in parts["corpus"]))
+    write_jsonl(dest / "inputs/data/queries.jsonl", (query_record(q) for q in queries))
+    for s in shards:
+        write_jsonl(dest / f"inputs/data/shards/{s}.jsonl", ({"id": p.id, "text": p.text} for p in parts[s]))
+    shutil.rmtree(dest / "inputs/checkpoint")
+    shutil.copytree(ckpt, dest / "inputs/checkpoint")
+    set_params(dest, {**params, "data": {**params.get("data", {}),
+                                         "shards": {s: f"inputs/data/shards/{s}.jsonl" for s in shards}}})
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "inputs")
+    return dest
+
+
+def set_params(repo: Path, over: dict) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in over.items():
+        p.setdefault(section, {}).update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def retrievals(repo: Path) -> dict:
+    out = {}
+    for f in sorted([repo / "retrievals/trackstar.jsonl", *(repo / "retrievals/ladder").glob("*.jsonl")]):
+        out[f.name] = [(r["example_id"], r["proponent_ids"], r["proponent_scores"], r["opponent_ids"],
+                        r["opponent_scores"]) for r in map(json.loads, f.read_text().splitlines())]
+    return out
+
+
+def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, layers: int, vocab: int,
+         params: dict) -> dict:
+    """Base build, add s5 (timed per stage, dvc status captured), full build from scratch; compare scores."""
+    passages, queries, _ = world(entities)
+    parts, queries = split(passages, queries, {"corpus": .5, "s1": .1, "s2": .1, "s3": .1, "s4": .1, "s5": .1},
+                           max_queries)
+    ckpt = work / f"{name}-checkpoint"
+    checkpoint(ckpt, [p.text for p in passages], hidden, layers, vocab)
+    params = {**params, "model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0},
+              "data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl"}}
+    base = ["s1", "s2", "s3", "s4"]
+    # the full build from scratch first; the base build (corpus + s1..s4) shares its DVC cache, so its encodings
+    # come from the run-cache (the base's own cost is not what is measured); the add then runs with
+    # --no-run-cache, so s5 is encoded and everything after it recomputed, nothing restored
+    scratch = make_repo(work / f"{name}-scratch", ckpt, parts, queries, [*base, "s5"], params)
+    full_s, full_stages, _ = timed_repro(scratch)
+    print(f"[{name}] full build from scratch ({len(passages)} passages): {full_s:.1f} s", flush=True)
+    full_scores = retrievals(scratch)
+
+    repo = make_repo(work / f"{name}-grow", ckpt, parts, queries, base, params)
+    run(repo, "dvc", "cache", "dir", str(scratch / ".dvc/cache"))
+    base_s, base_stages, base_ran = timed_repro(repo)
+    print(f"[{name}] base build (corpus + 4 shards, encodings from the shared cache): {base_s:.1f} s", flush=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+
+    from trackstar.data import write_jsonl
+    write_jsonl(repo / "inputs/data/shards/s5.jsonl", ({"id": p.id, "text": p.text} for p in parts["s5"]))
+    set_params(repo, {"data": {"shards": {s: f"inputs/data/shards/{s}.jsonl" for s in [*base, "s5"]}}})
+    status = run(repo, "dvc", "status")
+    add_s, add_stages, add_ran = timed_repro(repo, "--no-run-cache")
+    assert [s for s in add_ran if s.startswith(ENCODE)] == ["encode_shard@s5"], add_ran
+    print(f"[{name}] add s5 ({len(parts['s5'])} passages): {add_s:.1f} s; ran {add_ran}", flush=True)
+    grown = retrievals(repo)
+    equal = full_scores == grown
+    print(f"[{name}] add / full = {add_s / full_s:.3f}; scores equal from scratch: {equal}", flush=True)
+    encode_full = sum(s for k, s in full_stages.items() if k.startswith(ENCODE))
+    out = {"passages": len(passages), "queries": len(queries), "added_passages": len(parts["s5"]),
+           "model": {"hidden": hidden, "layers": layers, "vocab": vocab},
+           "d": json.loads((repo / "encodings/raw/shards/s5.zarr/zarr.json").read_text())["attributes"]["d"],
+           "params": params, "base_build_s": base_s, "base_stages_run": base_ran, "add_shard_s": add_s, "full_build_s": full_s,
+           "add_shard_vs_full": add_s / full_s, "scores_equal_from_scratch": equal,
+           "add_stages_run": add_ran, "add_stage_s": add_stages, "full_stage_s": full_stages,
+           "full_encode_s": encode_full,
+           "add_encode_s": sum(s for k, s in add_stages.items() if k.startswith(ENCODE)),
+           "add_after_r_s": sum(s for k, s in add_stages.items()
+                                if k in ("autocorrelation", "eigen", "hessian", "precondition@train",
+                                         "precondition@query", "index", "retrieve", "ladder")),
+           "dvc_status_after_add": status}
+    for d in (repo, scratch):
+        shutil.rmtree(d)
+    return out
+
+
+def scale(work: Path, shards: int, per_shard: int) -> dict:
+    """Tiny shards: encode them all in one process (`encode.py shards`) + `dvc commit`, build the rest, then time
+    `dvc status`, a no-op `dvc repro` and `dvc push` to a local-directory remote."""
+    entities = max(12, shards * per_shard // 14 + 1)
+    passages, queries, _ = world(entities)
+    names = [f"s{i:04d}" for i in range(shards)]
+    fracs = {"corpus": per_shard / len(passages), **{n: per_shard / len(passages) for n in names}, "rest": 0.0}
+    parts, queries = split(passages, queries, fracs, 50)
+    ckpt = work / "scale-checkpoint"
+    checkpoint(ckpt, [p.text for p in passages], 32, 2, 300)
+    params = {"model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0}, "projection": {"k": 4},
+              "hessian": {"mix_k": 5}, "retrieve": {"k": 10}, "bm25": {"k": 10},
+              "data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl"}}
+    repo = make_repo(work / "scale", ckpt, parts, queries, names, params)
+    t = time.perf_counter()
+    run(repo, "dvc", "repro", "data", "train", "moments", "encode@train", "encode@query")
+    run(repo, sys.executable, "stages/encode.py", "shards")
+    run(repo, sys.executable, "stages/autocorrelation.py", "shards")
+    encode_all_s = time.perf_counter() - t
+    t = time.perf_counter()
+    run(repo, "dvc", "commit", "-f", "encode_shard", "autocorrelation_shard")
+    commit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ran = timed_repro(repo)[2]
+    rest_s = time.perf_counter() - t
+    assert not any(s.startswith(("encode", "autocorrelation_shard")) for s in ran), ran
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "built")
+
+    def timed(*cmd: str, reps: int = 3) -> list[float]:
+        out = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            run(repo, *cmd)
+            out.append(time.perf_counter() - t)
+        return out
+
+    status_s = timed("dvc", "status")
+    noop_s = timed("dvc", "repro")
+    remote = work / "scale-remote"
+    run(repo, "dvc", "remote", "add", "-d", "local", str(remote))
+    push_s = timed("dvc", "push", reps=1)
+    repush_s = timed("dvc", "push", reps=1)
+    store_files = [sum(1 for f in p.rglob("*") if f.is_file()) for p in (repo / "encodings/raw/shards").glob("*.zarr")]
+    remote_files = sum(1 for f in remote.rglob("*") if f.is_file())
+    out = {"shards": shards, "passages_per_shard": per_shard, "stages": len(run(repo, "dvc", "stage", "list").splitlines()),
+           "encode_and_partials_one_process_s": encode_all_s, "dvc_commit_shard_stages_s": commit_s,
+           "rest_of_pipeline_s": rest_s, "dvc_status_s": status_s, "dvc_status_median_s": statistics.median(status_s),
+           "noop_repro_s": noop_s, "noop_repro_median_s": statistics.median(noop_s), "dvc_push_first_s": push_s[0],
+           "dvc_push_again_s": repush_s[0], "files_per_shard_store": max(store_files), "remote_files": remote_files}
+    print(f"[scale] {json.dumps(out)}", flush=True)
+    shutil.rmtree(repo)
+    shutil.rmtree(remote)
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The benchmarks/README section from a results file (`--markdown`)."""
+    out = []
+    for name in ("large", "default"):
+        r = res.get(name)
+        if not r:
+            continue
+        out += [f"**{name}** ({r['passages']:,} passages, d = {r['d']:,}, hidden {r['model']['hidden']}, "
+                f"{r['model']['layers']} layers; s5 = {r['added_passages']:,} passages): full build from scratch "
+                f"**{r['full_build_s']:.0f} s**, adding s5 **{r['add_shard_s']:.0f} s = "
+                f"{100 * r['add_shard_vs_full']:.0f} %** of it; scores equal to the full build row for row: "
+                f"**{str(r['scores_equal_from_scratch']).lower()}**.", "",
+                "| stage | full build (s) | add s5 (s) |", "|---|---|---|"]
+        for st in dict.fromkeys([*r["full_stage_s"], *r["add_stage_s"]]):
+            f, a = r["full_stage_s"].get(st), r["add_stage_s"].get(st)
+            out.append(f"| `{st}` | {'' if f is None else f'{f:.1f}'} | {'' if a is None else f'{a:.1f}'} |")
+        out.append("")
+    sc = res.get("scale")
+    if sc:
+        out += [f"**scale** ({sc['shards']} shards of {sc['passages_per_shard']} passages, {sc['stages']} stages, "
+                f"{sc['files_per_shard_store']} files per shard store): `dvc status` "
+                f"**{sc['dvc_status_median_s']:.1f} s** (median of {len(sc['dvc_status_s'])}), no-op `dvc repro` "
+                f"**{sc['noop_repro_median_s']:.1f} s**, first `dvc push` to a local-directory remote "
+                f"**{sc['dvc_push_first_s']:.1f} s** ({sc['remote_files']:,} files), a second push "
+                f"{sc['dvc_push_again_s']:.1f} s; all shards encoded in one process "
+                f"{sc['encode_and_partials_one_process_s']:.0f} s, `dvc commit` of their "
+                f"{2 * sc['shards']} stages {sc['dvc_commit_shard_stages_s']:.1f} s.", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
+    ap.add_argument("--scenarios", default="large,default,scale")
+    ap.add_argument("--large-entities", type=int, default=3200, help="16 passages each: 3200 -> 51.2k passages")
+    ap.add_argument("--large-hidden", type=int, default=256)
+    ap.add_argument("--large-layers", type=int, default=2)
+    ap.add_argument("--scale-shards", type=int, default=100)
+    ap.add_argument("--out", default=str(HERE / "results/incremental.json"))
+    ap.add_argument("--markdown", action="store_true", help="print the README section of --out and exit")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out_path = Path(args.out)
+    res = json.loads(out_path.read_text()) if out_path.exists() else {}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                      "load_avg_at_start": os.getloadavg()}
+    todo = args.scenarios.split(",")
+
+    def save() -> None:  # after every scenario: a later one may not finish
+        if "large" in res:
+            res["add_shard_vs_full"] = res["large"]["add_shard_vs_full"]
+        compared = [res[s]["scores_equal_from_scratch"] for s in ("default", "large") if s in res]
+        res["scores_equal_from_scratch"] = bool(compared) and all(compared)  # false when nothing was compared
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+
+    for name in todo:
+        if name == "default":
+            res["default"] = grow("default", work, 200, 400, 128, 4, 1024, {})
+        elif name == "large":
+            res["large"] = grow("large", work, args.large_entities, 100, args.large_hidden, args.large_layers, 1024,
+                                {"projection": {"k": 8}, "hessian": {"mix_k": 30}, "retrieve": {"k": 20},
+                                 "bm25": {"k": 20}})
+        elif name == "scale":
+            res["scale"] = scale(work, args.scale_shards, 20)
+        save()
+    print(json.dumps({k: res[k] for k in ("add_shard_vs_full", "scores_equal_from_scratch") if k in res}))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
