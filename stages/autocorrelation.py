@@ -1,4 +1,4 @@
-"""DVC stage `autocorrelation`: R_train and R_eval, the Gauss-Newton Hessian statistics (DESIGN §2
+"""DVC stage `autocorrelation`: R_train and R_eval, the Gauss-Newton Hessian statistics (docs/method.md,
 step 4). Under torchrun each rank sums its own chunks and an all-reduce adds them up."""
 
 import json

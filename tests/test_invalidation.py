@@ -8,7 +8,8 @@
 
 The expectations are literal on purpose (not derived from dvc.yaml): they are the specification
 that dvc.yaml must meet. Invalidation is checked with `dvc status` / the stages `dvc repro` ran,
-never with `dvc repro --dry` (DESIGN §7).
+never with `dvc repro --dry` (`--dry` predicts from the lock and does not see DVC stop
+early where outputs come out unchanged).
 
 DVC stops the propagation at a stage whose outputs come out byte-identical to the cached ones
 (its dependents see unchanged deps). The (b) expectations say what must happen for the chosen

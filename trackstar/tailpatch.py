@@ -1,4 +1,4 @@
-"""Tail-patch influence (DESIGN §6): one optimizer step from the final checkpoint on a single
+"""Tail-patch influence (docs/method.md): one optimizer step from the final checkpoint on a single
 proponent, theta' = theta - lr * g / sqrt(v_hat + eps) (final second moments, no momentum), then
 the change in the query target's log-probability and probability.
 """

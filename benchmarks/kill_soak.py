@@ -1,0 +1,278 @@
+"""Randomized kill soak: SIGKILL `dvc repro` (its whole process group) at random moments while it
+builds `encode@*`, `autocorrelation`, `precondition@*` or `index`, then `dvc repro` to completion,
+and check the artifacts against an uninterrupted build byte for byte.
+
+Not part of the test suite (it takes tens of minutes). On the tiny params of tests/pipeline.py (plus
+`encode.chunk_mb` small enough that the training store spans several chunks, so kills land between
+and inside chunk writes):
+
+1. a reference repo runs `dvc repro` uninterrupted; its artifacts are the expectation;
+2. a soak repo (same files) is built the same way; then each round picks a stage S and makes S a
+   fresh build: S's outputs, its dvc.lock entry, its objects in `.dvc/cache` and the run-cache are
+   removed, as before S's first run. `dvc repro` then runs S's command and commits its outputs;
+3. the round kills that `dvc repro` with SIGKILL to its process group at one of three kinds of moment:
+   `command` (uniform over the stage script's run), `commit` (after the script exited, while DVC
+   hashes, caches and links the outputs and writes dvc.lock) or `any` (uniform from the launch);
+   what was running at the kill is recorded from the process tree (a kill that lands after DVC
+   exited is a miss and is not counted);
+4. plain `dvc repro` runs to completion; then every artifact file must equal the reference's bytes,
+   dvc.lock must equal the reference's (as YAML: DVC may order its entries differently), `dvc
+   status` must be clean and every output in dvc.lock must be in the DVC cache with the right bytes
+   (what `dvc push` would send).
+
+    nice -n 10 python benchmarks/kill_soak.py --kills 56     # writes benchmarks/results/kill_soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.pipeline import dvc, make_repo  # noqa: E402
+
+STAGES = {  # stage -> (its script's argv tail, its outputs)
+    "encode@train": ("stages/encode.py train", ["encodings/raw/train.zarr"]),
+    "encode@query": ("stages/encode.py query", ["encodings/raw/query.zarr"]),
+    "autocorrelation": ("stages/autocorrelation.py", ["hessian/stats.safetensors"]),
+    "precondition@train": ("stages/precondition.py train", ["encodings/final/train.zarr"]),
+    "precondition@query": ("stages/precondition.py query", ["encodings/final/query.zarr"]),
+    "index": ("stages/index.py", ["index"]),
+}
+ARTIFACTS = ["model", "encodings", "hessian", "index", "retrievals", "metrics", "data"]
+OVERRIDES = {"encode": {"chunk_mb": 0.015}}  # 5 chunks of training rows (as tests/test_resume.py)
+
+
+def tree_digest(repo: Path) -> dict[str, str]:
+    """sha256 of every artifact file (relative path -> digest)."""
+    out = {}
+    for top in ARTIFACTS:
+        for p in sorted((repo / top).rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(repo))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _procs_in_group(pgid: int) -> dict[int, str]:
+    """pid -> command line of the live processes in a process group (from /proc)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "Z" or int(fields[2]) != pgid:
+                continue
+            out[int(d)] = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _cache_path(repo: Path, md5: str) -> Path:
+    return repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+
+
+def stage_outs(lock: dict, stage: str) -> list[dict]:
+    return lock["stages"].get(stage, {}).get("outs", [])
+
+
+def make_fresh(repo: Path, stage: str) -> None:
+    """Put `stage` back to before its first run: outputs, lock entry, cache objects and run-cache gone."""
+    lock_path = repo / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text())
+    for out in stage_outs(lock, stage):
+        obj = _cache_path(repo, out["md5"])
+        if out["md5"].endswith(".dir") and obj.exists():
+            for entry in json.loads(obj.read_text()):
+                _cache_path(repo, entry["md5"]).unlink(missing_ok=True)
+        obj.unlink(missing_ok=True)
+    lock["stages"].pop(stage, None)
+    lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
+    for out in STAGES[stage][1]:
+        p = repo / out
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)
+
+
+def launch(repo: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("TRACKSTAR_KILL_AT", None)
+    return subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def watch(proc: subprocess.Popen, script: str, kill: callable | None) -> dict:
+    """Poll the process group every few ms; `kill(phase, t, t_script_start, t_script_end)` -> True kills now.
+    Returns the timeline (seconds from launch) and, if killed, the phase at the kill."""
+    t0 = time.monotonic()
+    start = end = None
+    while True:
+        t = time.monotonic() - t0
+        if proc.poll() is not None:
+            return {"killed": False, "script_start": start, "script_end": end, "exit": t, "rc": proc.returncode}
+        running = any(script in cmd and "-m dvc" not in cmd for cmd in _procs_in_group(proc.pid).values())
+        if running and start is None:
+            start = t
+        if start is not None and not running and end is None:
+            end = t
+        phase = "startup" if start is None else ("command" if end is None else "commit")
+        if kill is not None and kill(phase, t, start, end):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if proc.returncode != -signal.SIGKILL:  # it exited by itself just before the signal
+                return {"killed": False, "script_start": start, "script_end": end, "exit": t, "rc": proc.returncode}
+            return {"killed": True, "phase": phase, "at": round(t, 3), "script_start": start, "script_end": end}
+        time.sleep(0.004)
+
+
+def check_cache(repo: Path) -> list[str]:
+    """Outputs in dvc.lock whose objects are missing from the cache or hold other bytes."""
+    bad = []
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage, entry in lock["stages"].items():
+        for out in entry.get("outs", []):
+            objs = [out["md5"]]
+            if out["md5"].endswith(".dir"):
+                p = _cache_path(repo, out["md5"])
+                objs = [e["md5"] for e in json.loads(p.read_text())] if p.exists() else objs
+                if not p.exists():
+                    bad.append(f"{stage}: {out['path']} .dir object missing")
+                    continue
+            for md5 in objs:
+                p = _cache_path(repo, md5)
+                if not p.exists() or hashlib.md5(p.read_bytes()).hexdigest() != md5:
+                    bad.append(f"{stage}: {out['path']} object {md5} missing or corrupt")
+    return bad
+
+
+def verify(repo: Path, ref: dict[str, str], ref_lock: dict) -> list[str]:
+    """Every way the repo differs from the uninterrupted build (empty: identical)."""
+    problems = []
+    got = tree_digest(repo)
+    for f in sorted(set(ref) | set(got)):
+        if ref.get(f) != got.get(f):
+            problems.append(f"artifact differs: {f}")
+    if yaml.safe_load((repo / "dvc.lock").read_text()) != ref_lock:
+        problems.append("dvc.lock differs")
+    status = dvc(repo, "status", "--json", check=False)
+    if status.returncode != 0 or json.loads(status.stdout or "{}"):
+        problems.append(f"dvc status not clean: {status.stdout.strip()[:500]} {status.stderr.strip()[-500:]}")
+    problems += check_cache(repo)
+    return problems
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=56, help="SIGKILLs that must land (misses are retried)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/trackstar-kill-soak")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kill_soak.json"))
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    t_start = time.time()
+
+    ref_repo = make_repo(work / "reference", OVERRIDES)
+    dvc(ref_repo, "repro")
+    ref, ref_lock = tree_digest(ref_repo), yaml.safe_load((ref_repo / "dvc.lock").read_text())
+    repo = make_repo(work / "soak", OVERRIDES)
+    dvc(repo, "repro")
+    assert not verify(repo, ref, ref_lock), verify(repo, ref, ref_lock)
+    print(f"reference and soak repo built ({len(ref)} artifact files identical)", flush=True)
+
+    # calibration: one uninterrupted fresh build per stage gives its timeline (command, commit)
+    timeline = {}
+    for stage, (script, _) in STAGES.items():
+        make_fresh(repo, stage)
+        tl = watch(launch(repo), script, None)
+        assert tl["rc"] == 0 and tl["script_start"] is not None and tl["script_end"] is not None, (stage, tl)
+        problems = verify(repo, ref, ref_lock)
+        assert not problems, (stage, problems)
+        timeline[stage] = {k: round(v, 3) for k, v in tl.items() if k in ("script_start", "script_end", "exit")}
+        print(f"calibrated {stage}: {timeline[stage]}", flush=True)
+
+    kills, failures, rounds, misses = [], [], 0, 0
+    names = list(STAGES)
+    while len(kills) < args.kills:
+        stage = names[len(kills) % len(names)]  # every stage equally often, in turn
+        script = STAGES[stage][0]
+        kind = rng.choice(["command", "commit", "any"])
+        tl = timeline[stage]
+        if kind == "command":
+            frac = rng.random()
+            rule = lambda ph, t, s, e: ph == "command" and t >= s + frac * (tl["script_end"] - tl["script_start"])
+        elif kind == "commit":
+            delay = rng.random() * max(tl["exit"] - tl["script_end"], 0.05)
+            rule = lambda ph, t, s, e: ph == "commit" and t >= e + delay
+        else:
+            at = rng.random() * tl["exit"]
+            rule = lambda ph, t, s, e: t >= at
+        rounds += 1
+        make_fresh(repo, stage)
+        hit = watch(launch(repo), script, rule)
+        if not hit["killed"]:
+            misses += 1
+            print(f"round {rounds}: {stage} {kind}: missed (dvc exited first)", flush=True)
+        else:
+            print(f"kill {len(kills) + 1}: {stage} {kind} -> {hit['phase']} at {hit['at']:.2f} s", flush=True)
+        proc = launch(repo)
+        out = proc.communicate()[0].decode(errors="replace")
+        problems = [] if proc.returncode == 0 else [f"dvc repro after the kill failed ({proc.returncode}): {out[-1500:]}"]
+        problems += verify(repo, ref, ref_lock) if not problems else []
+        record = {"stage": stage, "kind": kind, **{k: hit.get(k) for k in ("phase", "at")}, "ok": not problems}
+        if hit["killed"]:
+            kills.append(record)
+        if problems:
+            failures.append({**record, "problems": problems})
+            print(f"  FAILED: {problems}", flush=True)
+            # put the repo back to a known state so later rounds test something
+            shutil.rmtree(repo, ignore_errors=True)
+            repo = make_repo(work / "soak", OVERRIDES)
+            dvc(repo, "repro")
+
+    by_stage = {s: sum(k["stage"] == s for k in kills) for s in STAGES}
+    by_phase = {p: sum(k["phase"] == p for k in kills) for p in ("startup", "command", "commit")}
+    final = verify(repo, ref, ref_lock)
+    result = {
+        "params": "tests/pipeline.py TINY + " + json.dumps(OVERRIDES),
+        "seed": args.seed,
+        "kills": len(kills),
+        "rounds": rounds,
+        "misses": misses,
+        "kills_by_stage": by_stage,
+        "kills_by_phase": by_phase,
+        "failures": failures,
+        "final_identical": not final,
+        "final_problems": final,
+        "artifact_files_compared": len(ref),
+        "calibration_s": timeline,
+        "wall_s": round(time.time() - t_start, 1),
+        "kill_log": kills,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failures or final else 0)
+
+
+if __name__ == "__main__":
+    main()
