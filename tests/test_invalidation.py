@@ -288,11 +288,3 @@ def write_docs(path: Path) -> None:
               ""]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines))
-    # the table also goes into the README, between its markers
-    readme = path.parent.parent / "README.md"
-    begin, end = "<!-- invalidation:begin -->", "<!-- invalidation:end -->"
-    text = readme.read_text()
-    if begin in text and end in text:
-        table = [l for l in lines if l.startswith("|")]
-        head, rest = text.split(begin, 1)
-        readme.write_text(head + begin + "\n" + "\n".join(table) + "\n" + end + rest.split(end, 1)[1])
