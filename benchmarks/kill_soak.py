@@ -6,9 +6,9 @@ Not part of the test suite (it takes tens of minutes). On the tiny params of tes
 `encode.chunk_mb` small enough that the training store spans several chunks, so kills land between
 and inside chunk writes):
 
-1. a reference repo runs `dvc repro` uninterrupted; its artifacts are the expectation;
-2. a soak repo (same files) is built the same way; then each round picks a stage S and makes S a
-   fresh build: S's outputs, its dvc.lock entry, its objects in `.dvc/cache` and the run-cache are
+1. the soak repo runs `dvc repro` uninterrupted; its artifacts and dvc.lock are the expectation
+   (kept as a pristine copy to restart from after a failure);
+2. each round picks a stage S and makes S a fresh build: S's outputs, its dvc.lock entry, its objects in `.dvc/cache` and the run-cache are
    removed, as before S's first run. `dvc repro` then runs S's command and commits its outputs;
 3. the round kills that `dvc repro` with SIGKILL to its process group at one of three kinds of moment:
    `command` (uniform over the stage script's run), `commit` (after the script exited, while DVC
@@ -191,13 +191,13 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     t_start = time.time()
 
-    ref_repo = make_repo(work / "reference", OVERRIDES)
-    dvc(ref_repo, "repro")
-    ref, ref_lock = tree_digest(ref_repo), yaml.safe_load((ref_repo / "dvc.lock").read_text())
     repo = make_repo(work / "soak", OVERRIDES)
     dvc(repo, "repro")
+    ref, ref_lock = tree_digest(repo), yaml.safe_load((repo / "dvc.lock").read_text())
     assert not verify(repo, ref, ref_lock), verify(repo, ref, ref_lock)
-    print(f"reference and soak repo built ({len(ref)} artifact files identical)", flush=True)
+    pristine = work / "pristine"
+    shutil.copytree(repo, pristine, symlinks=True)
+    print(f"uninterrupted build done: {len(ref)} artifact files", flush=True)
 
     # calibration: one uninterrupted fresh build per stage gives its timeline (command, commit)
     timeline = {}
@@ -244,34 +244,45 @@ def main() -> None:
         if problems:
             failures.append({**record, "problems": problems})
             print(f"  FAILED: {problems}", flush=True)
-            # put the repo back to a known state so later rounds test something
-            shutil.rmtree(repo, ignore_errors=True)
-            repo = make_repo(work / "soak", OVERRIDES)
-            dvc(repo, "repro")
+            # keep the failed repo for a post-mortem; back to the uninterrupted build for the next rounds
+            shutil.move(repo, f"{work}-failed-{len(failures)}")
+            shutil.copytree(pristine, repo, symlinks=True)
 
+        write_result(args.out, args.seed, kills, rounds, misses, failures, None, len(ref), timeline, t_start)
+
+    final = verify(repo, ref, ref_lock)
+    result = write_result(args.out, args.seed, kills, rounds, misses, failures, final, len(ref), timeline, t_start)
+    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failures or final else 0)
+
+
+def write_result(out: str, seed: int, kills: list, rounds: int, misses: int, failures: list, final: list | None,
+                 n_files: int, timeline: dict, t_start: float) -> dict:
+    """The soak's figures as JSON (rewritten after every round, so a stopped soak leaves its tally)."""
     by_stage = {s: sum(k["stage"] == s for k in kills) for s in STAGES}
     by_phase = {p: sum(k["phase"] == p for k in kills) for p in ("startup", "command", "commit")}
-    final = verify(repo, ref, ref_lock)
     result = {
         "params": "tests/pipeline.py TINY + " + json.dumps(OVERRIDES),
-        "seed": args.seed,
+        "seed": seed,
+        "complete": final is not None,
         "kills": len(kills),
         "rounds": rounds,
         "misses": misses,
         "kills_by_stage": by_stage,
         "kills_by_phase": by_phase,
         "failures": failures,
-        "final_identical": not final,
+        "final_identical": None if final is None else not final,
         "final_problems": final,
-        "artifact_files_compared": len(ref),
+        "artifact_files_compared": n_files,
         "calibration_s": timeline,
         "wall_s": round(time.time() - t_start, 1),
         "kill_log": kills,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    sys.exit(1 if failures or final else 0)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    return result
 
 
 if __name__ == "__main__":
