@@ -91,16 +91,24 @@ def stage_outs(lock: dict, stage: str) -> list[dict]:
     return lock["stages"].get(stage, {}).get("outs", [])
 
 
+def _objects(repo: Path, out: dict) -> set[str]:
+    """The cache objects of one output in dvc.lock: its md5 and, for a directory, its entries'."""
+    objs = {out["md5"]}
+    p = _cache_path(repo, out["md5"])
+    if out["md5"].endswith(".dir") and p.exists():
+        objs |= {e["md5"] for e in json.loads(p.read_text())}
+    return objs
+
+
 def make_fresh(repo: Path, stage: str) -> None:
-    """Put `stage` back to before its first run: outputs, lock entry, cache objects and run-cache gone."""
+    """Put `stage` back to before its first run: outputs, lock entry, cache objects and run-cache gone.
+    Objects that another stage's outputs share (e.g. identical zarr.json of raw and final stores) stay."""
     lock_path = repo / "dvc.lock"
     lock = yaml.safe_load(lock_path.read_text())
+    shared = set().union(*(_objects(repo, o) for s, e in lock["stages"].items() if s != stage for o in e.get("outs", [])))
     for out in stage_outs(lock, stage):
-        obj = _cache_path(repo, out["md5"])
-        if out["md5"].endswith(".dir") and obj.exists():
-            for entry in json.loads(obj.read_text()):
-                _cache_path(repo, entry["md5"]).unlink(missing_ok=True)
-        obj.unlink(missing_ok=True)
+        for md5 in _objects(repo, out) - shared:
+            _cache_path(repo, md5).unlink(missing_ok=True)
     lock["stages"].pop(stage, None)
     lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
     for out in STAGES[stage][1]:
@@ -143,6 +151,16 @@ def watch(proc: subprocess.Popen, script: str, kill: callable | None) -> dict:
         time.sleep(0.004)
 
 
+RWLOCK_CORRUPT = "Unable to read RWLock-file"
+
+
+def repro_to_completion(repo: Path) -> tuple[int, str]:
+    """A plain `dvc repro`, not killed: (returncode, output)."""
+    proc = launch(repo)
+    out = proc.communicate()[0].decode(errors="replace")
+    return proc.returncode, out
+
+
 def check_cache(repo: Path) -> list[str]:
     """Outputs in dvc.lock whose objects are missing from the cache or hold other bytes."""
     bad = []
@@ -163,8 +181,8 @@ def check_cache(repo: Path) -> list[str]:
     return bad
 
 
-def verify(repo: Path, ref: dict[str, str], ref_lock: dict) -> list[str]:
-    """Every way the repo differs from the uninterrupted build (empty: identical)."""
+def verify(repo: Path, ref: dict[str, str], ref_lock: dict, status: bool = True) -> list[str]:
+    """Every way the repo differs from the uninterrupted build (empty: identical); `dvc status` if `status`."""
     problems = []
     got = tree_digest(repo)
     for f in sorted(set(ref) | set(got)):
@@ -172,9 +190,9 @@ def verify(repo: Path, ref: dict[str, str], ref_lock: dict) -> list[str]:
             problems.append(f"artifact differs: {f}")
     if yaml.safe_load((repo / "dvc.lock").read_text()) != ref_lock:
         problems.append("dvc.lock differs")
-    status = dvc(repo, "status", "--json", check=False)
-    if status.returncode != 0 or json.loads(status.stdout or "{}"):
-        problems.append(f"dvc status not clean: {status.stdout.strip()[:500]} {status.stderr.strip()[-500:]}")
+    st = dvc(repo, "status", "--json", check=False) if status else None
+    if st is not None and (st.returncode != 0 or json.loads(st.stdout or "{}")):
+        problems.append(f"dvc status not clean: {st.stdout.strip()[:500]} {st.stderr.strip()[-500:]}")
     problems += check_cache(repo)
     return problems
 
@@ -185,33 +203,42 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/trackstar-kill-soak")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kill_soak.json"))
+    ap.add_argument("--calibration", help="take the stage timelines from an earlier result JSON (skips calibrating)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="the stages to kill, in turn (comma-separated)")
+    ap.add_argument("--reuse", action="store_true", help="start from WORK/pristine of an earlier soak (skips the build)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
+    pristine, repo = work / "pristine", work / "soak"
     t_start = time.time()
-
-    repo = make_repo(work / "soak", OVERRIDES)
-    dvc(repo, "repro")
+    if args.reuse and pristine.is_dir():
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.copytree(pristine, repo, symlinks=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        make_repo(repo, OVERRIDES)
+        dvc(repo, "repro")
+        shutil.copytree(repo, pristine, symlinks=True)
     ref, ref_lock = tree_digest(repo), yaml.safe_load((repo / "dvc.lock").read_text())
     assert not verify(repo, ref, ref_lock), verify(repo, ref, ref_lock)
-    pristine = work / "pristine"
-    shutil.copytree(repo, pristine, symlinks=True)
     print(f"uninterrupted build done: {len(ref)} artifact files", flush=True)
 
     # calibration: one uninterrupted fresh build per stage gives its timeline (command, commit)
-    timeline = {}
+    timeline = json.loads(Path(args.calibration).read_text())["calibration_s"] if args.calibration else {}
     for stage, (script, _) in STAGES.items():
+        if stage not in args.stages.split(",") or stage in timeline:
+            continue
         make_fresh(repo, stage)
         tl = watch(launch(repo), script, None)
         assert tl["rc"] == 0 and tl["script_start"] is not None and tl["script_end"] is not None, (stage, tl)
-        problems = verify(repo, ref, ref_lock)
+        problems = verify(repo, ref, ref_lock, status=False)
         assert not problems, (stage, problems)
         timeline[stage] = {k: round(v, 3) for k, v in tl.items() if k in ("script_start", "script_end", "exit")}
         print(f"calibrated {stage}: {timeline[stage]}", flush=True)
 
     kills, failures, rounds, misses = [], [], 0, 0
-    names = list(STAGES)
+    names = args.stages.split(",")
+    assert set(names) <= set(STAGES), f"--stages: choose from {list(STAGES)}"
     while len(kills) < args.kills:
         stage = names[len(kills) % len(names)]  # every stage equally often, in turn
         script = STAGES[stage][0]
@@ -221,7 +248,7 @@ def main() -> None:
             frac = rng.random()
             rule = lambda ph, t, s, e: ph == "command" and t >= s + frac * (tl["script_end"] - tl["script_start"])
         elif kind == "commit":
-            delay = rng.random() * max(tl["exit"] - tl["script_end"], 0.05)
+            delay = rng.random() * 0.7 * max(tl["exit"] - tl["script_end"], 0.05)  # DVC's tail varies under load
             rule = lambda ph, t, s, e: ph == "commit" and t >= e + delay
         else:
             at = rng.random() * tl["exit"]
@@ -234,19 +261,33 @@ def main() -> None:
             print(f"round {rounds}: {stage} {kind}: missed (dvc exited first)", flush=True)
         else:
             print(f"kill {len(kills) + 1}: {stage} {kind} -> {hit['phase']} at {hit['at']:.2f} s", flush=True)
-        proc = launch(repo)
-        out = proc.communicate()[0].decode(errors="replace")
-        problems = [] if proc.returncode == 0 else [f"dvc repro after the kill failed ({proc.returncode}): {out[-1500:]}"]
-        problems += verify(repo, ref, ref_lock) if not problems else []
+        rc, out = repro_to_completion(repo)
+        problems = [] if rc == 0 else [f"dvc repro after the kill failed ({rc}): {out[-1500:]}"]
+        recovery = None
+        if rc != 0 and RWLOCK_CORRUPT in out:
+            # DVC rewrites .dvc/tmp/rwlock in place (truncate, then write), so a kill between the two leaves
+            # it empty and every later dvc command refuses to run (upstream: treeverse/dvc#7615). Its
+            # content only names live DVC processes, so deleting it is safe when none runs.
+            (repo / ".dvc/tmp/rwlock").unlink()
+            recovery = "rm .dvc/tmp/rwlock"
+            rc, out = repro_to_completion(repo)
+            if rc != 0:
+                problems.append(f"dvc repro after `{recovery}` failed ({rc}): {out[-1500:]}")
+        # `dvc status` (slow to start) every 6th round; the bytes, the lock and the cache every round
+        after = verify(repo, ref, ref_lock, status=rounds % 6 == 0) if rc == 0 else []
+        problems += after
         record = {"stage": stage, "kind": kind, **{k: hit.get(k) for k in ("phase", "at")}, "ok": not problems}
         if hit["killed"]:
             kills.append(record)
         if problems:
-            failures.append({**record, "problems": problems})
-            print(f"  FAILED: {problems}", flush=True)
-            # keep the failed repo for a post-mortem; back to the uninterrupted build for the next rounds
-            shutil.move(repo, f"{work}-failed-{len(failures)}")
-            shutil.copytree(pristine, repo, symlinks=True)
+            failures.append({**record, "problems": problems, "recovery": recovery,
+                             "identical_after_recovery": recovery is not None and rc == 0 and not after})
+            print(f"  FAILED: {problems}" + (f"; after `{recovery}`: identical={not after}" if recovery else ""),
+                  flush=True)
+            if recovery is None or after or rc != 0:
+                # keep the failed repo for a post-mortem; back to the uninterrupted build for the next rounds
+                shutil.move(repo, f"{work}-failed-{len(failures)}")
+                shutil.copytree(pristine, repo, symlinks=True)
 
         write_result(args.out, args.seed, kills, rounds, misses, failures, None, len(ref), timeline, t_start)
 
@@ -260,7 +301,7 @@ def main() -> None:
 def write_result(out: str, seed: int, kills: list, rounds: int, misses: int, failures: list, final: list | None,
                  n_files: int, timeline: dict, t_start: float) -> dict:
     """The soak's figures as JSON (rewritten after every round, so a stopped soak leaves its tally)."""
-    by_stage = {s: sum(k["stage"] == s for k in kills) for s in STAGES}
+    by_stage = {s: sum(k["stage"] == s for k in kills) for s in STAGES if any(k["stage"] == s for k in kills)}
     by_phase = {p: sum(k["phase"] == p for k in kills) for p in ("startup", "command", "commit")}
     result = {
         "params": "tests/pipeline.py TINY + " + json.dumps(OVERRIDES),
