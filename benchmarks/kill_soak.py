@@ -150,7 +150,9 @@ def make_fresh(repo: Path, stage: str) -> None:
 
 
 def launch(repo: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # PYTHONPATH: the stages import the repo's own trackstar/, not an editable install of another checkout
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(repo)}
     env.pop("TRACKSTAR_KILL_AT", None)
     return subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
