@@ -1,5 +1,5 @@
 """DVC stage `autocorrelation`: the diagonal blocks of R_train and R_eval, the Gauss-Newton Hessian statistics
-(DESIGN §2 step 4), in the structure the memory plan picks from hessian.structure / hessian.memory_gb (refused
+(docs/method.md, step 4), in the structure the memory plan picks from hessian.structure / hessian.memory_gb (refused
 before any work if none fits). Under torchrun each rank sums its own chunks and an all-reduce adds them up.
 With corpus shards, each shard's rows enter through its partial sums (`autocorrelation_shard@<name>`, computed
 once per shard: `python stages/autocorrelation.py shard NAME`; `... shards` makes every missing one)."""

@@ -1,4 +1,4 @@
-"""DVC stage `ladder`: the ablation-ladder rungs (DESIGN §3) by streaming exact search over the raw
+"""DVC stage `ladder`: the ablation-ladder rungs (docs/method.md) by streaming exact search over the raw
 store, each whitened on the fly: dot, cosine (plain gradients), optimizer (corrected), r_train
 (corrected, whitened by R_train alone, damped by hessian.damping, in the `eigen` stage's basis). A
 `hessian.mix_k` / `lambda` edit leaves their inputs unchanged."""

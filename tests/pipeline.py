@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,10 @@ def set_param(repo: Path, dotted: str, value) -> None:
         node = node[p]
     node[last] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (the OS picks it), so parallel or repeated runs do not collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

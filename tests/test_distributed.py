@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.pipeline import make_repo, repro, run
+from tests.pipeline import free_port, make_repo, repro, run
 from trackstar.hessian import load_basis, load_whitening, train_whitening
 from trackstar.store import StoreReader
 
@@ -34,7 +34,7 @@ def test_two_process_encode_equals_single_process(tmp_path):
     assert single.n // single.chunk_rows >= 3
     want = {a: StoreReader(repo / "encodings/raw/train.zarr", array=a).read_all() for a in ("g", "g_plain")}
     shutil.move(repo / "encodings/raw/train.zarr", tmp_path / "single.zarr")
-    out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
               "stages/encode.py", "train")
     assert '"chunks"' in out.stdout
     for a in ("g", "g_plain"):
@@ -53,7 +53,7 @@ def test_two_process_encode_equals_single_process(tmp_path):
     want_w = factors(repo)
     want_meta = json.loads((repo / "hessian/hessian.json").read_text())
     shutil.rmtree(repo / "hessian")
-    run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+    run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "stages/autocorrelation.py")
     run(repo, sys.executable, "stages/eigen.py")
     run(repo, sys.executable, "stages/hessian.py")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
-from trackstar.correction import build_correction, rank1_scales
+from trackstar.correction import apply_exact, build_correction, rank1_scales
 from trackstar.examples import collate
 from trackstar.gradients import HookProjector, reference_encode
 from trackstar.layers import find_layers
@@ -76,16 +76,39 @@ def test_rank1_scales_fit_a_rank1_matrix_exactly():
     torch.testing.assert_close(torch.outer(s_out, s_in), v.rsqrt(), rtol=1e-5, atol=0)
 
 
+def test_apply_exact_is_elementwise_division_by_the_root():
+    grad = torch.tensor([[3.0, -4.0], [2.0, 0.5]])
+    v = torch.tensor([[8.0, 15.0], [3.0, 0.0]])  # v + eps = 9, 16, 4, 1
+    torch.testing.assert_close(apply_exact(grad, v, eps=1.0), torch.tensor([[1.0, -1.0], [1.0, 0.5]]), rtol=0, atol=0)
+
+
 def test_exact_correction_matches_elementwise_division():
+    """reference_encode's `adam` rows against a hand computation: each example's own autograd gradient
+    (no batching, no padding), divided element-wise by sqrt(v + eps), projected P_out G P_in^T."""
     model = tiny_llama()
     layers = find_layers(model)
     mom = random_moments(model)
-    corr = build_correction("adam", layers, mom, 1e-8)
-    ex = random_examples(2)
-    exact, plain = reference_encode(model, layers, ex, 0, 4, 3, corr)
-    none, _ = reference_encode(model, layers, ex, 0, 4, 3, None)
-    torch.testing.assert_close(plain, none)
-    assert not torch.allclose(exact, none)
+    eps, k, seed = 1e-8, 4, 3
+    corr = build_correction("adam", layers, mom, eps)
+    ex = random_examples(3)
+    exact, plain = reference_encode(model, layers, ex, 0, k, seed, corr)
+    params = dict(model.named_parameters())
+    for row, e in enumerate(ex):
+        ids = torch.tensor([e.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        loss = (nll * torch.tensor(e.loss_mask[1:], dtype=torch.float32)).sum()
+        grads = torch.autograd.grad(loss, [params[l.param_name] for l in layers])
+        want, want_plain = [], []
+        for l, g in zip(layers, grads):
+            p_out, p_in = projection_matrix(seed, l.name, "out", k, l.n_out), projection_matrix(seed, l.name, "in", k, l.n_in)
+            gc = g / torch.sqrt(mom[l.param_name] + eps)
+            want.append((p_out @ gc @ p_in.T).reshape(-1))
+            want_plain.append((p_out @ g @ p_in.T).reshape(-1))
+        torch.testing.assert_close(exact[row], torch.cat(want), rtol=1e-4, atol=1e-5 * torch.cat(want).abs().max().item())
+        torch.testing.assert_close(plain[row], torch.cat(want_plain), rtol=1e-4,
+                                   atol=1e-5 * torch.cat(want_plain).abs().max().item())
+    assert not torch.allclose(exact, plain, rtol=0.1)  # the correction changes the rows
 
 
 def test_projection_seed_depends_on_layer_name_only():

@@ -6,22 +6,15 @@ Two real remotes: a local directory, and S3 served by a moto server on 127.0.0.1
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.pipeline import dvc, git, repro
+from tests.pipeline import dvc, free_port, git, repro
 
 METRICS = ["metrics/metrics.json", "metrics/model.json", "metrics/hessian.json"]
 PULLED = ["model/config.json", "encodings/raw/train.zarr/zarr.json", "encodings/final/query.zarr/zarr.json",
           "hessian/w_mix.safetensors", "index/index.faiss", "retrievals/trackstar.jsonl", "data/corpus.jsonl"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ class GradientsParams(_Section):
 
 
 class CorrectionParams(_Section):
-    """Optimizer second-moment correction g / sqrt(v + eps) (DESIGN §2 step 2)."""
+    """Optimizer second-moment correction g / sqrt(v + eps) (docs/method.md, step 2)."""
 
     kind: Literal["adam_rank1", "adam", "estimated", "none"] = "adam_rank1"
     eps: float = Field(1e-8, gt=0)

@@ -1,4 +1,4 @@
-"""Optimizer second-moment correction g / sqrt(v + eps) (DESIGN §2 step 2).
+"""Optimizer second-moment correction g / sqrt(v + eps) (docs/method.md, step 2).
 
 `adam` is exact and element-wise (reference path only); `adam_rank1` replaces each layer's v
 by its Adafactor rank-1 fit v ~ r c^T / mean(r), which turns the correction into a row scaling

@@ -452,12 +452,3 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         "chance_accuracy": 1.0 / cfg.values_per_relation,
     }
     return passages, queries, stats
-
-
-def world_templates() -> dict[str, Any]:
-    """The templates in use (for tests / documentation)."""
-    return {
-        "relations": [asdict(r) for r in RELATIONS],
-        "distractors": list(_DISTRACTORS),
-        "question_format": _Q,
-    }

@@ -1,4 +1,4 @@
-"""Attribution metrics (DESIGN §6), the seeded random-proponents control, and a metrics plot.
+"""Attribution metrics (docs/method.md), the seeded random-proponents control, and a metrics plot.
 
 * MRR: mean over queries of 1 / (rank of the FIRST relevant id in the ranked
   proponents), rank 1-based; 0 for a query with no relevant id in its list.
@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import atomic_open
 
 COUNT_KEYS = ("n_queries", "n_skipped")
-# every method the pipeline evaluates, in the order of the ablation ladder (DESIGN §3), then the baselines
+# every method the pipeline evaluates, in the order of the ablation ladder (docs/method.md), then the baselines
 METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
 
 

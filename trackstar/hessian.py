@@ -1,4 +1,4 @@
-"""Gauss-Newton Hessian estimates and the whitening R^(-1/2) (DESIGN §2 step 4).
+"""Gauss-Newton Hessian estimates and the whitening R^(-1/2) (docs/method.md, step 4).
 
 R = (1/N) sum g g^T over projected, corrected gradients, streamed chunk by chunk. TrackStar
 mixes R = lambda R_eval + (1 - lambda) R_train with lambda chosen so the sorted eigenvalue

@@ -14,9 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
 
 def memo_key(**parts) -> str:
     """A stable hash of JSON-able parts (configs, file hashes, parameter values)."""
@@ -32,29 +29,13 @@ def code_hash(*modules) -> str:
 
 
 class Memo:
-    """Arrays (safetensors) or JSON per (name, key) under `root`."""
+    """JSON values per (name, key) under `root`."""
 
     def __init__(self, root: str | Path, keep: int = 2):
         self.root, self.keep = Path(root), keep
 
     def _path(self, name: str, key: str, ext: str) -> Path:
         return self.root / f"{name}-{key}.{ext}"
-
-    def load_arrays(self, name: str, key: str) -> dict[str, np.ndarray] | None:
-        path = self._path(name, key, "safetensors")
-        try:
-            out = load_file(str(path))
-        except Exception:  # missing, or cut short: recompute
-            return None
-        path.touch()  # most recently used
-        return out
-
-    def save_arrays(self, name: str, key: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self._path(name, key, "safetensors")
-        self._prune(name, reserve=1)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, path)
 
     def load_json(self, name: str, key: str):
         path = self._path(name, key, "json")

@@ -33,15 +33,3 @@ def plot_eigen_crossing(e_train: np.ndarray, e_eval: np.ndarray, lam: float, k: 
     ax.set_title(f"Task-specific Hessian mixing, λ = {lam:.3f}")
     ax.legend()
     _save(fig, path)
-
-
-def plot_sweep(xs: list[float], series: dict[str, list[float]], xlabel: str, path: str | Path, logx: bool = True) -> None:
-    """Metric curves against a swept parameter (e.g. MRR and tail-patch against d)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.legend()
-    _save(fig, path)
