@@ -104,12 +104,14 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.seed": (1, {"evaluate"}),
 }
 
-ALL = {"data", "train", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
+# `report` reads only the retrievals, predictions and metrics: it reruns exactly when one of them changed
+ALL = {"data", "train", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate",
+       "report"}
 FROM_TRAIN = ALL - {"data", "bm25"}
-FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate", "report"}
 # damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline).
 # Neither reruns `eigen` (R_train's eigenbasis): only the O(d m^2) update and what reads it
-FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate", "report"}
 
 # (b) one key per params group -> the stages `dvc repro` must run after the edit. Groups whose keys
 # invalidate the same stages (model+train: `train`; gradients+correction+projection+encode: `encode@*`)
@@ -128,14 +130,15 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     ("hessian.mix_k",): FROM_HESSIAN - {"ladder"},
     ("hessian.train_sample",): {"autocorrelation", "eigen"} | FROM_HESSIAN,
     # ivf_flat with nlist 4, nprobe 2 is approximate: retrievals change, so evaluate reruns
-    ("index.kind",): {"index", "retrieve", "evaluate"},
+    ("index.kind",): {"index", "retrieve", "evaluate", "report"},
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
-    # byte-identical, so DVC does not rerun evaluate
+    # byte-identical, so DVC reruns neither evaluate nor report
     ("index.nprobe",): {"retrieve"},
-    ("retrieve.k",): {"retrieve", "ladder", "evaluate"},
-    ("retrieve.methods",): {"ladder", "evaluate"},
-    ("bm25.k1",): {"bm25", "evaluate"},
-    ("eval.seed",): {"evaluate"},
+    ("retrieve.k",): {"retrieve", "ladder", "evaluate", "report"},
+    ("retrieve.methods",): {"ladder", "evaluate", "report"},
+    ("bm25.k1",): {"bm25", "evaluate", "report"},
+    # the random control's draw changes: metrics change, retrievals do not; the report shows the metrics
+    ("eval.seed",): {"evaluate", "report"},
 }
 GROUPS = ["data", "model", "train", "gradients", "correction", "projection", "encode", "hessian", "index", "retrieve",
           "bm25", "eval"]
@@ -231,7 +234,7 @@ def test_repro_reruns_exactly_the_downstream_stages_then_nothing_after_revert(re
 _RESULTS: dict[str, dict] = {}
 
 ORDER = ["data", "train", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
-         "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
+         "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate", "report"]
 
 
 def _fmt(stages) -> str:
@@ -284,6 +287,9 @@ def write_docs(path: Path) -> None:
               "- `data.corpus`, `data.queries` are read only with `data.source: files`; `model.checkpoint` only",
               "  with `model.source: checkpoint`. Editing them otherwise reruns `data` / `train`, whose outputs",
               "  come out identical, so nothing after them reruns.",
+              "- `report` (the viewer site) reads no params: it reruns exactly when the retrievals, the",
+              "  predictions or `metrics/metrics.json` changed (e.g. `eval.seed` changes the random control's",
+              "  metrics only, and the report shows them).",
               ""]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines))

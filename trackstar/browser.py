@@ -132,8 +132,12 @@ class Chromium:
     @property
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions and error-level log entries (failed loads) seen so far."""
+        return self.errors_since(0)
+
+    def errors_since(self, mark: int) -> list[str]:
+        """:attr:`errors` among the events after index ``mark`` of :attr:`events`."""
         out = []
-        for ev in self.events:
+        for ev in self.events[mark:]:
             p = ev.get("params", {})
             if ev["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
                 out.append("console." + p["type"] + ": " + " ".join(str(a.get("value", a.get("description", "")))

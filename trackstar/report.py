@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .atomic import atomic_open
 from .breakdown import TOP, classify
 from .data import Query
+from .errors import InputError
 from .results import QueryResult, iter_results
 
 ASSETS = Path(__file__).parent / "viewer"
@@ -95,7 +96,7 @@ def collect(files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | N
         for r in iter_results(path):
             q = by_id.get(r.example_id) if by_id is not None else None
             if by_id is not None and q is None:
-                raise ValueError(f"{path}: example_id {r.example_id!r} is not a query of the queries file")
+                raise InputError(str(path), f"{r.example_id!r} is not a query of the queries file", field="example_id")
             hits.setdefault(r.example_id, {})[method] = _keep(r, q, top, texts)
             if r.example_id not in heads:
                 heads[r.example_id] = QueryResult(r.example_id, r.inputs_plaintext, r.targets_plaintext, [], [], [],
@@ -104,7 +105,7 @@ def collect(files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | N
     for qid in order:
         missing = [m for m in files if m not in hits.get(qid, {})]
         if missing:
-            raise ValueError(f"{files[missing[0]]}: no result for query {qid!r}")
+            raise InputError(str(files[missing[0]]), f"no result for query {qid!r}")
     summaries = []
     for qid in order:
         q = by_id[qid] if by_id is not None else None
