@@ -215,3 +215,26 @@ def test_report_refuses_results_for_unknown_queries(tmp_path):
     with pytest.raises(InputError, match=r"m.jsonl: field 'example_id': 'b' is not a query"):
         build_report(tmp_path / "report", {"m": tmp_path / "m.jsonl"}, qs)
     assert not (tmp_path / "report").exists()
+
+
+def test_view_serves_the_pipeline_root_and_refuses_a_missing_report(built_repo, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    out = run(built_repo, sys.executable, "-m", "trackstar.cli", "view", "--file", "--no-browser").stdout
+    assert out.strip() == (built_repo / "report/index.html").as_uri()
+    bad = run(tmp_path, sys.executable, "-m", "trackstar.cli", "view", "--no-browser", check=False)
+    assert bad.returncode == 2 and "report/index.html does not exist: build it with `dvc repro report`" in bad.stderr
+    p = subprocess.Popen([sys.executable, "-m", "trackstar.cli", "view", "--root", str(built_repo), "--port", "0",
+                          "--no-browser"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = p.stdout.readline().split(" at ")[1].split()[0]
+        assert url.endswith("/report/index.html")
+        assert b"TRACKSTAR.start()" in urllib.request.urlopen(url, timeout=10).read()
+        jsonl = urllib.request.urlopen(url.replace("report/index.html", "retrievals/bm25.jsonl"), timeout=10).read()
+        assert jsonl == (built_repo / "retrievals/bm25.jsonl").read_bytes()
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(10)

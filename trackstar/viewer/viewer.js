@@ -279,9 +279,10 @@
       if (s.correct != null) flags.push(el('span', {cls: 'flag ' + (s.correct ? 'ok' : 'bad'), text: s.correct ? 'correct' : 'wrong'}));
       const r = s.first.trackstar;
       if (r > 0 && r <= 10) flags.push(el('span', {cls: 'flag hit', text: 'TS@' + r}));
-      const li = el('li', {'data-qid': s.id, cls: s.id === state.selected ? 'sel' : ''},
+      const li = el('li', {'data-qid': s.id, cls: s.id === state.selected ? 'sel' : '', tabindex: '0'},
         [el('span', {cls: 'qid', text: s.id})].concat(highlight(s.prompt + s.target, s.entity, s.target), flags));
       li.addEventListener('click', function () { select(s.id); });
+      li.addEventListener('keydown', function (e) { if (e.key === 'Enter') select(s.id); });
       list.append(li);
     });
     $('count').textContent = state.visible.length + ' of ' + store.summaries.length + ' queries';
@@ -406,7 +407,8 @@
       status('No data: open result files below, or pass ?jsonl_path=… when served over http.');
       ready = Promise.resolve(false);
     }
-    T.ready = ready.catch(function (e) { status(String(e.message || e), true); throw e; });
+    T.ready = ready.then(function (v) { T.readyAt = performance.now(); return v; },
+      function (e) { status(String(e.message || e), true); throw e; });
   };
   T.api = {
     ids: function () { return store.summaries.map(function (s) { return s.id; }); },
