@@ -152,25 +152,27 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=100, help="hits per method and query in the synthetic result files")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip-default", action="store_true")
+    ap.add_argument("--only", choices=["default", "synthetic"],
+                    help="measure one corpus and keep the other's figures in the JSON")
     args = ap.parse_args()
-    results: dict[str, object] = {"machine": f"{platform.platform()}, {platform.python_version()}",
-                                  "repeats": args.repeats}
-    if not args.skip_default:
+    out = HERE / "results" / "viewer.json"
+    results: dict[str, object] = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results.update({"machine": f"{platform.platform()}, {platform.python_version()}", "repeats": args.repeats})
+    if args.only != "synthetic":
         if not (ROOT / "report" / "index.html").exists():
-            raise SystemExit("no report/index.html in the repo root: run `dvc repro` first (or --skip-default)")
+            raise SystemExit("no report/index.html in the repo root: run `dvc repro` first (or --only synthetic)")
         results["default"] = {"queries": len(json.loads((ROOT / "report/data/index.js").read_text()
                                                      .split("(", 1)[1].rsplit(")", 1)[0])["queries"]),
                               **measure(ROOT, args.repeats)}
         print("default:", json.dumps(results["default"]))
-    tmp = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
-    try:
-        info = synthetic(tmp, args.entities, args.queries, args.k)
-        results["synthetic"] = {**info, "k": args.k, **measure(tmp, args.repeats)}
-        print("synthetic:", json.dumps(results["synthetic"]))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = HERE / "results" / "viewer.json"
+    if args.only != "default":
+        tmp = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
+        try:
+            info = synthetic(tmp, args.entities, args.queries, args.k)
+            results["synthetic"] = {**info, "k": args.k, **measure(tmp, args.repeats)}
+            print("synthetic:", json.dumps(results["synthetic"]))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
