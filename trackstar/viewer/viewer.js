@@ -220,7 +220,7 @@
     else $('breakdown').append(el('p', {cls: 'muted', text: 'No breakdown in the metrics.'}));
   }
   function barChart(title, methods, values) {
-    const w = 250, rowH = 18, left = 110, h = 22 + rowH * methods.length;
+    const w = 235, rowH = 18, left = 105, h = 22 + rowH * methods.length;
     const max = Math.max.apply(null, values.map(function (v) { return Math.abs(v); }).concat([1e-12]));
     const svg = sv('svg', {width: w, height: h, viewBox: '0 0 ' + w + ' ' + h, role: 'img', 'aria-label': title});
     svg.append(sv('text', {x: 0, y: 12, 'font-weight': 600}, title));
@@ -297,7 +297,7 @@
     const pred = s.prediction == null ? null : el('span', {}, [el('span', {text: JSON.stringify(s.prediction) + ' '}),
       el('span', {cls: 'flag ' + (s.correct ? 'ok' : 'bad'), text: s.correct ? 'correct' : 'wrong'})]);
     const facts = [['target', el('span', {}, highlight(s.target, null, s.target))], ['entity', s.entity ? el('mark', {cls: 'ent', text: s.entity}) : null],
-      ['greedy prediction', pred], ['p(target | prompt)', s.target_prob == null ? null : fmt(s.target_prob, 4)],
+      ['greedy prediction', pred], ['p(target | prompt)', s.target_prob == null ? null : (s.target_prob < 1e-3 ? Number(s.target_prob).toExponential(2) : fmt(s.target_prob, 4))],
       ['relevant passages', rel.size ? String(rel.size) : null]].filter(function (f) { return f[1] != null; });
     const head = el('div', {cls: 'qhead'}, [
       el('h2', {}, [el('span', {cls: 'muted', text: 'Query '}), s.id]),
