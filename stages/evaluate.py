@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: attribution (MRR, recall@10) and tail-patch influence per method, model accuracy."""
+"""DVC stage `evaluate`: attribution (MRR, recall@10), tail-patch influence and the Fig. 3 breakdown of the top
+proponents per method; model accuracy and per-query predictions."""
 
 import json
 import time
@@ -6,16 +7,17 @@ from pathlib import Path
 
 import trackstar.examples as examples_lib
 import trackstar.tailpatch as tailpatch_lib
+from trackstar.breakdown import CATEGORIES, TOP, method_breakdown, metric_names, query_breakdown
 from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
-from trackstar.data import corpus_files, iter_corpus, read_queries
+from trackstar.data import corpus_files, iter_corpus, read_queries, write_jsonl
 from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
 from trackstar.examples import pad_token_id, passage_example, query_example
 from trackstar.memo import Memo, code_hash, memo_key
+from trackstar.predict import predict
 from trackstar.results import read_results
 from trackstar.runner import run_main
 from trackstar.tailpatch import tail_patch
-from trackstar.train import accuracy
 
 
 def main() -> None:
@@ -33,14 +35,23 @@ def main() -> None:
     ranked["random"] = dict(zip([q.id for q in queries], random_ranking(passage_ids, len(queries), k, e.seed)))
     metrics = metrics_table(ranked, relevant)
 
+    sample = queries[: e.tail_patch_queries]
+    need = {pid for m in ranked for q in queries for pid in ranked[m][q.id][:TOP]}
+    need |= {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
+    text = {p.id: p.text for p in iter_corpus(corpus_files()) if p.id in need}
+    names = metric_names(TOP)
+    for m in ranked:
+        shares = method_breakdown(query_breakdown([text[pid] for pid in ranked[m][q.id][:TOP]], ranked[m][q.id],
+                                                  q.target, q.entity, q.relevant_ids) for q in queries)
+        metrics[m].update({names[c]: shares[c] for c in CATEGORIES})
+
     model, tok = load_checkpoint("model")
     pad = pad_token_id(tok)
     max_len = params.gradients.max_length
-    acc = accuracy(model, tok, queries, max_len)
+    preds = predict(model, tok, queries, max_len)
+    acc = sum(p["correct"] for p in preds) / len(preds)
+    write_jsonl("eval/predictions.jsonl", preds)
     if e.tail_patch_queries:
-        sample = queries[: e.tail_patch_queries]
-        need = {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
-        text = {p.id: p.text for p in iter_corpus(corpus_files()) if p.id in need}
         state = load_second_moments("model")
         props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
                      for q in sample] for m in ranked}
@@ -68,7 +79,8 @@ def main() -> None:
         f.write("method," + ",".join(cols) + "\n")
         for m, row in ordered.items():
             f.write(m + "," + ",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) + "\n")
-    plot_methods(ordered, "metrics/methods.png", title=f"TrackStar ladder (model accuracy {acc:.0%})")
+    plot_methods({m: {c: v for c, v in row.items() if c not in names.values()} for m, row in ordered.items()},
+                 "metrics/methods.png", title=f"TrackStar ladder (model accuracy {acc:.0%})")
     print(json.dumps({"accuracy": acc, **{m: round(v["mrr"], 3) for m, v in ordered.items()}}))
 
 

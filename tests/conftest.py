@@ -20,7 +20,7 @@ from tests.pipeline import git, make_repo, repro
 SHARED_OVERRIDES = {"index": {"nlist": 4, "nprobe": 2}, "eval": {"tail_patch_queries": 2}}
 
 ALL_STAGES = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
-              "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
+              "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate", "report"]
 
 
 def commit_all(repo: Path, message: str) -> None:

@@ -188,7 +188,7 @@ def test_fact_world_deterministic_and_consistent(tmp_path):
     ids = {p.id for p in iter_corpus(tmp_path / "corpus.jsonl")}
     assert read_queries(tmp_path / "queries.jsonl", ids) == q1
     for line in (tmp_path / "queries.jsonl").read_text().splitlines():
-        assert set(json.loads(line)) == {"id", "prompt", "target", "relevant_ids"}
+        assert set(json.loads(line)) == {"id", "prompt", "target", "relevant_ids", "entity"}
 
 
 def test_fact_world_rejects_bad_sizes():

@@ -110,12 +110,14 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.seed": (1, {"evaluate"}),
 }
 
-ALL = {"data", "train", "moments", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
+# `report` reads only the retrievals, predictions and metrics: it reruns exactly when one of them changed
+ALL = {"data", "train", "moments", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25",
+       "evaluate", "report"}
 FROM_TRAIN = ALL - {"data", "bm25"}
-FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate", "report"}
 # damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline).
 # Neither reruns `eigen` (R_train's eigenbasis): only the O(d m^2) update and what reads it
-FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate"}
+FROM_HESSIAN = {"hessian", *P, "index", "retrieve", "ladder", "evaluate", "report"}
 
 # (b) one key per params group -> the stages `dvc repro` must run after the edit. Groups whose keys
 # invalidate the same stages (model+train: `train`; gradients+correction+projection+encode: `encode@*`)
@@ -137,14 +139,15 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     # a budget edit that leaves the chosen structure as it was: the statistics come out byte-identical
     ("hessian.memory_gb",): {"autocorrelation"},
     # ivf_flat with nlist 4, nprobe 2 is approximate: retrievals change, so evaluate reruns
-    ("index.kind",): {"index", "retrieve", "evaluate"},
+    ("index.kind",): {"index", "retrieve", "evaluate", "report"},
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
-    # byte-identical, so DVC does not rerun evaluate
+    # byte-identical, so DVC reruns neither evaluate nor report
     ("index.nprobe",): {"retrieve"},
-    ("retrieve.k",): {"retrieve", "ladder", "evaluate"},
-    ("retrieve.methods",): {"ladder", "evaluate"},
-    ("bm25.k1",): {"bm25", "evaluate"},
-    ("eval.seed",): {"evaluate"},
+    ("retrieve.k",): {"retrieve", "ladder", "evaluate", "report"},
+    ("retrieve.methods",): {"ladder", "evaluate", "report"},
+    ("bm25.k1",): {"bm25", "evaluate", "report"},
+    # the random control's draw changes: metrics change, retrievals do not; the report shows the metrics
+    ("eval.seed",): {"evaluate", "report"},
 }
 GROUPS = ["data", "model", "train", "gradients", "correction", "projection", "encode", "hessian", "index", "retrieve",
           "bm25", "eval"]
@@ -241,7 +244,7 @@ def test_repro_reruns_exactly_the_downstream_stages_then_nothing_after_revert(re
 _RESULTS: dict[str, dict] = {}
 
 ORDER = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
-         "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
+         "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate", "report"]
 
 
 def _fmt(stages) -> str:
@@ -301,6 +304,9 @@ def write_docs(path: Path) -> None:
               "  budget edit that leaves the chosen structure as it was gives identical statistics, so nothing",
               "  after it reruns. `encode@*` checks the same memory plan before encoding but does not read them",
               "  as params: editing them never re-encodes.",
+              "- `report` (the viewer site) reads no params: it reruns exactly when the retrievals, the",
+              "  predictions or `metrics/metrics.json` changed (e.g. `eval.seed` changes the random control's",
+              "  metrics only, and the report shows them).",
               ""]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines))

@@ -8,7 +8,7 @@ import yaml
 from tests.pipeline import make_repo, repro, set_param
 
 ALL = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
-       "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
+       "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_mix_k_edit_reruns_exactly_the_hessian_downstream(repo):
     ran = repro(repo)
     # not autocorrelation / eigen (R and its eigenbasis do not depend on mix_k) nor ladder (no input changed)
     assert sorted(ran) == sorted(["hessian", "precondition@train", "precondition@query", "index", "retrieve",
-                                  "evaluate"])
+                                  "evaluate", "report"])
     assert (repo / "hessian/eigen.safetensors").read_bytes() == basis
     meta = json.loads((repo / "hessian/hessian.json").read_text())
     assert meta["mix_k"] == 6 and meta["eval_rank"] == meta["n_eval"] < meta["d"]  # rank-n update of the basis

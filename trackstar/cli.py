@@ -1,5 +1,6 @@
 """`trackstar trace PROMPT --target TEXT`: top proponents/opponents for any prompt, from the
-pipeline's artifacts, encoded exactly as encode@query + precondition@query would.
+pipeline's artifacts, encoded exactly as encode@query + precondition@query would (`--html` writes
+the viewer's panel for it). `trackstar view`: serve or open the report the `report` stage built.
 `trackstar plan`: d, the Hessian structure and the memory each stage needs, before any long stage runs."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 from .errors import ArtifactMismatch
@@ -60,6 +62,13 @@ def _trace(args: argparse.Namespace) -> None:
         bottom = [(text[r].id, float(s)) for r, s in zip(bi[0], bs[0])]
     need = {i for i, _ in top + bottom}
     texts = {p.id: p.text for p in iter_corpus(corpus_files(root / "data")) if p.id in need}
+    if args.html:
+        from .report import write_single_page
+        from .results import make_result
+        record = make_result("trace", args.prompt, args.target, [i for i, _ in top], [s for _, s in top], texts,
+                             [i for i, _ in bottom], [s for _, s in bottom])
+        write_single_page(args.html, record, args.method, args.entity)
+        print(f"wrote {args.html}")
     if args.json:
         print(json.dumps({"inputs_plaintext": args.prompt, "targets_plaintext": args.target, "method": args.method,
                           "proponent_ids": [i for i, _ in top], "proponent_scores": [s for _, s in top],
@@ -74,6 +83,42 @@ def _trace(args: argparse.Namespace) -> None:
         print("opponents:")
         for rank, (i, s) in enumerate(bottom, 1):
             print(f"{rank:3d}. {s:+.4f}  [{i}] {texts[i]}")
+
+
+def _view(args: argparse.Namespace) -> None:
+    import functools
+    import http.server
+    import webbrowser
+
+    from .errors import TrackStarError
+
+    root = Path(args.root).resolve()
+    page = root / "report" / "index.html"
+    if not page.exists():
+        raise TrackStarError(f"{page} does not exist: build it with `dvc repro report`")
+    if args.file:
+        print(page.as_uri())
+        if not args.no_browser:
+            webbrowser.open(page.as_uri())
+        return
+    # the pipeline root is served, so ?jsonl_path=../retrievals/bm25.jsonl opens result files too
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    with http.server.ThreadingHTTPServer((args.host, args.port), handler) as httpd:
+        url = f"http://{args.host}:{httpd.server_address[1]}/report/index.html"
+        print(f"serving {root} at {url} (Ctrl-C stops)", flush=True)
+        if not args.no_browser:
+            webbrowser.open(url)
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    """Static files without a log line per request."""
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        pass
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -113,10 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--method", choices=["trackstar", "bm25"], default="trackstar")
     t.add_argument("--json", action="store_true", help="one JSON object in the TDA-viewer field names")
     t.add_argument("--root", default=".", help="the pipeline repository (default: current directory)")
+    t.add_argument("--html", metavar="PATH", help="also write the viewer's panel for this query as one HTML file")
+    t.add_argument("--entity", help="the query's entity, highlighted in the --html panel")
+    v = sub.add_parser("view", help="serve report/ (built by the report stage) and open it in a browser")
+    v.add_argument("--root", default=".", help="the pipeline repository (default: current directory)")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--file", action="store_true", help="open report/index.html from the file system instead of serving it")
+    v.add_argument("--no-browser", action="store_true", help="only print the address")
     pl = sub.add_parser("plan", help="d, the Hessian structure and the memory each stage needs")
     pl.add_argument("--root", default=".", help="the pipeline repository (default: current directory)")
     args = ap.parse_args(argv)
-    run_main(lambda: _trace(args) if args.cmd == "trace" else _plan(args))
+    run_main(lambda: {"trace": _trace, "view": _view, "plan": _plan}[args.cmd](args))
 
 
 if __name__ == "__main__":

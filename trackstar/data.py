@@ -2,7 +2,8 @@
 
 corpus.jsonl : {"id": str, "text": str}                    one passage a line
 queries.jsonl: {"id": str, "prompt": str, "target": str,
-                "relevant_ids": [str] (optional)}          one query a line
+                "relevant_ids": [str] (optional),
+                "entity": str (optional)}                  one query a line
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Query:
     prompt: str
     target: str
     relevant_ids: list[str] | None = None
+    entity: str | None = None  # the fact's subject, when known (the viewer and the Fig. 3 breakdown use it)
 
 
 # --------------------------------------------------------------------------- reading
@@ -145,7 +147,10 @@ def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:
                         field="relevant_ids",
                     )
             rel = list(rel)
-        out.append(Query(qid, prompt, target, rel))
+        entity = obj.get("entity")
+        if entity is not None:
+            entity = _req_str(path, n, obj, "entity")
+        out.append(Query(qid, prompt, target, rel, entity))
     return out
 
 
@@ -183,6 +188,8 @@ def query_record(q: Query) -> dict:
     d = {"id": q.id, "prompt": q.prompt, "target": q.target}
     if q.relevant_ids is not None:
         d["relevant_ids"] = list(q.relevant_ids)
+    if q.entity is not None:
+        d["entity"] = q.entity
     return d
 
 
@@ -433,6 +440,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
                     _Q.format(q=r.query_question.format(e=e)),
                     " " + facts[(ei, r.name)],
                     sorted(support[(ei, r.name)]),
+                    entity=e,
                 )
             )
 

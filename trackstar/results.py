@@ -44,7 +44,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -202,8 +202,12 @@ def read_results(path: str | os.PathLike) -> list[QueryResult]:
 
     Blank lines are skipped (as the viewer does). Opponent fields may be absent.
     """
+    return list(iter_results(path))
+
+
+def iter_results(path: str | os.PathLike) -> Iterator[QueryResult]:
+    """Stream and validate a results file one record at a time (what :func:`read_results` collects)."""
     path = os.fspath(path)
-    out: list[QueryResult] = []
     seen: dict[str, int] = {}
     try:
         f = open(path, encoding="utf-8")
@@ -234,8 +238,7 @@ def read_results(path: str | os.PathLike) -> list[QueryResult]:
                 raise InputError(path, f"duplicate example_id {eid!r} (first on line {seen[eid]})",
                                  line=lineno, field="example_id")
             seen[eid] = lineno
-            out.append(_from_record(obj))
-    return out
+            yield _from_record(obj)
 
 
 def _reject_constant(name: str) -> float:

@@ -1,0 +1,181 @@
+"""The viewer's size and load time: the paginated report site against loading whole result files.
+
+Two corpora:
+
+* ``default``: the default pipeline's outputs in the repo root (run `dvc repro` first): its report/
+  folder and retrievals/.
+* ``synthetic``: a generated fact world of ~100k passages (``--entities``), ``--queries`` queries and
+  six methods with ``--k`` hits each (random passages, a relevant one placed at a random rank in
+  half of the queries), written as TDA-viewer result files and built into a report by the same
+  library function the `report` stage calls.
+
+For each, in headless Chromium (Debian's chromium) with the browser cache disabled, over
+http://127.0.0.1 (python's http.server), median of ``--repeats`` loads:
+
+* ``report``: report/index.html, time from navigation start until the first query's panel is drawn,
+  then the time to switch to a query on another data page;
+* ``whole files`` (the baseline, the way the paper's viewer reads results): the same page opened
+  with ``?jsonl_path=trackstar.jsonl&sxs_jsonl_path=bm25.jsonl``, which must read both files
+  completely before it can draw anything.
+
+Bytes: the report's total size, the bytes the landing page loads (html, js, css, data/index.js,
+the first data page), against the six result files (what a viewer that loads whole files needs for
+six methods) and the corpus. Writes benchmarks/results/viewer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import json
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from trackstar.browser import Chromium
+from trackstar.data import FactWorldConfig, generate_fact_world
+from trackstar.report import build_report, method_files
+from trackstar.results import make_result, write_results
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve root on a free localhost port from a thread."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def synthetic(root: Path, entities: int, n_queries: int, k: int, seed: int = 0) -> dict[str, int]:
+    """A ~100k-passage world and six methods' result files (and queries) under root/retrievals."""
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=seed, entities=entities))
+    rng = random.Random(seed)
+    queries = rng.sample(queries, min(n_queries, len(queries)))
+    text = {p.id: p.text for p in passages}
+    ids = list(text)
+    corpus = root / "data" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    with open(corpus, "w", encoding="utf-8") as f:
+        for p in passages:
+            f.write(json.dumps({"id": p.id, "text": p.text}) + "\n")
+    for m in METHODS:
+        res = []
+        for q in queries:
+            top = rng.sample(ids, k)
+            if rng.random() < 0.5:
+                top[rng.randrange(k)] = rng.choice(q.relevant_ids)
+            top = list(dict.fromkeys(top))
+            scores = sorted((rng.random() for _ in top), reverse=True)
+            bottom = [] if m == "bm25" else rng.sample(ids, k)
+            res.append(make_result(q.id, q.prompt, q.target, top, scores, text, bottom,
+                                   sorted(-rng.random() for _ in bottom), query_set=m))
+        path = root / "retrievals" / ("ladder/" if m not in ("trackstar", "bm25") else "") / f"{m}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_results(path, res)
+    t0 = time.perf_counter()
+    build_report(root / "report", method_files(root / "retrievals"), queries)
+    return {"passages": len(passages), "queries": len(queries), "build_s": round(time.perf_counter() - t0, 2)}
+
+
+def sizes(root: Path) -> dict[str, int]:
+    """Bytes of the report, of what its landing page loads, of the result files and the corpus."""
+    rep = root / "report"
+    files = [p for p in rep.rglob("*") if p.is_file()]
+    pages = sorted((rep / "data").glob("page-*.js"))
+    landing = ["index.html", "viewer.js", "viewer.css", "data/index.js"]
+    return {"report_bytes": sum(p.stat().st_size for p in files), "report_files": len(files),
+            "data_pages": len(pages), "largest_page_bytes": max(p.stat().st_size for p in pages),
+            "landing_bytes": sum((rep / f).stat().st_size for f in landing) + pages[0].stat().st_size,
+            "result_files_bytes": sum(p.stat().st_size for p in method_files(root / "retrievals").values()),
+            "two_result_files_bytes": sum((root / "retrievals" / f).stat().st_size
+                                          for f in ("trackstar.jsonl", "bm25.jsonl")),
+            "corpus_bytes": (root / "data" / "corpus.jsonl").stat().st_size}
+
+
+def time_loads(c: Chromium, url: str, repeats: int, switch_to: str | None = None) -> dict[str, float]:
+    """Median ms from navigation start to the first panel drawn (and to a switch to another query)."""
+    first, switch = [], []
+    for _ in range(repeats):
+        c.goto("about:blank")
+        c.goto(url)
+        first.append(c.eval("TRACKSTAR.ready.then(() => TRACKSTAR.readyAt)"))
+        if switch_to:
+            switch.append(c.eval(f"(async () => {{ const t = performance.now(); await TRACKSTAR.api.show({json.dumps(switch_to)});"
+                                 " return performance.now() - t; })()"))
+    if c.errors:
+        raise RuntimeError(f"console errors on {url}: {c.errors[:3]}")
+    out = {"first_panel_ms": round(statistics.median(first), 1)}
+    if switch:
+        out["switch_page_ms"] = round(statistics.median(switch), 1)
+    return out
+
+
+def measure(root: Path, repeats: int) -> dict[str, object]:
+    """Sizes, and load times of the report (file:// and http) and of the two whole result files (http)."""
+    ix = (root / "report" / "data" / "index.js").read_text()
+    index = json.loads(ix[ix.index("{"): ix.rstrip().rindex(")")])
+    last = index["queries"][-1][0]
+    out: dict[str, object] = sizes(root)
+    httpd, base = serve(root)
+    try:
+        with Chromium(timeout=300) as c:
+            c.send("Network.enable")
+            c.send("Network.setCacheDisabled", cacheDisabled=True)
+            out["report_http"] = time_loads(c, f"{base}/report/index.html", repeats, last)
+            out["report_file"] = time_loads(c, (root / "report" / "index.html").as_uri(), repeats, last)
+            out["whole_files_http"] = time_loads(
+                c, f"{base}/report/index.html?jsonl_path=../retrievals/trackstar.jsonl"
+                   f"&sxs_jsonl_path=../retrievals/bm25.jsonl", repeats)
+    finally:
+        httpd.shutdown()
+    out["speedup_first_panel"] = round(out["whole_files_http"]["first_panel_ms"] / out["report_http"]["first_panel_ms"], 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--entities", type=int, default=6250, help="fact-world entities (6250 -> 100k passages)")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=100, help="hits per method and query in the synthetic result files")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["default", "synthetic"],
+                    help="measure one corpus and keep the other's figures in the JSON")
+    args = ap.parse_args()
+    out = HERE / "results" / "viewer.json"
+    results: dict[str, object] = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results.update({"machine": f"{platform.platform()}, {platform.python_version()}", "repeats": args.repeats})
+    if args.only != "synthetic":
+        if not (ROOT / "report" / "index.html").exists():
+            raise SystemExit("no report/index.html in the repo root: run `dvc repro` first (or --only synthetic)")
+        results["default"] = {"queries": len(json.loads((ROOT / "report/data/index.js").read_text()
+                                                     .split("(", 1)[1].rsplit(")", 1)[0])["queries"]),
+                              **measure(ROOT, args.repeats)}
+        print("default:", json.dumps(results["default"]))
+    if args.only != "default":
+        tmp = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
+        try:
+            info = synthetic(tmp, args.entities, args.queries, args.k)
+            results["synthetic"] = {**info, "k": args.k, **measure(tmp, args.repeats)}
+            print("synthetic:", json.dumps(results["synthetic"]))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
