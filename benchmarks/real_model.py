@@ -62,7 +62,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STEPS = ("prepare", "main", "speed", "bergson", "throughput", "readme")
+STEPS = ("prepare", "finetune", "main", "speed", "bergson", "throughput", "readme")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULT_TAG = "REAL_MODEL_RESULT "
 README_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
@@ -124,6 +124,13 @@ def literal_choices(section: str, key: str) -> tuple:
         if (f.alias or n) == key:
             return get_args(f.annotation)
     return ()
+
+
+def hessian_structure(structure: str) -> dict[str, Any]:
+    """params for R's block structure (full / module), in whichever schema this checkout has."""
+    if "structure" in params_fields()["hessian"]:
+        return {"structure": structure}
+    return {"block_diagonal": structure != "full"}  # older schema: blocks = the encoding's modules
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -433,7 +440,7 @@ def base_checkpoint(work: Path, res: dict) -> Path:
     return Path(res["prepare"]["gguf"]) if res["prepare"]["pipeline_reads_gguf"] else work / "smollm2-hf"
 
 
-def main_params(args, fields: dict, ckpt_rel: str) -> dict:
+def main_params(args, fields: dict, ckpt_rel: str, in_pipeline: bool) -> dict:
     """The main run's params: the slice, fine-tuning of SmolLM2 when the schema offers it, the asked-for d."""
     p: dict[str, dict] = {
         "data": {"source": "generate", "entities": args.entities},
@@ -443,10 +450,14 @@ def main_params(args, fields: dict, ckpt_rel: str) -> dict:
         "bm25": {"k": args.retrieve_k},
         "eval": {"tail_patch_queries": args.tail_patch_queries},
     }
-    if "finetune" in literal_choices("model", "source"):
-        p["model"] = {"source": "finetune", "checkpoint": ckpt_rel}
-    else:  # fine-tuned in this script instead (same trackstar.train.pretrain), adopted as a checkpoint
-        p["model"] = {"source": "checkpoint", "checkpoint": ckpt_rel}
+    if "d" in fields["projection"]:  # a total d; the Hessian's structure chosen from the memory budget
+        p["projection"] = {"d": args.main_d}
+        p["hessian"] = {"structure": "auto", "memory_gb": args.memory_gb}
+    else:
+        p["projection"] = {"k": args.main_k}
+        p["hessian"] = hessian_structure("module")
+    # fine-tuned by the train stage, or by the finetune step (same trackstar.train.pretrain) and adopted
+    p["model"] = {"source": "finetune" if in_pipeline else "checkpoint", "checkpoint": ckpt_rel}
     return merge(p, parse_sets(args.main_set))
 
 
@@ -480,56 +491,90 @@ def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> 
     return r
 
 
+def data_repo(args, work: Path) -> Path:
+    """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses."""
+    repo = work / "data"
+    if not (repo / "data/queries.jsonl").is_file():
+        make_repo(repo, {"data": {"source": "generate", "entities": args.entities}})
+        run = dvc_run(repo, work, "data", "data")
+        if run["rc"]:
+            raise RuntimeError("the data stage failed: " + "\n".join(run.get("error_tail", [])))
+    return repo
+
+
+def step_finetune(args, work: Path, res: dict) -> None:
+    """SmolLM2 fine-tuned on the slice with the train stage's AdamW loop (trackstar.train.pretrain), saved
+    with its second moments (work/finetuned): what `model.source: finetune` does, for checkouts without it
+    or to share one fine-tuned checkpoint between the steps (--finetune-in-pipeline redoes it in `main`)."""
+    data = data_repo(args, work)
+    out_dir = work / "finetuned"
+    out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    prev = res.get("finetune") or {}
+    if (out_dir / "optimizer_state.json").is_file() and all(prev.get(k) == v for k, v in out.items()):
+        return
+    wlog = work / "finetune.log"
+    out["accuracy_before"] = run_worker(sys.executable, "accuracy", work / "smollm2-hf",
+                                        data / "data/queries.jsonl", 64, log_file=wlog)
+    out["train"] = finetune_here(args, work / "smollm2-hf", data / "data/corpus.jsonl", out_dir, wlog)
+    out["accuracy_after"] = run_worker(sys.executable, "accuracy", out_dir, data / "data/queries.jsonl", 64,
+                                       log_file=wlog)
+    out["passages"] = sum(1 for _ in open(data / "data/corpus.jsonl"))
+    out["queries"] = sum(1 for _ in open(data / "data/queries.jsonl"))
+    res["finetune"] = out
+
+
 def step_main(args, work: Path, res: dict) -> None:
     fields = params_fields()
+    in_pipeline = args.finetune_in_pipeline and "finetune" in literal_choices("model", "source")
     base = base_checkpoint(work, res)
     repo = work / "main"
-    ckpt_rel = "inputs/checkpoint" + (f"/{base.name}" if base.is_file() else "")
-    params = main_params(args, fields, ckpt_rel)
+    ckpt_rel = "inputs/checkpoint" + (f"/{base.name}" if in_pipeline and base.is_file() else "")
+    params = main_params(args, fields, ckpt_rel, in_pipeline)
     make_repo(repo, params)
     out: dict[str, Any] = {"params": params, "repo": str(repo)}
     res["main"] = out
-    run = dvc_run(repo, work, "main-data", "data")
-    if run["rc"]:
-        out["error"] = run.get("error_tail")
-        return
-    wlog = work / "main-workers.log"
-    out["accuracy_before"] = run_worker(sys.executable, "accuracy", base, repo / "data/queries.jsonl", 64,
-                                        log_file=wlog)
-    corpus_n = sum(1 for _ in open(repo / "data/corpus.jsonl"))
-    query_n = sum(1 for _ in open(repo / "data/queries.jsonl"))
-    out.update(passages=corpus_n, queries=query_n)
     dest = repo / "inputs/checkpoint"
     shutil.rmtree(dest, ignore_errors=True)
-    if params["model"]["source"] == "finetune":
+    if in_pipeline:
         dest.mkdir(parents=True)
         if base.is_file():
-            os.link(base, dest / base.name) if base.stat().st_dev == dest.stat().st_dev else shutil.copy(base, dest)
+            shutil.copy(base, dest / base.name)
         else:
             copy_checkpoint(base, dest, optimizer_state=False)
+        out["finetune"] = "in the pipeline (model.source: finetune, the train stage)"
     else:
-        out["finetune"] = finetune_here(args, work / "smollm2-hf", repo / "data/corpus.jsonl", dest, wlog)
+        if not (work / "finetuned/config.json").is_file():
+            sys.exit("main: run the finetune step first (or --finetune-in-pipeline)")
+        copy_checkpoint(work / "finetuned", dest, optimizer_state=True)
+        out["finetune"] = "finetune step (trackstar.train.pretrain, AdamW state saved), adopted by model.source: checkpoint"
     save_json(Path(args.out), res)
     run = dvc_run(repo, work, "main")
     out["repro"] = run
     out["metrics"] = read_metrics(repo)
+    out["passages"] = sum(1 for _ in open(repo / "data/corpus.jsonl"))
+    out["queries"] = sum(1 for _ in open(repo / "data/queries.jsonl"))
+    same = (repo / "data/corpus.jsonl").read_bytes() == (work / "data/data/corpus.jsonl").read_bytes() \
+        if (work / "data/data/corpus.jsonl").is_file() else None
+    out["same_data_as_finetune_step"] = same
     if not run["rc"]:
-        acc = out["metrics"].get("metrics/model.json", {}).get("accuracy")
-        out["accuracy_after"] = acc
+        out["accuracy_after"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
         from trackstar.store import StoreReader
 
         st = StoreReader(str(repo / "encodings/raw/train.zarr"))
         out["d"] = int(st.d)
         out["modules"] = len(st.attrs.get("layout", []))
-        out["encode_stage_rows_per_s"] = round(corpus_n / run["stages"]["encode@train"]["seconds"], 2) \
-            if "encode@train" in run["stages"] else None
         out["peak_rss_mb_max"] = max(v["peak_rss_mb"] for v in run["stages"].values())
 
 
+def finetuned(work: Path) -> Path:
+    """The fine-tuned checkpoint (with its AdamW state): the finetune step's, else the main run's model/."""
+    for d in (work / "finetuned", work / "main/model"):
+        if (d / "config.json").is_file():
+            return d
+    sys.exit("run the finetune (or main) step first: it provides the fine-tuned checkpoint")
+
+
 def step_speed(args, work: Path, res: dict) -> None:
-    main_repo = work / "main"
-    if not (main_repo / "model/config.json").is_file():
-        sys.exit("speed: run the main step first (it provides the fine-tuned checkpoint)")
     repo = work / "speed"
     params = merge({
         "data": {"source": "generate", "entities": args.entities},
@@ -537,14 +582,14 @@ def step_speed(args, work: Path, res: dict) -> None:
         "gradients": {"include_lm_head": False},
         "correction": {"kind": "estimated"},
         "projection": {"k": args.speed_k},
-        "hessian": {"mix_k": args.mix_k, "block_diagonal": True},
+        "hessian": {"mix_k": args.mix_k, **hessian_structure("module")},
         "retrieve": {"k": args.retrieve_k},
         "bm25": {"k": args.retrieve_k},
     }, parse_sets(args.speed_set))
     make_repo(repo, params)
-    copy_checkpoint(main_repo / "model", repo / "inputs/checkpoint", optimizer_state=False)
-    out: dict[str, Any] = {"params": params, "repo": str(repo), "checkpoint": "main run's fine-tuned model/, "
-                           "optimizer state removed"}
+    src = finetuned(work)
+    copy_checkpoint(src, repo / "inputs/checkpoint", optimizer_state=False)
+    out: dict[str, Any] = {"params": params, "repo": str(repo), "checkpoint": f"{src}, optimizer state removed"}
     res["speed"] = out
     run = dvc_run(repo, work, "speed", "retrieve")
     out["checkpoint_to_retrievals"] = run
@@ -556,20 +601,20 @@ def step_speed(args, work: Path, res: dict) -> None:
     save_json(Path(args.out), res)
     # the Hessian's structure on the same encodings: blocks / full R at two mix_k values
     variants = []
-    for bd, mk in ((True, args.mix_k_alt), (False, args.mix_k_alt), (False, args.mix_k)):
-        set_params(repo, {"hessian": {"block_diagonal": bd, "mix_k": mk}})
-        r = dvc_run(repo, work, f"speed-bd{int(bd)}-mix{mk}", "retrieve")
-        v = {"block_diagonal": bd, "mix_k": mk, "repro": r}
+    for st, mk in (("module", args.mix_k_alt), ("full", args.mix_k_alt), ("full", args.mix_k)):
+        set_params(repo, {"hessian": {"mix_k": mk, **hessian_structure(st)}})
+        r = dvc_run(repo, work, f"speed-{st}-mix{mk}", "retrieve")
+        v = {"structure": st, "mix_k": mk, "repro": r}
         if not r["rc"]:
             v["trackstar"] = retrieval_metrics(repo)
             v["hessian"] = read_metrics(repo).get("hessian/hessian.json")
         variants.append(v)
         save_json(Path(args.out), res)
-    out["hessian_structure"] = [{"block_diagonal": True, "mix_k": args.mix_k, "trackstar": out["trackstar"],
+    out["hessian_structure"] = [{"structure": "module", "mix_k": args.mix_k, "trackstar": out["trackstar"],
                                  "hessian": out["hessian"], "stages": run["stages"]}] + \
-        [{k: v.get(k) for k in ("block_diagonal", "mix_k", "trackstar", "hessian")} |
+        [{k: v.get(k) for k in ("structure", "mix_k", "trackstar", "hessian")} |
          {"stages": v["repro"]["stages"]} for v in variants]
-    set_params(repo, {"hessian": {"block_diagonal": True, "mix_k": args.mix_k}})
+    set_params(repo, {"hessian": {"mix_k": args.mix_k, **hessian_structure("module")}})
 
 
 def step_bergson(args, work: Path, res: dict) -> None:
@@ -605,18 +650,18 @@ def step_bergson(args, work: Path, res: dict) -> None:
 
 
 def step_throughput(args, work: Path, res: dict) -> None:
-    main_repo = work / "main"
+    data = data_repo(args, work)
     d = (res.get("main") or {}).get("d") or args.throughput_d
     py = args.bergson_python if Path(args.bergson_python).is_file() else sys.executable
     out_json = work / "encode_throughput.json"
-    n = sum(1 for _ in open(main_repo / "data/corpus.jsonl"))
-    cmd = [py, str(HERE / "encode_throughput.py"), "--model", str(main_repo / "model"),
-           "--corpus", str(main_repo / "data/corpus.jsonl"), "--examples", str(n), "--target-d", str(d),
+    n = sum(1 for _ in open(data / "data/corpus.jsonl"))
+    cmd = [py, str(HERE / "encode_throughput.py"), "--model", str(finetuned(work)),
+           "--corpus", str(data / "data/corpus.jsonl"), "--examples", str(n), "--target-d", str(d),
            "--out", str(out_json)]
     log(f"throughput: {' '.join(cmd)}")
     t0 = time.perf_counter()
     with open(work / "throughput.log", "w") as f:
-        rc = subprocess.run(cmd, cwd=main_repo, stdout=f, stderr=subprocess.STDOUT,
+        rc = subprocess.run(cmd, cwd=data, stdout=f, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
     res["throughput"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "python": py,
                          "result": load_json(out_json)}
@@ -626,7 +671,7 @@ def step_throughput(args, work: Path, res: dict) -> None:
 
 
 def step_readme(args, work: Path, res: dict) -> None:
-    main_repo = work / "main"
+    data = data_repo(args, work)
     repo = work / "readme"
     shutil.rmtree(repo, ignore_errors=True)
     clone = ["git", "clone", "-q"] + (["--branch", args.readme_branch] if args.readme_branch else []) + \
@@ -637,7 +682,7 @@ def step_readme(args, work: Path, res: dict) -> None:
     res["readme"] = out
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
-        shutil.copy(main_repo / "data" / name, repo / "inputs/data" / name)
+        shutil.copy(data / "data" / name, repo / "inputs/data" / name)
     copy_checkpoint(work / "smollm2-hf", repo / "inputs/checkpoint", optimizer_state=False)
     run = dvc_run(repo, work, "readme", cmd=[sys.executable, "-m", "dvc", *README_CMD[1:]])
     out["run"] = run
@@ -656,8 +701,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
     ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak lr (one-cycle)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--finetune-in-pipeline", action="store_true",
+                    help="main: fine-tune in the train stage (model.source: finetune) instead of reusing the finetune step's")
     ap.add_argument("--retrieve-k", type=int, default=100)
     ap.add_argument("--tail-patch-queries", type=int, default=40)
+    ap.add_argument("--main-d", type=int, default=2 ** 16, help="projection.d of the main run (the paper's 2^16)")
+    ap.add_argument("--main-k", type=int, default=16, help="projection.k of the main run where there is no projection.d")
+    ap.add_argument("--memory-gb", type=float, default=24.0, help="hessian.memory_gb of the main run")
     ap.add_argument("--main-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="params for the main run (e.g. projection.k=16), repeatable")
     ap.add_argument("--speed-k", type=int, default=8, help="k per module of the speed run and bergson's projection_dim")
@@ -703,7 +753,7 @@ def main() -> None:
     res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                    text=True).stdout.strip()
     res["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
-    fns = {"prepare": step_prepare, "main": step_main, "speed": step_speed, "bergson": step_bergson,
+    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson,
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")
@@ -721,10 +771,13 @@ def main() -> None:
 def summarize(res: dict) -> None:
     """One line per headline figure, all read from the results."""
     m = res.get("main") or {}
+    f = res.get("finetune") or {}
+    if f.get("train"):
+        print(f"finetune: {f['passages']} passages, {f['epochs']} epochs in {f['train']['wall_seconds']} s; accuracy "
+              f"{f['accuracy_before']['accuracy']:.3f} -> {f['accuracy_after']['accuracy']:.3f} ({f['queries']} queries)")
     if m.get("metrics"):
-        acc0 = (m.get("accuracy_before") or {}).get("accuracy")
         print(f"main: {m.get('passages')} passages, {m.get('queries')} queries, d = {m.get('d')}, "
-              f"accuracy {acc0} -> {m.get('accuracy_after')}, repro {m.get('repro', {}).get('seconds')} s")
+              f"accuracy after {m.get('accuracy_after')}, repro {m.get('repro', {}).get('seconds')} s")
         for meth, row in (m["metrics"].get("metrics/metrics.json") or {}).items():
             print(f"  {meth:10s} MRR {row.get('mrr', float('nan')):.3f}  recall@10 {row.get('recall@10', float('nan')):.3f}"
                   f"  tail-patch@10 {row.get('tail_patch@10', float('nan')):.4f}")
@@ -735,7 +788,7 @@ def summarize(res: dict) -> None:
                  f"{b.get('ours_over_bergson_time')}" if b.get("trackstar") else ""))
     for v in s.get("hessian_structure", []):
         if v.get("trackstar"):
-            print(f"  block_diagonal={v['block_diagonal']} mix_k={v['mix_k']}: MRR {v['trackstar']['mrr']:.3f}")
+            print(f"  structure {v['structure']} mix_k={v['mix_k']}: MRR {v['trackstar']['mrr']:.3f}")
     t = (res.get("throughput") or {}).get("result") or {}
     if t:
         print(f"throughput (d={t.get('d_ours')}): ours {t.get('tokens_per_s_ours')} tok/s, training "
