@@ -314,6 +314,28 @@ def real_model(r: dict) -> list[str]:
     return out
 
 
+def hessian_memory(r: dict) -> list[str]:
+    out = [f"### Hessian memory (`hessian_memory.py`; {machine(r)})", "",
+           f"Random stores of {r['rows']['train']} training rows and {r['rows']['queries']} queries at {r['layout']} "
+           "(211 modules × k² columns); the real `autocorrelation` and `eigen` stages per `hessian.structure`, each in "
+           "its own process. Peak RSS from `wait4`; *est.*: the memory plan's estimate for the same structure (what "
+           "`auto` compares with `hessian.memory_gb`). CPU s = user + system, steadier than wall time on the shared "
+           f"machine. Baseline (same run, same stores): {r['baseline']} (its `autocorrelation` also imported torch). "
+           f"A bare interpreter with the stages' imports: {r['bare_interpreter_rss_mb']:.0f} MB.", "",
+           "| k | d | code | structure | blocks (widest) | autocorrelation s (CPU s) | peak RSS / est. (MB) | "
+           "eigen s (CPU s) | peak RSS / est. (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["runs"]:
+        head = f"| {x['k']} | {x['d']:,} | {x['code']} | {x['structure']} | {x['blocks']} ({x['largest_block']:,}) |"
+        est = x.get("estimated_mb", {})
+        fmt = lambda s: f"{est[s]:,.0f}" if s in est else "—"
+        if "skipped" in x:
+            out.append(f"{head} not run | — / {fmt('autocorrelation')} | not run | — / {fmt('eigen')} |")
+            continue
+        out.append(head + "".join(f" {x[s]['seconds']:.1f} ({x[s]['cpu_seconds']:.1f}) | "
+                                  f"{x[s]['peak_rss_mb']:,.0f} / {fmt(s)} |" for s in ("autocorrelation", "eigen")))
+    return out
+
+
 def main() -> None:
     if (HERE.parent / "metrics/metrics.json").exists():
         readme_results()
@@ -322,7 +344,7 @@ def main() -> None:
     for name, fn in [("pipeline", pipeline), *[(e, encode) for e in encodes], ("retrieval", retrieval),
                      ("ann_ceiling", ceiling),
                      ("pipeline_ann", pipeline_ann), ("read_rows", read_rows),
-                     ("correction_gap", gap), ("whitening", whitening), ("experiments", experiments), ("d_sweep", sweep),
+                     ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory), ("experiments", experiments), ("d_sweep", sweep),
                      ("real_model", real_model)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]

@@ -1,7 +1,9 @@
 """DVC stage `encode@{train,query}`: projected, corrected per-example gradients into a chunked Zarr store.
 
 Resumable: chunks finished before a crash are kept in .work/ and skipped. Under torchrun each
-rank writes its own whole chunks (rank 0 creates the store, then a barrier).
+rank writes its own whole chunks (rank 0 creates the store, then a barrier). Prints the memory plan of the
+Hessian stages first and refuses to start when no structure fits hessian.memory_gb: a check only (the hessian
+params are not this stage's DVC params, so editing them never re-encodes).
 """
 
 import json
@@ -15,6 +17,8 @@ from trackstar.data import count_lines
 from trackstar.encode import encode_to_store
 from trackstar.encoder import Encoder
 from trackstar.fingerprint import file_sha256
+from trackstar.moments import MOMENTS_FILE
+from trackstar.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import StoreWriter
 
@@ -30,8 +34,13 @@ def main() -> None:
         dist.init_process_group("nccl" if params.encode.device == "cuda" else "gloo")
     src = INPUTS[split]
     enc = Encoder("model", params.gradients, params.correction, params.projection, params.encode,
-                  corpus=INPUTS["train"])
+                  moments=MOMENTS_FILE)
     n = count_lines(src)
+    p = plan(enc.attrs["layout"], count_lines(INPUTS["train"]), count_lines(INPUTS["query"]), params.hessian,
+             params.encode)
+    if rank == 0:
+        print(p.text(), file=sys.stderr)
+    p.require()
     arrays = ["g", "g_plain"] if params.encode.save_plain else ["g"]
     writer = StoreWriter(f"encodings/raw/{split}.zarr", f".work/encode-{split}", n, enc.d, arrays,
                          params.encode.dtype, params.encode.chunk_mb, params.encode.compressor,

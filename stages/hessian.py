@@ -11,6 +11,7 @@ from trackstar.atomic import atomic_open
 from trackstar.config import load_params
 from trackstar.hessian import load_basis, mix_lambda, mixed_whitening, save_whitening, spectra
 from trackstar.memo import code_hash, memo_key
+from trackstar.plan import estimate
 from trackstar.plots import plot_eigen_crossing
 from trackstar.runner import run_main
 
@@ -25,7 +26,7 @@ def main() -> None:
     lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
     w = mixed_whitening(blocks, lam, h.damping)
     meta = {"lambda": lam, "lambda_source": "fixed" if h.lambda_ is not None else f"eigen-crossing at component {h.mix_k}",
-            "mix_k": h.mix_k, "damping": h.damping, "block_diagonal": basis["block_diagonal"], "blocks": len(blocks),
+            "mix_k": h.mix_k, "damping": h.damping, "structure": basis["structure"], "blocks": len(blocks),
             "eval_rank": sum(b.g.shape[1] for b in blocks), "n_train": basis["n_train"], "n_eval": basis["n_eval"],
             "d": basis["d"], "checkpoint_hash": basis["checkpoint_hash"], "encode_config": basis["encode_config"],
             "basis_id": basis["basis_id"]}
@@ -33,8 +34,10 @@ def main() -> None:
     # retrieval / trace refuse artifacts whose ids differ
     meta["whitening_id"] = memo_key(meta=meta, code=code_hash(hessian_lib))
     save_whitening(OUT / "w_mix.safetensors", w, meta)
+    # the structure's block sizes and estimated peak bytes (not part of W: a memory-model edit leaves W as is)
+    memory = estimate(basis["structure"], [(b.start, b.stop) for b in blocks], basis["n_eval"], *basis["chunk_rows"])
     with atomic_open(OUT / "hessian.json") as f:
-        f.write(json.dumps(meta, indent=2))
+        f.write(json.dumps({**meta, "memory": memory.record()}, indent=2))
     with atomic_open(OUT / "eigenvalues.csv") as f:
         f.write("component,train,eval,train_scaled,eval_scaled\n")
         for i in range(len(e_train)):
@@ -42,7 +45,9 @@ def main() -> None:
     plot_eigen_crossing(e_train, e_eval, lam, h.mix_k, OUT / "eigen_crossing.png")
     with atomic_open("metrics/hessian.json") as f:
         f.write(json.dumps({"lambda": lam, "n_train": basis["n_train"], "n_eval": basis["n_eval"], "d": basis["d"],
-                            "seconds": round(time.time() - t0, 1)}, indent=2))
+                            "structure": basis["structure"], "blocks": len(blocks),
+                            "largest_block": max(b.stop - b.start for b in blocks),
+                            "estimated_peak_bytes": memory.peak, "seconds": round(time.time() - t0, 1)}, indent=2))
     print(json.dumps({"lambda": lam, "d": basis["d"], "eval_rank": meta["eval_rank"]}))
 
 

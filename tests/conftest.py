@@ -19,7 +19,7 @@ from tests.pipeline import git, make_repo, repro
 # probed lists at this size (72 passages); eval.tail_patch_queries 2 keeps `evaluate` cheap.
 SHARED_OVERRIDES = {"index": {"nlist": 4, "nprobe": 2}, "eval": {"tail_patch_queries": 2}}
 
-ALL_STAGES = ["data", "train", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
+ALL_STAGES = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
               "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 

@@ -309,6 +309,28 @@ def test_query_too_long_prompt_refused_and_target_that_cannot_fit(sandbox):
     no_leftovers(sandbox, "encodings/raw/query.zarr")
 
 
+def test_a_d_that_cannot_fit_is_refused_before_encoding_and_before_the_hessian(sandbox):
+    shutil.rmtree(sandbox / "encodings/raw/train.zarr")
+    (sandbox / "hessian/stats.safetensors").unlink()
+    set_yaml(sandbox, "hessian.memory_gb", 0.1)  # below the interpreter's own footprint: nothing fits
+    line = next(i for i, t in enumerate((sandbox / "params.yaml").read_text().splitlines(), 1) if "memory_gb" in t)
+    want = f"params.yaml:{line}: field 'hessian.memory_gb': even per-module blocks (15 blocks of up to 16 columns)"
+    stderr = assert_clean_error(run_py(sandbox, "stages/encode.py", "train"), want)
+    assert "memory plan: d = 240 = 15 modules x k^2 (k = 4)" in stderr  # the plan is printed first
+    cli = run_py(sandbox, "-m", "trackstar.cli", "plan")  # the same plan and error without running a stage
+    assert_clean_error(cli, want)
+    assert "memory plan: d = 240" in cli.stdout and "module" in cli.stdout
+    no_leftovers(sandbox, "encodings/raw/train.zarr")
+    assert not (sandbox / ".work/encode-train").exists()
+    set_yaml(sandbox, "hessian.memory_gb", 8.0)
+    import re
+    assert re.search(r"full +1 +240 .* yes <- used", run(sandbox, sys.executable, "-m", "trackstar.cli", "plan").stdout)
+    assert run_py(sandbox, "stages/encode.py", "train").returncode == 0
+    set_yaml(sandbox, "hessian.memory_gb", 0.1)
+    assert_clean_error(run_py(sandbox, "stages/autocorrelation.py"), want)
+    no_leftovers(sandbox, "hessian/stats.safetensors")
+
+
 def adopt_checkpoint(repo: Path, drop: tuple[str, ...]) -> None:
     """inputs/checkpoint = the trained model/ minus `drop`; model.source: checkpoint."""
     ck = repo / "inputs/checkpoint"

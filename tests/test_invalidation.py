@@ -29,6 +29,7 @@ import yaml
 from tests.pipeline import ROOT, repro, set_param
 
 E = {"encode@train", "encode@query"}
+EM = E | {"moments"}  # keys the estimated-moments stage reads too (it writes an empty file unless kind: estimated)
 P = {"precondition@train", "precondition@query"}
 
 # key -> (a valid value different from the tiny test params, stages `dvc status` must list)
@@ -62,24 +63,26 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "gradients.include": ("mlp", E),
     "gradients.exclude": ("lm_head", E),
     "gradients.include_lm_head": (False, E),
-    "gradients.max_length": (48, E | {"evaluate"}),  # evaluate tokenizes with it (accuracy, tail-patch)
+    "gradients.max_length": (48, EM | {"evaluate"}),  # evaluate tokenizes with it (accuracy, tail-patch)
     "gradients.truncation": ("refuse", E),
-    "correction.kind": ("none", E),
+    "correction.kind": ("none", EM),
     "correction.eps": (1.0e-06, E),
-    "correction.estimate_samples": (64, E),
-    "correction.seed": (1, E),
+    "correction.estimate_samples": (64, EM),
+    "correction.seed": (1, EM),
     "projection.k": (5, E),
     "projection.seed": (1, E),
-    "encode.batch_size": (5, E),
+    "projection.d": (100, E),
+    "encode.batch_size": (5, EM),
     "encode.dtype": ("fp16", E),
     "encode.chunk_mb": (1.0, E),
     "encode.compressor": ("zstd", E),
-    "encode.device": ("cpu", E),
+    "encode.device": ("cpu", EM),
     "encode.save_plain": (False, E),
     "hessian.mix_k": (6, {"hessian"}),
     "hessian.lambda": (0.5, {"hessian"}),
     "hessian.damping": (0.01, {"hessian", "ladder"}),  # the ladder's r_train rung is damped too
-    "hessian.block_diagonal": (True, {"eigen"}),
+    "hessian.structure": ("module", {"autocorrelation"}),  # the plan picks the blocks R is accumulated in
+    "hessian.memory_gb": (4.0, {"autocorrelation"}),
     "hessian.train_sample": (32, {"autocorrelation"}),
     "index.kind": ("ivf_flat", {"index"}),
     "index.nlist": (3, {"index"}),
@@ -104,7 +107,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.seed": (1, {"evaluate"}),
 }
 
-ALL = {"data", "train", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
+ALL = {"data", "train", "moments", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25", "evaluate"}
 FROM_TRAIN = ALL - {"data", "bm25"}
 FROM_ENCODE = E | {"autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "evaluate"}
 # damping also changes W_train, so the ladder (its r_train rung) reruns; a mix_k edit does not (test_pipeline).
@@ -122,11 +125,14 @@ RERUN: dict[tuple[str, ...], set[str]] = {
     # encode.batch_size is not part of the result in exact arithmetic, but the batch shape
     # (padding, BLAS blocking) changes float32 rounding: the encodings differ in their last bits
     # (measured max |diff| ~2e-6 on values ~30), so on its own it also reruns all of FROM_ENCODE.
-    ("gradients.include_lm_head", "correction.kind", "projection.k", "encode.batch_size"): FROM_ENCODE,
+    # correction.kind and encode.batch_size also rerun `moments` (its empty file comes out identical)
+    ("gradients.include_lm_head", "correction.kind", "projection.k", "encode.batch_size"): FROM_ENCODE | {"moments"},
     ("hessian.damping",): FROM_HESSIAN,
     # mix_k leaves W_train byte-identical: the ladder is skipped
     ("hessian.mix_k",): FROM_HESSIAN - {"ladder"},
     ("hessian.train_sample",): {"autocorrelation", "eigen"} | FROM_HESSIAN,
+    # a budget edit that leaves the chosen structure as it was: the statistics come out byte-identical
+    ("hessian.memory_gb",): {"autocorrelation"},
     # ivf_flat with nlist 4, nprobe 2 is approximate: retrievals change, so evaluate reruns
     ("index.kind",): {"index", "retrieve", "evaluate"},
     # with the (default) flat index nprobe is ignored: retrieve reruns, its outputs are
@@ -230,7 +236,7 @@ def test_repro_reruns_exactly_the_downstream_stages_then_nothing_after_revert(re
 
 _RESULTS: dict[str, dict] = {}
 
-ORDER = ["data", "train", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
+ORDER = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
          "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 
@@ -280,9 +286,12 @@ def write_docs(path: Path) -> None:
               "- `encode.batch_size` does not enter the result in exact arithmetic, but the batch shape changes",
               "  float32 rounding (last bits), so the encodings and everything after them are recomputed.",
               "  `encode.device: cpu` instead of `auto` on a CPU-only machine gives identical encodings (only",
-              "  `encode@*` rerun); on a GPU machine it changes them.",
+              "  `moments` and `encode@*` rerun); on a GPU machine it changes them.",
+              "- `moments` reads `correction.kind`, `correction.estimate_samples`, `correction.seed`,",
+              "  `gradients.max_length`, `encode.batch_size` and `encode.device`; unless `correction.kind` is",
+              "  `estimated` it writes the same empty file, so nothing after it reruns on its account.",
               "- `data.corpus`, `data.queries` are read only with `data.source: files`; `model.checkpoint` only",
-              "  with `model.source: checkpoint`. Editing them otherwise reruns `data` / `train`, whose outputs",
+              "  with `model.source: checkpoint` or `finetune`. Editing them otherwise reruns `data` / `train`, whose outputs",
               "  come out identical, so nothing after them reruns.",
               ""]
     path.parent.mkdir(exist_ok=True)

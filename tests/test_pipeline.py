@@ -6,7 +6,7 @@ import pytest
 
 from tests.pipeline import make_repo, repro, set_param
 
-ALL = ["data", "train", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
+ALL = ["data", "train", "moments", "encode@train", "encode@query", "autocorrelation", "eigen", "hessian", "precondition@train",
        "precondition@query", "index", "retrieve", "ladder", "bm25", "evaluate"]
 
 

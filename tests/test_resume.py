@@ -70,7 +70,7 @@ def expected_done(point: str) -> set[int]:
 def repo(tmp_path_factory):
     r = make_repo(tmp_path_factory.mktemp("resume") / "repo",
                   {"encode": {"chunk_mb": 0.015}, "train": {"epochs": 1}})
-    assert repro(r, "encode@train") == ["data", "train", "encode@train"]
+    assert repro(r, "encode@train") == ["data", "train", "moments", "encode@train"]
     return r
 
 

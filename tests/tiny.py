@@ -38,3 +38,57 @@ def random_examples(n: int, seed: int = 0, query: bool = False) -> list[Example]
 def random_moments(model, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(p.shape, generator=g) * 1e-3 + 1e-6 for n, p in model.named_parameters()}
+
+
+def write_llama_gguf(model: LlamaForCausalLM, tok, path) -> None:
+    """Write a Llama model and its byte-level BPE tokenizer as an F32 GGUF file, the way llama.cpp's
+    convert_hf_to_gguf.py lays it out (GGUF tensor names, q/k rows permuted for its rotary layout)."""
+    import json
+
+    import gguf
+
+    c = model.config
+    n_head, n_kv = c.num_attention_heads, c.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(c.hidden_size // n_head)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    special = set(tok.all_special_ids)
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for name in ("bos", "eos", "pad"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is not None:
+            getattr(w, f"add_{name}_token_id")(tid)
+
+    def permute(t: torch.Tensor, heads: int) -> torch.Tensor:
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # a tied head is the token embedding (no output.weight in the file)
+        t = t.detach().float()
+        if name.endswith("q_proj.weight"):
+            t = permute(t, n_head)
+        elif name.endswith("k_proj.weight"):
+            t = permute(t, n_kv)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,5 +1,9 @@
 """Checkpoint directories: HF model + tokenizer, plus the final AdamW second moments.
 
+A model source (`model.checkpoint`) is either such a directory or a GGUF file (llama.cpp's
+format, e.g. SmolLM2's Q4 file); a GGUF is dequantized to fp32 by transformers and written out
+as a normal directory by the `train` stage, so every later stage loads a directory.
+
 Layout of a checkpoint written by `save_checkpoint`:
     config.json, model.safetensors, tokenizer files   (save_pretrained)
     optimizer_state.safetensors   exp_avg_sq per parameter, keyed by model.named_parameters() name
@@ -108,10 +112,98 @@ def _check_dir(d) -> Path:
     if not p.is_dir():
         raise InputError(str(d), "is not a directory (expected a checkpoint directory)")
     if not (p / "config.json").is_file():
-        raise InputError(str(d), "not a checkpoint: config.json is missing")
+        ggufs = sorted(f.name for f in p.glob("*.gguf"))
+        hint = f" (to use the GGUF file, set model.checkpoint to {p / ggufs[0]})" if ggufs else ""
+        raise InputError(str(d), f"not a checkpoint: config.json is missing{hint}")
     if not _weight_files(p):
         raise InputError(str(d), "not a checkpoint: no weight file (model.safetensors / pytorch_model.bin)")
     return p
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device for `encode.device` (auto: CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("encode.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def weights_dtype(config_dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """The dtype to load weights in: bf16 checkpoints stay bf16 on a GPU (half the memory, the
+    dtype they were trained in); everything else, and anything on CPU, is fp32."""
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype.replace("torch.", ""), None)
+    if torch.device(device).type == "cuda" and config_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def checkpoint_dtype(d) -> torch.dtype | None:
+    """The dtype a checkpoint directory's config.json declares (`dtype` / `torch_dtype`), if any."""
+    p = _check_dir(d)
+    try:
+        conf = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(str(p / "config.json"), f"corrupt JSON: {e}") from None
+    name = conf.get("dtype", conf.get("torch_dtype")) if isinstance(conf, dict) else None
+    return getattr(torch, str(name).replace("torch.", ""), None) if name else None
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position encoding supports (max_position_embeddings / n_positions)."""
+    conf = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        v = getattr(conf, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def load_gguf(path, dtype=torch.float32):
+    """Load (model, tokenizer) from a GGUF file (dequantized by transformers); model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(str(path), "GGUF file does not exist")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise InputError(str(path), f"not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
+                         "model.checkpoint must be a checkpoint directory or a .gguf file")
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise InputError(str(path), "reading a GGUF file needs the `gguf` package (pip install gguf)") from None
+    kw = {"gguf_file": p.name, "local_files_only": True}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
+    except Exception as e:  # noqa: BLE001 - surfaced as a clear input error
+        raise InputError(str(path), f"cannot build the tokenizer from this GGUF: {type(e).__name__}: {e}") from None
+    try:
+        with _quiet_hf():
+            # every weight unpacked into plain nn.Linear / embedding tensors (no packed GGUF modules)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=dtype,
+                                                         quantization_config=GgufConfig(dequantize=True), **kw)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(str(path), f"cannot load the model from this GGUF: {type(e).__name__}: {e}") from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # dense now: save_pretrained must write it as a plain checkpoint
+        quantizer.remove_quantization_config(model)
+    model.eval()
+    return model, tok
+
+
+def load_source(path, device="cpu", dtype=torch.float32):
+    """Load (model, tokenizer) from a model source: a checkpoint directory or a GGUF file."""
+    if Path(path).is_file():  # a source that is a file must be a GGUF
+        model, tok = load_gguf(path, dtype)
+        return model.to(device), tok
+    return load_checkpoint(path, device, dtype)
 
 
 def load_checkpoint(d, device="cpu", dtype=torch.float32):

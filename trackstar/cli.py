@@ -1,5 +1,6 @@
 """`trackstar trace PROMPT --target TEXT`: top proponents/opponents for any prompt, from the
-pipeline's artifacts, encoded exactly as encode@query + precondition@query would."""
+pipeline's artifacts, encoded exactly as encode@query + precondition@query would.
+`trackstar plan`: d, the Hessian structure and the memory each stage needs, before any long stage runs."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def _trace(args: argparse.Namespace) -> None:
         flush_denormals()  # torch is loaded now: encode exactly as the encode stage does
         from .store import StoreReader
 
+        from .moments import MOMENTS_FILE
+
         enc = Encoder(root / "model", params.gradients, params.correction, params.projection, params.encode,
-                      corpus=root / "data/corpus.jsonl")
+                      moments=root / MOMENTS_FILE, params_file=root / "params.yaml")
         final = StoreReader(root / "encodings/final/train.zarr")
         for key in ("checkpoint_hash", "d", "config"):
             if json.dumps(final.attrs[key], sort_keys=True) != json.dumps(enc.attrs[key], sort_keys=True):
@@ -73,6 +76,32 @@ def _trace(args: argparse.Namespace) -> None:
             print(f"{rank:3d}. {s:+.4f}  [{i}] {texts[i]}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    """Print the memory plan for the current params.yaml, model and data (exit 2 if no structure fits)."""
+    from .config import load_params
+    from .data import count_lines
+    from .errors import TrackStarError
+    from .plan import plan
+
+    root = Path(args.root)
+    params = load_params(root / "params.yaml")
+    model = root / "model"
+    if not model.is_dir() and params.model.source == "checkpoint":
+        model = root / params.model.checkpoint
+    corpus, queries = root / "data/corpus.jsonl", root / "data/queries.jsonl"
+    if not model.is_dir() or not corpus.exists() or not queries.exists():
+        raise TrackStarError(f"{root}: the plan needs the model and the data: run `dvc repro train` first")
+    from .checkpoint import load_checkpoint
+    from .layers import find_layers, layout
+
+    g = params.gradients
+    layers = find_layers(load_checkpoint(model)[0], g.include, g.exclude, g.include_lm_head)
+    p = plan(layout(layers, params.projection.k_for(len(layers))), count_lines(corpus), count_lines(queries),
+             params.hessian, params.encode)
+    print(p.text())
+    p.require(str(root / "params.yaml"))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="trackstar", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -83,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--method", choices=["trackstar", "bm25"], default="trackstar")
     t.add_argument("--json", action="store_true", help="one JSON object in the TDA-viewer field names")
     t.add_argument("--root", default=".", help="the pipeline repository (default: current directory)")
+    pl = sub.add_parser("plan", help="d, the Hessian structure and the memory each stage needs")
+    pl.add_argument("--root", default=".", help="the pipeline repository (default: current directory)")
     args = ap.parse_args(argv)
-    run_main(lambda: _trace(args))
+    run_main(lambda: _trace(args) if args.cmd == "trace" else _plan(args))
 
 
 if __name__ == "__main__":

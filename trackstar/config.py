@@ -5,6 +5,7 @@ Each DVC stage reads only its own sections, so an edit invalidates exactly what 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,10 +34,12 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    """The checkpoint: trained in the pipeline (source=train) or a user's HF checkpoint directory."""
+    """The checkpoint: trained in the pipeline (source=train), a user's checkpoint taken as is
+    (source=checkpoint) or fine-tuned on the corpus (source=finetune); `checkpoint` is an HF
+    checkpoint directory or a GGUF file."""
 
-    source: Literal["train", "checkpoint"] = "train"
-    checkpoint: str = "inputs/checkpoint"
+    source: Literal["train", "checkpoint", "finetune"] = "train"
+    checkpoint: str = "inputs/checkpoint"  # directory or .gguf file (source checkpoint / finetune)
     vocab_size: int = Field(1024, ge=64)
     hidden_size: int = Field(128, ge=8)
     layers: int = Field(4, ge=1)
@@ -81,6 +84,17 @@ class ProjectionParams(_Section):
 
     k: int = Field(16, ge=1)
     seed: int = 0
+    d: int = Field(0, ge=0)  # total d asked for: k = floor(sqrt(d / modules)); 0 = use k
+
+    def k_for(self, modules: int) -> int:
+        """k for this many encoded modules: `k`, or the largest k with k^2 x modules <= `d` when d > 0."""
+        if not self.d:
+            return self.k
+        k = math.isqrt(self.d // modules)  # = floor(sqrt(d / modules)), exact in integers
+        if k < 1:
+            raise param_error("projection.d", f"{self.d} is below one column per encoded module ({modules} modules); "
+                              f"use at least {modules} or set 0 to use projection.k")
+        return k
 
 
 class EncodeParams(_Section):
@@ -96,7 +110,8 @@ class HessianParams(_Section):
     mix_k: int = Field(100, ge=1)  # eigen-crossing component (1-based), ~1.5 % of d
     lambda_: Optional[float] = Field(None, alias="lambda", ge=0.0, le=1.0)
     damping: float = Field(0.001, ge=0)
-    block_diagonal: bool = False
+    structure: Literal["auto", "full", "layer", "module"] = "auto"  # R's diagonal blocks (trackstar.plan)
+    memory_gb: float = Field(8.0, gt=0)  # GiB the structure must fit; a param, not read from the machine
     train_sample: int = Field(0, ge=0)  # 0 = all training rows
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -7,75 +7,66 @@ same way everywhere, and the attrs it records let consumers refuse mismatched ar
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
-from .config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams
+from .checkpoint import (
+    checkpoint_dtype,
+    checkpoint_hash,
+    context_length,
+    load_checkpoint,
+    load_second_moments,
+    pick_device,
+    weights_dtype,
+)
+from .config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams, param_error
 from .correction import Correction, build_correction
 from .data import iter_corpus, read_queries
 from .encode import encode_chunk
 from .errors import InputError
 from .examples import Example, pad_token_id, passage_example, query_example
-from .gradients import HookProjector, estimate_second_moments
+from .gradients import HookProjector
 from .layers import find_layers, layout
+from .moments import read_moments
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("encode.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 class Encoder:
     def __init__(self, model_dir: str | Path, gradients: GradientsParams, correction: CorrectionParams,
-                 projection: ProjectionParams, encode: EncodeParams, corpus: str | Path | None = None):
+                 projection: ProjectionParams, encode: EncodeParams, moments: str | Path | None = None,
+                 params_file: str | Path = "params.yaml"):
         self.model_dir = Path(model_dir)
         self.g, self.c, self.p, self.e = gradients, correction, projection, encode
         self.device = pick_device(encode.device)
-        self.model, self.tok = load_checkpoint(self.model_dir)
-        self.model.to(self.device)
+        dtype = weights_dtype(checkpoint_dtype(self.model_dir), self.device)
+        self.model, self.tok = load_checkpoint(self.model_dir, self.device, dtype)
+        ctx = context_length(self.model)
+        if ctx is not None and gradients.max_length > ctx:
+            raise param_error("gradients.max_length", f"{gradients.max_length} exceeds the context of the model in "
+                              f"{self.model_dir} ({ctx} positions)", params_file)
         self.pad_id = pad_token_id(self.tok)
         self.layers = find_layers(self.model, gradients.include, gradients.exclude, gradients.include_lm_head)
-        self.d = projection.k ** 2 * len(self.layers)
+        self.p = projection.model_copy(update={"k": projection.k_for(len(self.layers))})  # projection.d -> k
+        self.d = self.p.k ** 2 * len(self.layers)
         self.ckpt_hash = checkpoint_hash(self.model_dir)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        self.correction = self._correction(corpus)
+        self.correction = self._correction(moments)
         self.truncated = 0
 
-    def _correction(self, corpus: str | Path | None) -> Correction:
+    def _correction(self, moments_file: str | Path | None) -> Correction:
         kind = self.c.kind
         if kind == "estimated":
-            if corpus is None:
-                raise ValueError("correction.kind: estimated needs the corpus to sample from")
-            sample = self._sample_passages(corpus, self.c.estimate_samples, self.c.seed)
-            moments = estimate_second_moments(self.model.cpu(), self.layers, sample, self.pad_id)
-            self.model.to(self.device)
-            return build_correction("estimated", self.layers, moments, self.c.eps)
+            if moments_file is None:
+                raise ValueError("correction.kind: estimated needs the moments file of the `moments` stage")
+            moments = read_moments(moments_file, self.ckpt_hash)
+            return build_correction("estimated", self.layers, moments, self.c.eps, checkpoint=str(moments_file))
         state = load_second_moments(self.model_dir) if kind in ("adam", "adam_rank1") else None
         moments = state[0] if state else None
         return build_correction(kind, self.layers, moments, self.c.eps, checkpoint=str(self.model_dir))
-
-    def _sample_passages(self, corpus, n: int, seed: int) -> list[Example]:
-        """Reservoir sample of n passages (one streaming pass), seeded."""
-        rng = random.Random(seed)
-        res: list[str] = []
-        for i, p in enumerate(iter_corpus(corpus)):
-            if len(res) < n:
-                res.append(p.text)
-            else:
-                j = rng.randint(0, i)
-                if j < n:
-                    res[j] = p.text
-        return [passage_example(self.tok, t, self.g.max_length) for t in res]
 
     @property
     def attrs(self) -> dict:

@@ -22,6 +22,22 @@ from .layers import Layer, output_head_name
 from .projection import project_dense, projection_matrix
 
 
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Freeze every parameter and make the input embeddings' output require grad, so a backward pass
+    computes activation gradients only (what the layer hooks read), never weight gradients."""
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(req[n])
+
+
 class HookProjector:
     """Computes [B, d] projected (corrected and optionally plain) gradients for a batch."""
 
@@ -81,18 +97,12 @@ class HookProjector:
         """Register hooks and freeze parameters (activation gradients only) for the duration."""
         mods = dict(self.model.named_modules())
         handles = [mods[l.name].register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
-        emb = self.model.get_input_embeddings()
-        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
-        req = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         try:
-            yield self
+            with frozen_parameters(self.model):
+                yield self
         finally:
             for h in handles:
                 h.remove()
-            for n, p in self.model.named_parameters():
-                p.requires_grad_(req[n])
 
     def encode_batch(self, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,15 +143,17 @@ def per_example_grads(model: nn.Module, layers: list[Layer], examples: list[Exam
                       ) -> Iterator[dict[str, torch.Tensor]]:
     """Full weight gradients per example, (out, in) orientation, by plain autograd one at a time."""
     mods = dict(model.named_modules())
+    dev = next(model.parameters()).device
     with _untied_head(model):
         weights = {l.name: mods[l.name].weight for l in layers}
         for ex in examples:
-            b = collate([ex], pad_id)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum()
-            grads = torch.autograd.grad(loss, [weights[l.name] for l in layers], allow_unused=True)
+            b = {k: v.to(dev) for k, v in collate([ex], pad_id).items()}
+            with torch.enable_grad():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum()
+                grads = torch.autograd.grad(loss, [weights[l.name] for l in layers], allow_unused=True)
             yield {l.name: (l.weight_grad_out_in(g).float() if g is not None else
-                            torch.zeros(l.n_out, l.n_in)) for l, g in zip(layers, grads)}
+                            torch.zeros(l.n_out, l.n_in, device=dev)) for l, g in zip(layers, grads)}
 
 
 def reference_encode(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int,
@@ -149,36 +161,76 @@ def reference_encode(model: nn.Module, layers: list[Layer], examples: list[Examp
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-example gradients, corrected (element-wise, or rank-1 scales if `rank1`) and densely
     projected with the same seeded matrices as the hook path: (corrected [N, d], plain [N, d])."""
-    p = {l.name: (projection_matrix(seed, l.name, "out", k, l.n_out), projection_matrix(seed, l.name, "in", k, l.n_in))
-         for l in layers}
+    dev = next(model.parameters()).device  # inputs, projections and corrections live with the model
+    p = {l.name: (projection_matrix(seed, l.name, "out", k, l.n_out).to(dev),
+                  projection_matrix(seed, l.name, "in", k, l.n_in).to(dev)) for l in layers}
+    on_dev = correction is not None and correction.kind != "none"
+    scales = {n: (a.to(dev), b.to(dev)) for n, (a, b) in correction.scales.items()} if on_dev and rank1 else None
     rows, plain_rows = [], []
     for g in per_example_grads(model, layers, examples, pad_id):
         cor, pl = [], []
         for l in layers:
             G = g[l.name]
             pl.append(project_dense(G, *p[l.name]))
-            if correction is None or correction.kind == "none":
+            if not on_dev:
                 Gc = G
             elif rank1:
-                Gc = apply_rank1(G, *correction.scales[l.name])
+                Gc = apply_rank1(G, *scales[l.name])
             else:
-                Gc = apply_exact(G, correction.v[l.name], correction.eps)
+                Gc = apply_exact(G, correction.v[l.name].to(dev), correction.eps)
             cor.append(project_dense(Gc, *p[l.name]))
-        rows.append(torch.cat(cor))
-        plain_rows.append(torch.cat(pl))
+        rows.append(torch.cat(cor).cpu())
+        plain_rows.append(torch.cat(pl).cpu())
     return torch.stack(rows), torch.stack(plain_rows)
 
 
-def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int
+def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int,
+                            batch_size: int = 16, chunk_bytes: int = 1 << 28, progress: bool = False
                             ) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient over `examples`, keyed by parameter name (Adam's v stand-in)."""
-    acc = {l.name: torch.zeros(l.n_out, l.n_in, dtype=torch.float64) for l in layers}
-    n = 0
-    for g in per_example_grads(model, layers, examples, pad_id):
-        for l in layers:
-            acc[l.name] += g[l.name].double() ** 2
-        n += 1
-    if n == 0:
+    """Mean squared per-example gradient over `examples` (Adam's v stand-in), keyed by parameter name.
+
+    One backward per batch on the model's device, parameters frozen: hooks give each layer's inputs
+    a_t and output-gradients delta_t, the per-example gradient G_b = sum_t delta_bt a_bt^T is formed
+    for a few examples at a time (at most `chunk_bytes` of them), squared and summed.
+    """
+    from tqdm.auto import tqdm
+
+    if not examples:
         raise ValueError("cannot estimate second moments from zero examples")
+    dev = next(model.parameters()).device
+    acc = {l.name: torch.zeros(l.n_out, l.n_in, dtype=torch.float64, device=dev) for l in layers}
+
+    def forward_hook(name: str, per_example: int):
+        step = max(1, chunk_bytes // per_example)
+
+        def hook(module, inputs, output):
+            a = inputs[0].detach().float()
+
+            def tensor_hook(grad: torch.Tensor):
+                g = grad.float()
+                for s in range(0, g.shape[0], step):  # [b, T, out] x [b, T, in] -> [b, out, in]
+                    G = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step]).square_()
+                    acc[name] += G.sum(0, dtype=torch.float64)
+
+            output.register_hook(tensor_hook)
+        return hook
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding per batch
+    mods = dict(model.named_modules())
+    handles = [mods[l.name].register_forward_hook(forward_hook(l.name, 4 * l.n_out * l.n_in)) for l in layers]
+    bar = tqdm(total=len(examples), desc="moments", unit="ex", disable=not progress or None, mininterval=2.0)
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            for i in range(0, len(order), batch_size):
+                b = collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+                ids, att, lm = (b[k].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
+                logits = model(input_ids=ids, attention_mask=att).logits
+                per_example_loss(logits, ids, lm).sum().backward()
+                bar.update(ids.shape[0])
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    n = len(examples)
     # back to parameter names and the parameter's own orientation
-    return {l.param_name: l.weight_grad_out_in((acc[l.name] / n).float()) for l in layers}
+    return {l.param_name: l.weight_grad_out_in((acc[l.name] / n).float().cpu()).contiguous() for l in layers}

@@ -3,14 +3,17 @@
 R = (1/N) sum g g^T over projected, corrected gradients, streamed chunk by chunk. TrackStar
 mixes R = lambda R_eval + (1 - lambda) R_train with lambda chosen so the sorted eigenvalue
 curves of lambda R_eval and (1 - lambda) R_train cross at component mix_k; damping adds
-eta * mean(eigenvalues) to the diagonal. Full d x d or block-diagonal per layer. R_train's
-eigenbasis is the one d^3 step (`eigenbasis`); the whitening is a factor W with W^T W = R^(-1)
-(same scores as R^(-1/2)) in that basis, and the mixed one a low-rank update of the train-only one
-(R_eval's rank is at most the number of queries), so a lambda edit costs d m^2, not d^3.
+eta * mean(eigenvalues) to the diagonal. R is kept as diagonal blocks [start, stop) of the d
+columns: one block (the full d x d R), one per transformer layer or one per module, chosen from a
+memory budget (`trackstar.plan`); only those blocks are ever accumulated or held. R_train's
+eigenbasis is the one d_b^3 step per block (`eigenbasis`); the whitening is a factor W with
+W^T W = R^(-1) (same scores as R^(-1/2)) in that basis, and the mixed one a low-rank update of the
+train-only one (R_eval's rank is at most the number of queries), so a lambda edit costs d m^2, not d^3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,28 +23,108 @@ from typing import Callable, Iterable
 import numpy as np
 
 
-def autocorrelation(chunks: Iterable[np.ndarray], d: int,
-                    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, int]:
-    """(1/N) sum_i g_i g_i^T over streamed row chunks (float32 matmuls, float64 accumulation).
-    With `all_reduce` (a sum over processes, each streaming its own chunks) the result is global."""
-    acc = np.zeros((d, d), dtype=np.float64)
+NARROW = 2048  # blocks narrower than this run their BLAS/LAPACK calls on one thread (`_blas_for`)
+
+
+def _blas_for(width: int) -> contextlib.AbstractContextManager:
+    """One BLAS thread while working on blocks at most `width` wide, when that is below NARROW: OpenBLAS's
+    threads cost more than they save on small matrices (measured on 2 busy cores: a 1792-wide float32 eigh
+    took 5.6 s CPU / 28 s wall on the default threads and 0.5 s / 2.9 s on one; 211 products of 256-wide
+    blocks 20x less), while a wide full block keeps every thread."""
+    if width >= NARROW:
+        return contextlib.nullcontext()
+    import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS first: threadpoolctl limits only loaded libraries)
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
+def _syrk_add(acc: np.ndarray, x: np.ndarray) -> None:
+    """acc += x^T x on acc's lower triangle, in place: float64 BLAS syrk (half a matmul's flops, no d_b x d_b
+    temporary). acc is C-ordered, so its transpose is the Fortran-ordered matrix BLAS updates."""
+    from scipy.linalg.blas import dsyrk
+
+    out = dsyrk(1.0, x.T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(out, acc):  # pragma: no cover - a BLAS wrapper that would not work in place
+        acc[...] = out.T
+
+
+def _symmetrize(acc: np.ndarray, slab: int = 2048) -> None:
+    """Copy the lower triangle onto the upper one in place, a row slab at a time (no d_b x d_b temporary)."""
+    n = len(acc)
+    for i in range(0, n, slab):
+        j = min(n, i + slab)
+        acc[i:j, j:] = acc[j:, i:j].T
+        for r in range(i, j - 1):  # inside the slab's diagonal square, row by row
+            acc[r, r + 1:j] = acc[r + 1:j, r]
+
+
+def autocorrelation_sums(chunks: Iterable[np.ndarray], blocks: list[tuple[int, int]]) -> tuple[list[np.ndarray], int]:
+    """Unnormalized sums S_b = sum_i g_i[b] g_i[b]^T of the diagonal blocks [start, stop) only, over streamed row
+    chunks, and the row count: symmetric float64 (float64 syrk per chunk, 8 d_b^2 bytes per block, nothing
+    d x d). Sums over disjoint row sets (processes, corpus shards) add up to the sum over their union;
+    `normalize_sums` divides by the total count."""
+    acc = [np.zeros((stop - start, stop - start), dtype=np.float64) for start, stop in blocks]
     n = 0
-    for x in chunks:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        acc += x.T @ x
-        n += len(x)
-    if all_reduce is not None:
-        acc = all_reduce(acc)
-        n = int(all_reduce(np.array([n], dtype=np.float64))[0])
+    with _blas_for(max((b - a for a, b in blocks), default=0)):
+        for x in chunks:
+            x = np.asarray(x, dtype=np.float32)
+            for a, (start, stop) in zip(acc, blocks):
+                _syrk_add(a, np.ascontiguousarray(x[:, start:stop], dtype=np.float64))
+            n += len(x)
+    for a in acc:
+        _symmetrize(a)
+    return acc, n
+
+
+def normalize_sums(sums: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """R_b = S_b / n, in place; refuses n = 0."""
     if n == 0:
         raise ValueError("cannot estimate a Hessian from zero rows")
-    return acc / n, n
+    for s in sums:
+        s /= n
+    return sums
 
 
-def _scale(r: np.ndarray) -> float:
-    """Mean eigenvalue (trace / d), or 1 for a zero matrix."""
-    t = float(np.trace(r)) / len(r)
-    return t if t > 0 else 1.0
+def autocorrelation(chunks: Iterable[np.ndarray], blocks: list[tuple[int, int]],
+                    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[np.ndarray], int]:
+    """The diagonal blocks of (1/N) sum_i g_i g_i^T over streamed row chunks (float64). With `all_reduce` (a sum
+    over processes, each streaming its own chunks; it may work in place) the result is global."""
+    sums, n = autocorrelation_sums(chunks, blocks)
+    if all_reduce is not None:
+        sums = [all_reduce(x) for x in sums]
+        n = int(all_reduce(np.array([n], dtype=np.float64))[0])
+    return normalize_sums(sums, n), n
+
+
+@dataclass
+class Stats:
+    """hessian/stats.safetensors read lazily: the meta and, per block i, R_train's block and (for blocks no wider
+    than the number of queries, the only ones `eigenbasis` decomposes) R_eval's, each as a fresh float32 array."""
+    path: Path
+    meta: dict
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return [tuple(b) for b in self.meta["blocks"]]
+
+    def r_train(self, i: int) -> np.ndarray:
+        return _read_tensor(self.path, f"r_train.{i}")
+
+    def r_eval(self, i: int) -> np.ndarray:
+        return _read_tensor(self.path, f"r_eval.{i}")
+
+
+def save_stats(path: str | Path, r_train: list[np.ndarray], r_eval: dict[int, np.ndarray], meta: dict) -> None:
+    """The per-block statistics as float32 tensors r_train.i (every block of meta["blocks"]) and r_eval.i (the
+    blocks in `r_eval`), written block by block in slabs (no second copy of the accumulators)."""
+    tensors = {f"r_train.{i}": r for i, r in enumerate(r_train)}
+    tensors.update({f"r_eval.{i}": r for i, r in sorted(r_eval.items())})
+    _save(path, tensors, meta, dtype=np.float32)
+
+
+def load_stats(path: str | Path) -> Stats:
+    return Stats(Path(path), _read_info(path))
 
 
 def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
@@ -54,18 +137,27 @@ def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     return b / (a + b)
 
 
-def eigh_scaled(r: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, float]:
-    """Eigen-decomposition of R / scale, scale = mean eigenvalue (tiny entries would hit subnormal
-    floats: very slow LAPACK): (eigenvalues ascending, clamped >= 0, float64; eigenvectors; scale).
-    float32 divide-and-conquer LAPACK by default: its error is far below the damping, and it is ~2x
-    faster than float64 and ~3x faster than torch.linalg.eigh on 2 CPU cores (measured at d=3000).
-    This module is numpy/scipy only (numpy's float32 products measured 1.1-1.3x torch's here), so the
-    stages that only whiten skip torch."""
-    scale = _scale(r)
+def eigh_scaled(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Eigen-decomposition of a float32 block R / scale, scale = mean eigenvalue (tiny entries would hit subnormal
+    floats: very slow LAPACK), in r's own memory: r is consumed and comes back as the eigenvectors, so a d_b x d_b
+    block costs its 4 d_b^2 bytes plus LAPACK's 8 d_b^2 workspace, no copies. Returns (eigenvalues ascending,
+    clamped >= 0, float64; eigenvectors as columns; scale; trace of R in float64 from the diagonal).
+    float32 divide-and-conquer LAPACK: ~2x faster than float64 and ~3x faster than torch.linalg.eigh on 2 CPU
+    cores (measured at d=3000), at float32 accuracy: eigenvalues below ~1e-7 of the largest are rounding noise.
+    The damping lifts every eigenvalue to at least damping * mean, so the damped inverse stays finite, but its
+    relative error grows with the damped condition number: 1.6e-3 measured at damping 1e-3 on a rank-deficient R
+    (tests/test_hessian.py), less with more damping. This module is numpy/scipy only (numpy's float32 products
+    measured 1.1-1.3x torch's here), so the stages that only whiten skip torch."""
     import scipy.linalg
 
-    e, v = scipy.linalg.eigh((r / scale).astype(dtype), driver="evd", check_finite=False)
-    return np.clip(e.astype(np.float64), 0, None), v, scale
+    if r.dtype != np.float32 or not r.flags.c_contiguous or not r.flags.writeable:
+        r = np.array(r, dtype=np.float32, order="C")
+    trace = float(np.trace(r, dtype=np.float64))
+    scale = trace / len(r) if trace > 0 else 1.0
+    np.divide(r, scale, out=r)
+    # r is symmetric: its transpose is the same matrix in Fortran order, which LAPACK overwrites in place
+    e, v = scipy.linalg.eigh(r.T, driver="evd", overwrite_a=True, check_finite=False)
+    return np.clip(e.astype(np.float64), 0, None), v, scale, trace
 
 
 def damped_shift(trace: float, d: int, damping: float) -> float:
@@ -81,7 +173,7 @@ def eig_scales(e: np.ndarray, scale: float, coef: float, shift: float) -> np.nda
 @dataclass
 class Block:
     """One diagonal block [start, stop) of the Hessian statistics in R_train's eigenbasis (the whole matrix
-    is one block unless hessian.block_diagonal): R_train = scale V diag(e) V^T, R_eval = E E^T, g = V^T E."""
+    is one block under hessian.structure=full): R_train = scale V diag(e) V^T, R_eval = E E^T, g = V^T E."""
     start: int
     stop: int
     e: np.ndarray           # eigenvalues of R_train / scale, ascending, clamped >= 0 (float64)
@@ -92,19 +184,24 @@ class Block:
     vt: np.ndarray | None = None  # V^T, eigenvectors as rows (d_b x d_b, float32); None when not loaded
 
 
-def eigenbasis(r_train: np.ndarray, blocks: list[tuple[int, int]], n_eval: int,
-               query_chunks: Callable[[], Iterable[np.ndarray]], r_eval: Callable[[], np.ndarray]) -> list[Block]:
-    """Per block: the eigen-decomposition of R_train (the one d^3 step) and R_eval mapped into its basis.
-    R_eval = U^T U / n has rank <= n queries: with n < d_b, E = U^T / sqrt(n) comes from one pass over
-    the query rows; otherwise from R_eval's own eigen-decomposition. Nothing here depends on lambda or
-    damping, so a mix_k / lambda / damping edit reuses it (`mixed_whitening`, `train_whitening`)."""
+def eigenbasis(r_train: Callable[[int], np.ndarray], blocks: list[tuple[int, int]], n_eval: int,
+               query_chunks: Callable[[], Iterable[np.ndarray]], r_eval: Callable[[int], np.ndarray]) -> list[Block]:
+    """Per block: the eigen-decomposition of R_train (the one d_b^3 step) and R_eval mapped into its basis.
+    `r_train(i)` / `r_eval(i)` give block i as a fresh float32 array, which is consumed (one block in memory
+    beyond the eigenvectors kept). R_eval = U^T U / n has rank <= n queries: with n < d_b, E = U^T / sqrt(n)
+    comes from one pass over the query rows; otherwise from R_eval's own float64 eigen-decomposition. Nothing
+    here depends on lambda or damping, so a mix_k / lambda / damping edit reuses it (`mixed_whitening`,
+    `train_whitening`)."""
+    with _blas_for(max(b - a for a, b in blocks)):
+        return _eigenbasis(r_train, blocks, n_eval, query_chunks, r_eval)
+
+
+def _eigenbasis(r_train: Callable[[int], np.ndarray], blocks: list[tuple[int, int]], n_eval: int,
+                query_chunks: Callable[[], Iterable[np.ndarray]], r_eval: Callable[[int], np.ndarray]) -> list[Block]:
     out = []
-    for start, stop in blocks:
-        rt = np.ascontiguousarray(r_train[start:stop, start:stop])
-        e, v, scale = eigh_scaled(rt)
-        vt = np.ascontiguousarray(v.T)
-        out.append(Block(start, stop, e, scale, np.empty((0, 0), np.float32),
-                         float(np.trace(rt.astype(np.float64))), 0.0, vt))
+    for i, (start, stop) in enumerate(blocks):
+        e, v, scale, trace = eigh_scaled(r_train(i))
+        out.append(Block(start, stop, e, scale, np.empty((0, 0), np.float32), trace, 0.0, v.T))  # v.T: C-ordered
     low = [b for b in out if n_eval < b.stop - b.start]
     for b in low:
         b.g = np.empty((b.stop - b.start, n_eval), dtype=np.float32)
@@ -117,17 +214,18 @@ def eigenbasis(r_train: np.ndarray, blocks: list[tuple[int, int]], n_eval: int,
             row += len(x)
         if row != n_eval:
             raise ValueError(f"the query store has {row} rows, the Hessian statistics {n_eval}")
-    full = [b for b in out if n_eval >= b.stop - b.start]
-    if full:
-        import scipy.linalg
+    import scipy.linalg
 
-        re_ = r_eval()
-        for b in full:
-            ev, q = scipy.linalg.eigh(re_[b.start:b.stop, b.start:b.stop].astype(np.float64), driver="evd",
-                                      check_finite=False)
-            b.g = (b.vt.astype(np.float64) @ (q * np.sqrt(np.clip(ev, 0, None)))).astype(np.float32)
+    for i, b in enumerate(out):
+        if n_eval >= b.stop - b.start:
+            re_ = r_eval(i).astype(np.float64)
+            ev, q = scipy.linalg.eigh(re_.T, driver="evd", overwrite_a=True, check_finite=False)
+            del re_
+            q *= np.sqrt(np.clip(ev, 0, None))
+            b.g = b.vt @ q.astype(np.float32)
+            del q
     for b in out:
-        b.trace_eval = float(np.sum(b.g.astype(np.float64) ** 2))  # tr(E E^T) = ||V^T E||_F^2
+        b.trace_eval = float(np.einsum("ij,ij->", b.g, b.g, dtype=np.float64))  # tr(E E^T) = ||V^T E||_F^2
     return out
 
 
@@ -135,11 +233,12 @@ def spectra(blocks: list[Block]) -> tuple[np.ndarray, np.ndarray]:
     """The eigenvalues of R_train and of R_eval (block-diagonal parts when there are several blocks),
     each sorted descending: the curves the eigen-crossing rule compares."""
     et, ee = [], []
-    for b in blocks:
-        et.append(b.e * b.scale)
-        g = b.g.astype(np.float64)
-        ev = np.clip(np.linalg.eigvalsh(g.T @ g), 0, None)  # nonzero eigenvalues of E^T E = those of E E^T
-        ee.append(np.concatenate([ev, np.zeros(b.stop - b.start - len(ev))]))
+    with _blas_for(max(max(b.g.shape) for b in blocks)):
+        for b in blocks:
+            et.append(b.e * b.scale)
+            g = b.g.astype(np.float64)
+            ev = np.clip(np.linalg.eigvalsh(g.T @ g), 0, None)  # nonzero eigenvalues of E^T E = those of E E^T
+            ee.append(np.concatenate([ev, np.zeros(b.stop - b.start - len(ev))]))
     return np.sort(np.concatenate(et))[::-1].copy(), np.sort(np.concatenate(ee))[::-1].copy()
 
 
@@ -159,12 +258,13 @@ class Whitening:
         """Rows x -> rows (W x)^T, float32: per block one d_b x d_b product plus 2 d_b m for the update."""
         x = np.asarray(x, dtype=np.float32)
         out = np.empty(x.shape, dtype=np.float32)
-        for (start, stop), vt, s, left, right in zip(self.blocks, self.vt, self.s, self.left, self.right):
-            h = x[:, start:stop] @ vt.T
-            h *= s
-            if right.shape[1]:
-                h += (h @ right) @ left.T
-            out[:, start:stop] = h
+        with _blas_for(max(b - a for a, b in self.blocks)):
+            for (start, stop), vt, s, left, right in zip(self.blocks, self.vt, self.s, self.left, self.right):
+                h = x[:, start:stop] @ vt.T
+                h *= s
+                if right.shape[1]:
+                    h += (h @ right) @ left.T
+                out[:, start:stop] = h
         return out
 
     def matrix(self) -> np.ndarray:
@@ -188,18 +288,19 @@ def mixed_whitening(blocks: list[Block], lam: float, damping: float) -> Whitenin
     (float64), d_b m^2 flops instead of a d_b^3 eigensolve. `vt` may be unloaded (None): only s, L, R are
     computed here."""
     s, left, right = [], [], []
-    for b in blocks:
-        db = b.stop - b.start
-        shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, damping)
-        sb = eig_scales(b.e, b.scale, 1 - lam, shift)
-        bb = (b.g.astype(np.float64) * (sb * np.sqrt(lam))[:, None])
-        s2, q = np.linalg.eigh(bb.T @ bb)
-        root = np.sqrt(1 + np.clip(s2, 0, None))
-        # (I + B B^T)^(-1/2) = I + B Q diag(f(s^2)) Q^T B^T, f(x) = ((1 + x)^(-1/2) - 1) / x, written without cancellation
-        c = (q * (-1 / (root * (1 + root)))) @ q.T
-        s.append(sb.astype(np.float32))
-        left.append((bb @ c).astype(np.float32))
-        right.append(bb.astype(np.float32))
+    with _blas_for(max(max(b.g.shape) for b in blocks)):
+        for b in blocks:
+            db = b.stop - b.start
+            shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, damping)
+            sb = eig_scales(b.e, b.scale, 1 - lam, shift)
+            bb = (b.g.astype(np.float64) * (sb * np.sqrt(lam))[:, None])
+            s2, q = np.linalg.eigh(bb.T @ bb)
+            root = np.sqrt(1 + np.clip(s2, 0, None))
+            # (I + B B^T)^(-1/2) = I + B Q diag(f(s^2)) Q^T B^T, f(x) = ((1 + x)^(-1/2) - 1) / x, written without cancellation
+            c = (q * (-1 / (root * (1 + root)))) @ q.T
+            s.append(sb.astype(np.float32))
+            left.append((bb @ c).astype(np.float32))
+            right.append(bb.astype(np.float32))
     return Whitening([(b.start, b.stop) for b in blocks], [b.vt for b in blocks], s, left, right)
 
 
@@ -214,15 +315,12 @@ def save_basis(path: str | Path, blocks: list[Block], meta: dict) -> None:
 
 
 def load_basis(path: str | Path, vectors: bool = True) -> tuple[list[Block], dict]:
-    """(blocks, meta) from `save_basis`; the d x d eigenvectors only when `vectors` (`mixed_whitening` needs
-    none of them, so a lambda edit reads a few MB, not the basis)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        info = json.loads(f.metadata()["info"])
-        blocks = [Block(start, stop, f.get_tensor(f"e.{i}"), info["scale"][i], f.get_tensor(f"g.{i}"),
-                        info["trace_train"][i], info["trace_eval"][i], f.get_tensor(f"vt.{i}") if vectors else None)
-                  for i, (start, stop) in enumerate(info["blocks"])]
+    """(blocks, meta) from `save_basis`; the eigenvectors only when `vectors` (`mixed_whitening` needs none of
+    them, so a lambda edit reads a few MB, not the basis)."""
+    info = _read_info(path)
+    blocks = [Block(start, stop, _read_tensor(path, f"e.{i}"), info["scale"][i], _read_tensor(path, f"g.{i}"),
+                    info["trace_train"][i], info["trace_eval"][i], _read_tensor(path, f"vt.{i}") if vectors else None)
+              for i, (start, stop) in enumerate(info["blocks"])]
     return blocks, info["meta"]
 
 
@@ -236,13 +334,10 @@ def save_whitening(path: str | Path, w: Whitening, meta: dict) -> None:
 
 def load_whitening(path: str | Path, basis_path: str | Path) -> tuple[Whitening, dict]:
     """The mixed whitening of `save_whitening` with its basis; refuses a basis it was not computed from."""
-    from safetensors import safe_open
-
     from .errors import ArtifactMismatch
 
-    with safe_open(str(path), "np") as f:
-        info = json.loads(f.metadata()["info"])
-        parts = {k: [f.get_tensor(f"{k}.{i}") for i in range(len(info["blocks"]))] for k in ("s", "left", "right")}
+    info = _read_info(path)
+    parts = {k: [_read_tensor(path, f"{k}.{i}") for i in range(len(info["blocks"]))] for k in ("s", "left", "right")}
     blocks, basis_meta = load_basis(basis_path)
     if basis_meta["basis_id"] != info["meta"]["basis_id"]:
         raise ArtifactMismatch(f"{path}: computed from basis {info['meta']['basis_id']} but {basis_path} is "
@@ -250,13 +345,58 @@ def load_whitening(path: str | Path, basis_path: str | Path) -> tuple[Whitening,
     return Whitening([tuple(b) for b in info["blocks"]], [b.vt for b in blocks], **parts), info["meta"]
 
 
-def _save(path: str | Path, tensors: dict[str, np.ndarray], info: dict) -> None:
-    from safetensors.numpy import save_file
+# The files above are safetensors files (readable by `safetensors`), written and read here tensor by tensor:
+# safetensors.numpy.save_file first copies every array into bytes (twice the memory of a d x d basis), and
+# safe_open's arrays are read-only views that `eigh_scaled` would have to copy again.
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "U16": np.uint16}
+_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_SLAB_BYTES = 64 << 20
 
+
+def _save(path: str | Path, tensors: dict[str, np.ndarray], info: dict, dtype: type | None = None) -> None:
+    """Write `tensors` (each cast to `dtype` if given, a row slab at a time) with `info` as JSON metadata,
+    through a temp path + rename."""
     path = Path(path)
+    header, offset = {"__metadata__": {"info": json.dumps(info)}}, 0
+    for name, a in tensors.items():
+        dt = np.dtype(dtype or a.dtype)
+        size = int(np.prod(a.shape)) * dt.itemsize
+        header[name] = {"dtype": _CODES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"info": json.dumps(info)})
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in tensors.values():
+            if a.size == 0:
+                continue
+            dt = np.dtype(dtype or a.dtype).newbyteorder("<")
+            a = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(1, -1)
+            rows = max(1, _SLAB_BYTES // max(1, a.shape[1] * dt.itemsize))
+            for i in range(0, len(a), rows):
+                f.write(np.ascontiguousarray(a[i:i + rows], dtype=dt).data)
     os.replace(tmp, path)
+
+
+def _read_header(path: str | Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _read_info(path: str | Path) -> dict:
+    return json.loads(_read_header(path)[0]["__metadata__"]["info"])
+
+
+def _read_tensor(path: str | Path, name: str) -> np.ndarray:
+    """One tensor as a fresh, writable array read straight from the file."""
+    header, base = _read_header(path)
+    t = header[name]
+    dt = np.dtype(_DTYPES[t["dtype"]]).newbyteorder("<")
+    start, stop = t["data_offsets"]
+    return np.fromfile(path, dtype=dt, count=(stop - start) // dt.itemsize, offset=base + start).reshape(t["shape"])
 
 
 def whiten(x: np.ndarray, w: Whitening | None, normalize: bool) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""The estimated-moments file (stage `moments`) and what the encoder reads from it, the model's
+context checked against gradients.max_length."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.pipeline import ROOT, run
+from trackstar.checkpoint import checkpoint_hash, save_checkpoint
+from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams
+from trackstar.correction import rank1_scales
+from trackstar.encoder import Encoder
+from trackstar.errors import ArtifactMismatch, ConfigError, InputError
+from trackstar.examples import pad_token_id
+from trackstar.gradients import per_example_grads
+from trackstar.layers import find_layers
+from trackstar.moments import MOMENTS_FILE, read_moments, sample_passages, write_moments
+from trackstar.train import train_tokenizer
+
+TEXTS = [f"Entity {i} was born in city {i % 5} and works for company {i % 3}." for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A stage working directory: model/ (tiny GPT-2 with a real BPE tokenizer, no optimizer state) and
+    data/corpus.jsonl."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("moments")
+    tok = train_tokenizer(TEXTS, 300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    save_checkpoint(model.eval(), tok, None, d / "model")
+    (d / "data").mkdir()
+    (d / "data/corpus.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n"
+                                                 for i, t in enumerate(TEXTS)))
+    return d
+
+
+def moments_stage(d: Path, correction: dict):
+    (d / "params.yaml").write_text(yaml.safe_dump({"correction": correction, "gradients": {"max_length": 24},
+                                                   "encode": {"batch_size": 5}}))
+    return run(d, sys.executable, str(ROOT / "stages/moments.py"), check=False)
+
+
+def encoder(d: Path, kind: str, max_length: int = 24) -> Encoder:
+    return Encoder(d / "model", GradientsParams(max_length=max_length), CorrectionParams(kind=kind, eps=1e-8),
+                   ProjectionParams(k=4), EncodeParams(device="cpu"), moments=d / MOMENTS_FILE,
+                   params_file=d / "params.yaml")
+
+
+def test_stage_estimates_the_mean_squared_per_example_gradient(workdir):
+    proc = moments_stage(workdir, {"kind": "estimated", "estimate_samples": 8, "seed": 3})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["samples"] == 8
+    enc = encoder(workdir, "estimated")
+    got = read_moments(workdir / MOMENTS_FILE, checkpoint_hash(workdir / "model"))
+    # independent: the same seeded sample, plain autograd one example at a time
+    layers = find_layers(enc.model, include_lm_head=True)
+    sample = sample_passages(enc.tok, workdir / "data/corpus.jsonl", 8, 3, 24)
+    want = {l.name: torch.zeros(l.n_out, l.n_in, dtype=torch.float64) for l in layers}
+    for g in per_example_grads(enc.model, layers, sample, pad_token_id(enc.tok)):
+        for l in layers:
+            want[l.name] += g[l.name].double() ** 2
+    assert sorted(got) == sorted(l.param_name for l in layers)
+    for l in layers:
+        w = l.weight_grad_out_in((want[l.name] / 8).float())
+        torch.testing.assert_close(got[l.param_name], w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+        # the encoder's correction is the rank-1 fit of exactly these moments
+        s_out, s_in = rank1_scales(l.weight_grad_out_in(got[l.param_name]), 1e-8)
+        torch.testing.assert_close(enc.correction.scales[l.name][0], s_out)
+        torch.testing.assert_close(enc.correction.scales[l.name][1], s_in)
+
+
+def test_other_kinds_write_the_same_empty_file(workdir):
+    out = workdir / MOMENTS_FILE
+    blobs = []
+    for kind, seed in (("adam_rank1", 0), ("adam_rank1", 1), ("none", 0)):
+        proc = moments_stage(workdir, {"kind": kind, "seed": seed})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        blobs.append(out.read_bytes())
+    assert blobs[0] == blobs[1] != blobs[2]  # deterministic; only the kind is recorded
+    with pytest.raises(ArtifactMismatch, match="not 'estimated'"):
+        read_moments(out, checkpoint_hash(workdir / "model"))
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_moments_of_another_checkpoint_or_none_are_refused(workdir, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_moments(path, {"w": torch.ones(2)}, {"kind": "estimated", "checkpoint_hash": "0" * 64})
+    with pytest.raises(ArtifactMismatch, match="not the current model"):
+        read_moments(path, checkpoint_hash(workdir / "model"))
+    with pytest.raises(InputError, match="dvc repro moments"):
+        read_moments(tmp_path / "missing.safetensors", "x")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(InputError, match="corrupt moments file"):
+        read_moments(tmp_path / "bad.safetensors", "x")
+
+
+def test_max_length_beyond_the_model_context_is_refused(workdir):
+    (workdir / "params.yaml").write_text("gradients:\n  max_length: 64\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:2: field 'gradients.max_length': 64 exceeds the context "
+                                          r"of the model in .* \(32 positions\)"):
+        encoder(workdir, "none", max_length=64)
+    proc = moments_stage(workdir, {"kind": "estimated"})
+    assert proc.returncode == 0  # 24 fits
+    (workdir / MOMENTS_FILE).unlink()
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"correction": {"kind": "estimated"},
+                                                         "gradients": {"max_length": 64}}))
+    proc = run(workdir, sys.executable, str(ROOT / "stages/moments.py"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "field 'gradients.max_length': 64 exceeds the context of the model in model (32 positions)" in proc.stderr
+    assert not (workdir / MOMENTS_FILE).exists()
+

@@ -1,0 +1,88 @@
+"""Estimated second moments (`correction.kind: estimated`): computed once per checkpoint and corpus
+sample by the `moments` stage, read by every encode stage and `trackstar trace`.
+
+The file is a safetensors map {parameter name: mean squared per-example gradient} for every
+nn.Linear / Conv1D weight (the output head included), so the layer selection
+(`gradients.include` ...) can change without recomputing it. Its metadata records the checkpoint
+hash and the sample it was estimated from; for any other correction kind the file holds no tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import iter_corpus
+from .errors import ArtifactMismatch, InputError
+from .examples import Example, pad_token_id, passage_example
+from .gradients import estimate_second_moments
+from .layers import find_layers
+
+MOMENTS_FILE = "model_moments/second_moments.safetensors"
+
+
+def sample_passages(tok, corpus, n: int, seed: int, max_length: int) -> list[Example]:
+    """Reservoir sample of n passages (one streaming pass over the corpus), seeded."""
+    rng = random.Random(seed)
+    res: list[str] = []
+    for i, p in enumerate(iter_corpus(corpus)):
+        if len(res) < n:
+            res.append(p.text)
+        else:
+            j = rng.randint(0, i)
+            if j < n:
+                res[j] = p.text
+    return [passage_example(tok, t, max_length) for t in res]
+
+
+def estimate_for_model(model, tok, corpus, samples: int, seed: int, max_length: int, batch_size: int,
+                       progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """(moments of every Linear/Conv1D weight, number of passages used) on the model's device."""
+    layers = find_layers(model, ".*", "^$", include_lm_head=True)
+    sample = sample_passages(tok, corpus, samples, seed, max_length)
+    return estimate_second_moments(model, layers, sample, pad_token_id(tok), batch_size, progress=progress), len(sample)
+
+
+def write_moments(path, moments: dict[str, torch.Tensor], meta: dict) -> None:
+    """Atomically write the moments (possibly none) with `meta` (JSON-encoded values) as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in moments.items()}, tmp,
+                  metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_moments(path, checkpoint_hash: str) -> dict[str, torch.Tensor]:
+    """The estimated moments; refuses a file made for another kind or another checkpoint."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), "missing: correction.kind: estimated reads the moments the `moments` stage "
+                         "writes (run `dvc repro moments`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise InputError(str(path), f"corrupt moments file: {type(e).__name__}: {e}") from None
+    if meta.get("kind") != "estimated":
+        raise ArtifactMismatch(f"{path}: holds moments for correction.kind {meta.get('kind')!r}, not 'estimated'; "
+                               "run `dvc repro` first")
+    if meta.get("checkpoint_hash") != checkpoint_hash:
+        raise ArtifactMismatch(f"{path}: estimated for checkpoint {str(meta.get('checkpoint_hash'))[:12]}, "
+                               f"not the current model ({checkpoint_hash[:12]}); run `dvc repro` first")
+    return tensors
