@@ -62,7 +62,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STEPS = ("prepare", "finetune", "main", "speed", "bergson", "throughput", "readme")
+STEPS = ("prepare", "finetune", "main", "speed", "bergson", "structure", "throughput", "readme")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULT_TAG = "REAL_MODEL_RESULT "
 README_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
@@ -626,22 +626,27 @@ def step_speed(args, work: Path, res: dict) -> None:
     out["d"] = int(json.loads((repo / "hessian/hessian.json").read_text()).get("d", 0)) or None
     out["trackstar"] = retrieval_metrics(repo)
     out["hessian"] = read_metrics(repo).get("hessian/hessian.json")
-    save_results(Path(args.out), res)
-    # the Hessian's structure on the same encodings: blocks / full R at two mix_k values
-    variants = []
+
+
+def step_structure(args, work: Path, res: dict) -> None:
+    """The Hessian's structure on the speed run's encodings: per-module blocks / full R at two mix_k values."""
+    repo = work / "speed"
+    out = res.get("speed") or {}
+    if not out.get("trackstar"):
+        sys.exit("structure: run the speed step first")
+    run = out["checkpoint_to_retrievals"]
+    rows = [{"structure": "module", "mix_k": args.mix_k, "trackstar": out["trackstar"], "hessian": out["hessian"],
+             "stages": run["stages"]}]
+    res["structure"] = rows
     for st, mk in (("module", args.mix_k_alt), ("full", args.mix_k_alt), ("full", args.mix_k)):
         set_params(repo, {"hessian": {"mix_k": mk, **hessian_structure(st)}})
         r = dvc_run(repo, work, f"speed-{st}-mix{mk}", "retrieve")
-        v = {"structure": st, "mix_k": mk, "repro": r}
+        v = {"structure": st, "mix_k": mk, "stages": r["stages"], "seconds": r["seconds"], "rc": r["rc"]}
         if not r["rc"]:
             v["trackstar"] = retrieval_metrics(repo)
             v["hessian"] = read_metrics(repo).get("hessian/hessian.json")
-        variants.append(v)
+        rows.append(v)
         save_results(Path(args.out), res)
-    out["hessian_structure"] = [{"structure": "module", "mix_k": args.mix_k, "trackstar": out["trackstar"],
-                                 "hessian": out["hessian"], "stages": run["stages"]}] + \
-        [{k: v.get(k) for k in ("structure", "mix_k", "trackstar", "hessian")} |
-         {"stages": v["repro"]["stages"]} for v in variants]
     set_params(repo, {"hessian": {"mix_k": args.mix_k, **hessian_structure("module")}})
 
 
@@ -784,7 +789,7 @@ def main() -> None:
     res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                    text=True).stdout.strip()
     res["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
-    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson,
+    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "structure": step_structure,
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")
@@ -823,7 +828,7 @@ def summarize(res: dict) -> None:
         print(f"speed: ours {s['checkpoint_to_retrievals']['seconds']} s MRR {s['trackstar']['mrr']:.3f}"
               + (f"; bergson {b.get('seconds')} s MRR {b['trackstar']['mrr']:.3f}; ours/bergson time "
                  f"{b.get('ours_over_bergson_time')}" if b.get("trackstar") else ""))
-    for v in s.get("hessian_structure", []):
+    for v in res.get("structure", []):
         if v.get("trackstar"):
             print(f"  structure {v['structure']} mix_k={v['mix_k']}: MRR {v['trackstar']['mrr']:.3f}")
     t = (res.get("throughput") or {}).get("result") or {}

@@ -280,11 +280,11 @@ def real_model(r: dict) -> list[str]:
                 "| stage (ours) | seconds | peak RSS (MB) |", "|---|---|---|"]
         for st, v in s["checkpoint_to_retrievals"]["stages"].items():
             out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
-        if s.get("hessian_structure"):
+        if r.get("structure"):
             out += ["", "The Hessian's structure on the same encodings:", "",
                     "| structure | mix_k | λ | TrackStar MRR | recall@10 | `eigen` s | `eigen` peak RSS (MB) |",
                     "|---|---|---|---|---|---|---|"]
-            for v in s["hessian_structure"]:
+            for v in r["structure"]:
                 e = (v.get("stages") or {}).get("eigen") or {}
                 t = v.get("trackstar") or {}
                 lam = (v.get("hessian") or {}).get("lambda")
