@@ -342,11 +342,12 @@ def worker_accuracy(checkpoint: str, queries: str, max_length: int) -> dict:
 def worker_bergson_data(repo: str, out: str, max_length: int) -> dict:
     """The corpus and queries as bergson pre-tokenized jsonl (input_ids, labels = -100 off the loss),
     with the pipeline's own tokenization and loss masks (trackstar.examples)."""
-    from trackstar.checkpoint import load_checkpoint
+    from transformers import AutoTokenizer
+
     from trackstar.data import iter_corpus, read_queries
     from trackstar.examples import passage_example, query_example
 
-    _, tok = load_checkpoint(Path(repo) / "model")
+    tok = AutoTokenizer.from_pretrained(str(Path(repo) / "model"), local_files_only=True)  # what load_checkpoint loads
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     ids = []
@@ -512,7 +513,7 @@ def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> 
         raise RuntimeError(f"fine-tuning failed; see {log_file}")
     r = next(json.loads(l[len(RESULT_TAG):]) for l in out_s.splitlines() if l.startswith(RESULT_TAG))
     r.update(wall_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-             where="benchmark script (the pipeline had no model.source: finetune)")
+             where="the benchmark's finetune step: the train stage's loop (trackstar.train.pretrain) with the train params below")
     return r
 
 
