@@ -54,6 +54,7 @@ def main() -> None:
     t0 = time.perf_counter()
     new = estimate_second_moments(model, layers, examples, pad, batch_size=args.batch_size)
     t_new = time.perf_counter() - t0
+    print(f"batched: {t_new:.1f} s for {len(examples)} passages ({tokens} tokens)", flush=True)
     t0 = time.perf_counter()
     old = one_at_a_time(model, layers, examples, pad)
     t_old = time.perf_counter() - t0

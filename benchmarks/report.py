@@ -314,6 +314,36 @@ def real_model(r: dict) -> list[str]:
     return out
 
 
+def tail_patch(r: dict) -> list[str]:
+    out = [f"### Tail-patch cost (`tail_patch.py`; {machine(r)})", "",
+           f"Per query, 7 methods x k proponents (lists: {r['lists']}); v_hat: {r['v_hat']}. Seconds per query, "
+           "the per-(query, proponent) loop against the grouped step, same run; where 'timed on' is a sample, "
+           "both are extrapolated from it (grouped per passage, naive per pair). CPU s: the process's own CPU time "
+           "(wall time includes waiting for cores shared with other jobs).", "",
+           "| model | parameters | queries x k | distinct pairs | distinct passages | timed on | naive s/query | "
+           "grouped s/query | naive CPU s/query | grouped CPU s/query | speed-up wall | speed-up CPU | "
+           "max abs Δ difference (of max abs Δ) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in ("pipeline_size", "real"):
+        x = r.get(key)
+        if not x:
+            continue
+        timed = (f"{x['grouped_timed_on']['passages']} passages / {x['naive_timed_on_pairs']} pairs"
+                 if x["extrapolated"] else "all")
+        diff = x["max_abs_delta_difference"]
+        out.append(f"| {x['model']} | {x['parameters']:,} | {x['queries']} x {x['k']} | {x['pairs_distinct']} | "
+                   f"{x['passages_distinct']} | {timed} | {x['naive_seconds_per_query']:.1f} | "
+                   f"{x['grouped_seconds_per_query']:.1f} | {x['naive_cpu_seconds_per_query']:.1f} | "
+                   f"{x['grouped_cpu_seconds_per_query']:.1f} | {x['speedup_wall']:.2f}x | {x['speedup_cpu']:.2f}x | "
+                   f"{'-' if diff is None else f'{diff:.1e}'} ({x['max_abs_delta']:.1e}) |")
+    shares = [(k.split("_")[1], v) for k, v in r.items() if k.startswith("sharing_")]
+    if shares:
+        out += ["", "Sharing on these lists: " + "; ".join(
+            f"{n} queries: {v['pairs_total']} (query, proponent) entries, {v['pairs_distinct']} distinct pairs, "
+            f"{v['passages_distinct']} distinct passages" for n, v in shares) + "."]
+    return out
+
+
 def hessian_memory(r: dict) -> list[str]:
     out = [f"### Hessian memory (`hessian_memory.py`; {machine(r)})", "",
            f"Random stores of {r['rows']['train']} training rows and {r['rows']['queries']} queries at {r['layout']} "
@@ -333,6 +363,24 @@ def hessian_memory(r: dict) -> list[str]:
             continue
         out.append(head + "".join(f" {x[s]['seconds']:.1f} ({x[s]['cpu_seconds']:.1f}) | "
                                   f"{x[s]['peak_rss_mb']:,.0f} / {fmt(s)} |" for s in ("autocorrelation", "eigen")))
+    ran = [x for x in r["runs"] if "skipped" not in x]
+    new = {(x["k"], x["structure"]): x for x in ran if x["code"] == "this"}
+    base = {(x["k"], x["structure"]): x for x in ran if x["code"] != "this"}
+    within = all(x[s]["peak_rss_mb"] <= x["estimated_mb"][s] for x in new.values() for s in ("autocorrelation", "eigen"))
+    out += ["", f"Every measured peak is {'within' if within else 'NOT within'} its estimate.", ""]
+    for (k, st), b in sorted(base.items()):
+        n = new.get((k, st))
+        if n:
+            out.append(f"- k = {k}, {st}: peak RSS {n['autocorrelation']['peak_rss_mb']:.0f} vs "
+                       f"{b['autocorrelation']['peak_rss_mb']:.0f} MB (autocorrelation), "
+                       f"{n['eigen']['peak_rss_mb']:.0f} vs {b['eigen']['peak_rss_mb']:.0f} MB (eigen) against the "
+                       f"baseline; CPU {n['autocorrelation']['cpu_seconds'] + n['eigen']['cpu_seconds']:.1f} vs "
+                       f"{b['autocorrelation']['cpu_seconds'] + b['eigen']['cpu_seconds']:.1f} s for both stages.")
+    big = [x for x in r["runs"] if x.get("skipped")]
+    for x in big:
+        out.append(f"- k = {x['k']} (d = {x['d']:,}), {x['structure']}: not run ({x['skipped']}); the baseline built "
+                   f"this d × d statistic for every structure (its float64 accumulator alone "
+                   f"{8 * x['d'] ** 2 / 2 ** 30:.1f} GiB), so it cannot run at this d on a 24 GB machine.")
     return out
 
 
@@ -345,7 +393,7 @@ def main() -> None:
                      ("ann_ceiling", ceiling),
                      ("pipeline_ann", pipeline_ann), ("read_rows", read_rows),
                      ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory), ("experiments", experiments), ("d_sweep", sweep),
-                     ("real_model", real_model)]:
+                     ("tail_patch", tail_patch), ("real_model", real_model)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
     readme = HERE / "README.md"

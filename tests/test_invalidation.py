@@ -293,6 +293,10 @@ def write_docs(path: Path) -> None:
               "- `data.corpus`, `data.queries` are read only with `data.source: files`; `model.checkpoint` only",
               "  with `model.source: checkpoint` or `finetune`. Editing them otherwise reruns `data` / `train`, whose outputs",
               "  come out identical, so nothing after them reruns.",
+              "- `hessian.structure` and `hessian.memory_gb` pick the Hessian's blocks in `autocorrelation`; a",
+              "  budget edit that leaves the chosen structure as it was gives identical statistics, so nothing",
+              "  after it reruns. `encode@*` checks the same memory plan before encoding but does not read them",
+              "  as params: editing them never re-encodes.",
               ""]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines))

