@@ -249,6 +249,10 @@ def real_model(r: dict) -> list[str]:
            f"{c.get('hidden_size')}, {c.get('heads')} query / {c.get('kv_heads')} key-value heads, tied embeddings: "
            f"{c.get('tie_word_embeddings')}; loading the GGUF took {c.get('load_seconds')} s "
            f"(peak RSS {c.get('peak_rss_mb')} MB)."]
+    if r.get("step_loadavg"):
+        out += ["", "The machine was shared while these ran; 1-minute load average at the start / end of each step: "
+                + ", ".join(f"{k} {v['start_1min']} / {v['end_1min']}" for k, v in r["step_loadavg"].items())
+                + " (2 cores): wall times are mostly waiting; compare only figures measured side by side."]
     if ft.get("train"):
         out += ["", f"Fine-tuning on the fact-world slice ({ft['passages']} passages, {ft['queries']} queries; "
                 f"AdamW, {ft['epochs']} epochs, peak lr {ft['lr']}, batch {ft['batch_size']}): "
