@@ -38,15 +38,18 @@ def main() -> None:
     ap.add_argument("--values", type=int, default=8)
     ap.add_argument("--distractors", type=int, default=2)
     ap.add_argument("--question-fraction", type=float, default=0.5)
+    ap.add_argument("--confusers", type=int, default=2)
+    ap.add_argument("--near-miss", type=float, default=0.3)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=float, default=0.1)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--trace", action="store_true", help="print held-out accuracy after every epoch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +57,7 @@ def main() -> None:
     wcfg = FactWorldConfig(
         seed=args.seed, entities=args.entities, relations=args.relations, paraphrases=args.paraphrases,
         question_fraction=args.question_fraction, distractors_per_entity=args.distractors,
-        values_per_relation=args.values,
+        values_per_relation=args.values, confusers_per_entity=args.confusers, near_miss_fraction=args.near_miss,
     )
     passages, queries, stats = generate_fact_world(wcfg)
     texts = [p.text for p in passages]
@@ -71,8 +74,15 @@ def main() -> None:
         model = build_model(mcfg, tok)
         tcfg = TrainConfig(epochs=ep, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            warmup_fraction=args.warmup, seed=args.seed)
+        trace = []
+
+        def on_epoch(e: int) -> None:
+            trace.append((e, round(accuracy(model, tok, queries, 64), 4), round(accuracy(model, tok, probes, 64), 4)))
+            print(json.dumps({"run_epochs": ep, "epoch": e, "query_acc": trace[-1][1],
+                              "statement_prefix_acc": trace[-1][2]}), flush=True)
+
         t0 = time.perf_counter()
-        pretrain(model, tok, texts, tcfg, progress=False)
+        pretrain(model, tok, texts, tcfg, progress=False, on_epoch=on_epoch if args.trace else None)
         dt = time.perf_counter() - t0
         t1 = time.perf_counter()
         acc = accuracy(model, tok, queries, 64)

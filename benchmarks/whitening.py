@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     meta = json.loads(Path("hessian/hessian.json").read_text())
     stats = load_stats("hessian/stats.safetensors")
-    lam, damping, d = meta["lambda"], meta["damping"], meta["d"]
+    lam, damping, d = meta["lambda"], meta.get("damping_eta", meta["damping"]), meta["d"]
     if stats.blocks != [(0, d)]:
         raise SystemExit("this benchmark compares full-R whitenings: run the pipeline with hessian.structure: full")
     u = StoreReader("encodings/raw/query.zarr").read_all()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trackstar.config import EncodeParams, load_params
-from trackstar.hessian import autocorrelation, save_stats
+from trackstar.hessian import autocorrelation, norm4_sums, save_stats
 from trackstar.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
@@ -45,7 +45,17 @@ def main() -> None:
 
         dist.init_process_group("gloo")
         reduce = all_reduce_sum
-    r_train, n_train = autocorrelation((x for _, x in train.iter_chunks(rank, world, h.train_sample)), blocks, reduce)
+    # per block: the sum of ||g_b||^4 over the rows, for the Ledoit-Wolf damping (hessian.damping=auto)
+    s4 = np.zeros(len(blocks))
+
+    def tapped():
+        for _, x in train.iter_chunks(rank, world, h.train_sample):
+            s4[:] += norm4_sums(x, blocks)
+            yield x
+
+    r_train, n_train = autocorrelation(tapped(), blocks, reduce)
+    if reduce is not None:
+        s4[:] = reduce(s4)
     r_eval, n_eval = ([], query.n) if not eval_idx else autocorrelation(
         (x for _, x in query.iter_chunks(rank, world)), [blocks[i] for i in eval_idx], reduce)
     if world > 1:
@@ -57,6 +67,7 @@ def main() -> None:
             "structure": chosen.structure, "blocks": [list(b) for b in blocks],
             "chunk_rows": [train.chunk_rows, query.chunk_rows],  # with the blocks: the memory estimate (plan.estimate)
             "trace_train": float(sum(np.trace(r) for r in r_train)),
+            "norm4_train": [float(v) / n_train for v in s4],  # per block: mean ||g_b||^4
             "checkpoint_hash": train.attrs["checkpoint_hash"], "encode_config": train.attrs["config"],
             "train_input_sha256": train.attrs["input_sha256"], "query_input_sha256": query.attrs["input_sha256"]}
     save_stats(OUT, r_train, dict(zip(eval_idx, r_eval)), meta)

@@ -18,7 +18,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     if p.source == "generate":
         cfg = FactWorldConfig(seed=p.seed, entities=p.entities, relations=p.relations, paraphrases=p.paraphrases,
-                              question_fraction=p.question_fraction, distractors_per_entity=p.distractors_per_entity)
+                              question_fraction=p.question_fraction, distractors_per_entity=p.distractors_per_entity,
+                              confusers_per_entity=p.confusers_per_entity, confuser_true_value=p.confuser_true_value,
+                              near_miss_fraction=p.near_miss_fraction)
         passages, queries, stats = generate_fact_world(cfg)
         write_jsonl(OUT / "corpus.jsonl", ({"id": x.id, "text": x.text} for x in passages))
         write_jsonl(OUT / "queries.jsonl", (query_record(q) for q in queries))

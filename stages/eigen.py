@@ -26,6 +26,8 @@ def main() -> None:
     d = meta["d"]
     basis = eigenbasis(stats.r_train, stats.blocks, meta["n_eval"],
                        query_chunks=lambda: (x for _, x in query.iter_chunks()), r_eval=stats.r_eval)
+    for b, v in zip(basis, meta.get("norm4_train", [])):
+        b.norm4 = v
     out = {"structure": meta["structure"], "chunk_rows": meta["chunk_rows"], "d": d, "n_train": meta["n_train"], "n_eval": meta["n_eval"],
            "checkpoint_hash": meta["checkpoint_hash"], "encode_config": meta["encode_config"]}
     # names the basis by everything that determines it; the whitening files and final stores carry ids built on it

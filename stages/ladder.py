@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trackstar.config import load_params
 from trackstar.data import read_queries
-from trackstar.hessian import load_basis, train_whitening, whiten
+from trackstar.hessian import block_dampings, load_basis, train_whitening, whiten
 from trackstar.results import write_retrievals
 from trackstar.retrieve import exact_search
 from trackstar.runner import run_main
@@ -29,8 +29,10 @@ def main() -> None:
     queries = read_queries("data/queries.jsonl")
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    w_train = (train_whitening(load_basis("hessian/eigen.safetensors")[0], params.hessian.damping)
-               if "r_train" in r.methods else None)
+    w_train = None
+    if "r_train" in r.methods:
+        blocks, basis = load_basis("hessian/eigen.safetensors")
+        w_train = train_whitening(blocks, block_dampings(blocks, params.hessian.damping, basis["n_train"]))
     for method in r.methods:
         array, whitened, norm = LADDER[method]
         train = StoreReader("encodings/raw/train.zarr", array=array)

@@ -39,7 +39,7 @@ def main() -> None:
     meta = {"kind": "estimated", "checkpoint_hash": checkpoint_hash("model"), "samples": n, "seed": c.seed,
             "max_length": g.max_length}
     write_moments(MOMENTS_FILE, moments, meta)
-    print(json.dumps({"kind": "estimated", "samples": n, "parameters": len(moments), "device": str(device),
+    print(json.dumps({"kind": "estimated", "samples": n, "parameters": len(moments) // 2, "device": str(device),
                       "seconds": round(time.time() - t0, 1)}))
 
 

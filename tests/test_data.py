@@ -157,7 +157,8 @@ def test_fact_world_deterministic_and_consistent(tmp_path):
     assert [p.text for p in p3] != [p.text for p in p1]
 
     n_qa = round(0.5 * 30)
-    assert s1["passages"] == len(p1) == 30 * 4 * 3 + n_qa * 4 + 30 * 2
+    assert s1["passages"] == len(p1) == 30 * 4 * 3 + n_qa * 4 + 30 * 2 + 30 * 2  # statements, Q/A, distractors, confusers
+    assert s1["confuser_passages"] == 60 and s1["near_miss_entities"] == 9
     assert s1["queries"] == len(q1) == (30 - n_qa) * 4
     assert len({p.id for p in p1}) == len(p1) and all(p.id.startswith("p") and len(p.id) == 7 for p in p1)
     assert len({q.id for q in q1}) == len(q1) and all(q.id.startswith("q") and len(q.id) == 6 for q in q1)
@@ -201,3 +202,40 @@ def test_fact_world_rejects_bad_sizes():
 
 def test_query_dataclass_default():
     assert Query("q", "p", " t").relevant_ids is None
+
+
+def test_fact_world_lexical_realism():
+    """Relevant passages are not the only ones naming the entity and the value: confusers name the
+    entity, the query's words and (half the time) the entity's own value without stating the fact,
+    and near-miss entity names share their leading characters with another entity's."""
+    import re
+
+    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=0, entities=60))
+    by_id = {p.id: p.text for p in passages}
+    relevant = {r for q in queries for r in q.relevant_ids}
+    confusers = [t for t in by_id.values() if t.startswith("The ") and " of " in t and
+                 any(f" a {w} of " in t for w in ("sister", "brother", "cousin", "neighbour", "colleague", "friend"))]
+    assert len(confusers) == stats["confuser_passages"] == 120
+    n_true = 0
+    for q in queries:
+        entity, value = _entity_of(q.prompt), q.target.strip()
+        words = set(re.findall(r"\w+", q.prompt.lower())) - {"q", "a", "in", "was", "is", "by", "did", "does", "which"}
+        words.discard(entity.lower())
+        for t in by_id.values():
+            if re.search(rf"\b{entity}\b", t) and value in t and t not in {by_id[r] for r in q.relevant_ids}:
+                # a non-relevant passage naming both: a confuser about someone else, with the query's words
+                assert t in confusers and t.index(value) < t.index(entity)
+                assert words <= set(re.findall(r"\w+", t.lower()))
+                n_true += 1
+    assert 0.15 * len(queries) < n_true < 0.5 * len(queries)
+    # no confuser is ever a relevant passage, and every relevant passage states entity and value
+    assert not relevant & {i for i, t in by_id.items() if t in confusers}
+
+    def near_pairs(world):  # pairs of entity names (every entity is named by its distractors) sharing 3+ leading chars
+        names = {t.split()[0] for t in (p.text for p in world[0]) if t.split()[0] not in ("The", "Q:", "A", "Many",
+                 "Friends", "Last", "Records", "Every", "Years", "In", "These", "As")}
+        names = sorted(n for n in names if n[0].isupper())
+        return sum(1 for i, a in enumerate(names) for b in names[i + 1:] if a[:3] == b[:3] and len(a) >= 4)
+
+    plain = generate_fact_world(FactWorldConfig(seed=0, entities=60, near_miss_fraction=0.0))
+    assert near_pairs((passages, queries)) >= near_pairs(plain) + 0.2 * 60

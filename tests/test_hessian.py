@@ -171,3 +171,38 @@ def test_whiten_then_normalize():
     w = Whitening([(0, 2)], [np.eye(2, dtype=np.float32)], [np.array([2.0, 1.0], np.float32)],
                   [np.zeros((2, 0), np.float32)], [np.zeros((2, 0), np.float32)])  # W = diag(2, 1)
     np.testing.assert_allclose(whiten(x, w, False), [[6.0, 4.0], [0.0, 2.0]])
+
+
+def _ledoit_wolf_reference(x: np.ndarray) -> float:
+    """Ledoit & Wolf (2004), written from the paper's definitions in float64 (x: rows): the shrinkage
+    intensity rho towards mu I of S = X^T X / n, returned as the damping rho / (1 - rho)."""
+    n, d = x.shape
+    x = x.astype(np.float64)
+    s = x.T @ x / n
+    mu = np.trace(s) / d
+    d2 = np.sum((s - mu * np.eye(d)) ** 2)
+    b2 = sum(np.sum((np.outer(r, r) - s) ** 2) for r in x) / n ** 2
+    rho = min(b2, d2) / d2
+    return rho / (1 - rho)
+
+
+@pytest.mark.parametrize("n, d", [(30, 80), (200, 40)])
+def test_shrinkage_damping_matches_ledoit_wolf(n, d):
+    from trackstar.hessian import block_dampings, norm4_sums, shrinkage_damping
+
+    rng = np.random.default_rng(n)
+    x = (rng.normal(size=(n, d)) * np.exp(-np.arange(d) / 10) * rng.lognormal(size=(n, 1))).astype(np.float32)
+    (r,), _ = autocorrelation([x[:11], x[11:]], [(0, d)])
+    norm4 = (norm4_sums(x[:11], [(0, d)]) + norm4_sums(x[11:], [(0, d)]))[0] / n  # streamed, as the stage does
+    (block,) = eigenbasis(lambda i: r.astype(np.float32), [(0, d)], 3, lambda: [x[:3]], lambda i: None)
+    block.norm4 = norm4
+    want = _ledoit_wolf_reference(x)
+    assert shrinkage_damping(block.e, block.scale, norm4, n) == pytest.approx(want, rel=2e-3)
+    assert block_dampings([block], "auto", n) == [pytest.approx(want, rel=2e-3)]
+    assert block_dampings([block], 0.01, n) == [0.01]
+    # fewer rows, same distribution: more shrinkage
+    if n > d:
+        assert want < _ledoit_wolf_reference(x[: d // 2])
+    block.norm4 = float("nan")
+    with pytest.raises(ValueError, match="fourth moments"):
+        block_dampings([block], "auto", n)

@@ -32,7 +32,7 @@ def world():
 def trained(world, tmp_path_factory):
     texts, queries, tok = world
     model = build_model(TINY, tok)
-    opt = pretrain(model, tok, texts, TrainConfig(epochs=4, batch_size=8, lr=1e-2, max_length=48), progress=False)
+    opt = pretrain(model, tok, texts, TrainConfig(epochs=4, batch_size=8, lr=1e-2, weight_decay=0.01, max_length=48), progress=False)
     out = tmp_path_factory.mktemp("ck") / "checkpoint"
     save_checkpoint(model, tok, opt, out)
     return model, opt, out
@@ -67,7 +67,7 @@ def test_pretrain_deterministic_and_learns(world, trained):
     texts, _, tok = world
     model, opt, _ = trained
     m2 = build_model(TINY, tok)
-    pretrain(m2, tok, texts, TrainConfig(epochs=4, batch_size=8, lr=1e-2, max_length=48), progress=False)
+    pretrain(m2, tok, texts, TrainConfig(epochs=4, batch_size=8, lr=1e-2, weight_decay=0.01, max_length=48), progress=False)
     for (n, a), (_, b) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
     # loss went down versus an untrained model

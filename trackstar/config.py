@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,6 +31,9 @@ class DataParams(_Section):
     paraphrases: int = Field(3, ge=1)
     question_fraction: float = Field(0.5, ge=0.0, le=1.0)
     distractors_per_entity: int = Field(2, ge=0)
+    confusers_per_entity: int = Field(2, ge=0)
+    confuser_true_value: float = Field(0.5, ge=0.0, le=1.0)
+    near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
 
 
 class ModelParams(_Section):
@@ -51,10 +54,10 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(20, ge=0)
+    epochs: int = Field(60, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
@@ -109,7 +112,7 @@ class EncodeParams(_Section):
 class HessianParams(_Section):
     mix_k: int = Field(100, ge=1)  # eigen-crossing component (1-based), ~1.5 % of d
     lambda_: Optional[float] = Field(None, alias="lambda", ge=0.0, le=1.0)
-    damping: float = Field(0.001, ge=0)
+    damping: Union[Literal["auto"], Annotated[float, Field(ge=0)]] = "auto"  # auto: Ledoit-Wolf shrinkage
     structure: Literal["auto", "full", "layer", "module"] = "auto"  # R's diagonal blocks (trackstar.plan)
     memory_gb: float = Field(8.0, gt=0)  # GiB the structure must fit; a param, not read from the machine
     train_sample: int = Field(0, ge=0)  # 0 = all training rows

@@ -33,7 +33,12 @@ class Correction:
 def rank1_scales(v: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Row/column scalings s_out, s_in with s_out_i s_in_j = 1/sqrt(r_i c_j / mean(r)), r, c = means of v + eps."""
     v = v.double() + eps
-    r, c = v.mean(dim=1), v.mean(dim=0)
+    return scales_from_means(v.mean(dim=1), v.mean(dim=0))
+
+
+def scales_from_means(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-1 scalings from the row means r and column means c of v + eps (the factored form)."""
+    r, c = r.double(), c.double()
     s_out = (r.mean() / r).sqrt()
     s_in = c.rsqrt()
     return s_out.float(), s_in.float()
@@ -71,6 +76,14 @@ def build_correction(kind: str, layers: list[Layer], moments: dict[str, torch.Te
             f"correction.kind: {kind} needs the optimizer's second moments, but {checkpoint} has no "
             "optimizer_state.safetensors; set correction.kind: estimated (mean squared gradient over a "
             "corpus sample) or none")
+    if kind == "estimated":  # factored moments: {parameter: (row means, column means)}, (out, in) orientation
+        missing = [l.param_name for l in layers if l.param_name not in moments]
+        if missing:
+            raise TrackStarError(f"{checkpoint} has no estimated moments for parameter '{missing[0]}'; "
+                                 "run `dvc repro` first")
+        return Correction(kind, eps, scales={l.name: scales_from_means(moments[l.param_name][0] + eps,
+                                                                       moments[l.param_name][1] + eps)
+                                             for l in layers})
     v = layer_moments(layers, moments)
     scales = {name: rank1_scales(t, eps) for name, t in v.items()}
     return Correction(kind, eps, v=v, scales=scales)

@@ -187,6 +187,9 @@ class FactWorldConfig:
     question_fraction: float = 0.5  # entities whose facts also appear as Q/A passages
     distractors_per_entity: int = 2  # passages mentioning the entity without any fact
     values_per_relation: int = 8  # size of each relation's value pool (chance = 1/this)
+    confusers_per_entity: int = 2  # passages naming the entity, a relation's words and a value, stating no fact of it
+    confuser_true_value: float = 0.5  # share of confusers that name the entity's own value for that relation
+    near_miss_fraction: float = 0.3  # entities whose name is another entity's name with a different ending
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,9 @@ class Relation:
     statements: tuple[str, ...]  # training statement templates ({e}, {v})
     train_question: str  # training Q/A template, prompt part ({e})
     query_question: str  # held-out question wording used only by queries ({e})
+    # the held-out question's words, a value {v} and {e}, about someone else ({who}); the value comes first,
+    # so the passage is lexically closest to the query but does not teach "{e} ... -> {v}"
+    confuser: str = ""
 
 
 _Q = "Q: {q} A:"
@@ -210,6 +216,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "Where was {e} born?",
         "In which city was {e} born?",
+        "The city of {v} is where a {who} of {e} was born.",
     ),
     Relation(
         "employer",
@@ -221,6 +228,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "Who does {e} work for?",
         "Which company employs {e}?",
+        "The company {v} employs a {who} of {e}.",
     ),
     Relation(
         "founded",
@@ -232,6 +240,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "What did {e} found?",
         "Which organization was founded by {e}?",
+        "The organization {v} was founded by a {who} of {e}.",
     ),
     Relation(
         "instrument",
@@ -243,6 +252,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "What instrument does {e} play?",
         "Which instrument is played by {e}?",
+        "The instrument {v} is played by a {who} of {e}.",
     ),
     Relation(
         "residence",
@@ -254,6 +264,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "Where does {e} live?",
         "In which country does {e} reside?",
+        "The country of {v} is where a {who} of {e} does reside.",
     ),
     Relation(
         "university",
@@ -265,6 +276,7 @@ RELATIONS: tuple[Relation, ...] = (
         ),
         "Where did {e} study?",
         "Which university did {e} attend?",
+        "The university {v} is where a {who} of {e} did attend.",
     ),
 )
 
@@ -278,6 +290,9 @@ _DISTRACTORS = (
     "{e} has a habit of drinking tea at noon.",
     "Last winter {e} visited a friend by the sea.",
 )
+
+# who the confuser passages are about: someone close to the entity, never the entity itself
+_RELATIVES = ("sister", "brother", "cousin", "neighbour", "colleague", "friend")
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
 _VOWELS = ["a", "e", "i", "o", "u", "a", "o", "ai", "ou", "ei"]
@@ -301,6 +316,26 @@ def _unique_names(rng: random.Random, n: int, taken: set[str], lo: int, hi: int)
     return out
 
 
+def _near_misses(rng: random.Random, names: list[str], fraction: float, taken: set[str]) -> list[str]:
+    """Rename a `fraction` of the entities to another entity's name with a different ending
+    (Velor -> Velmaith): names that share their leading subwords, so neither a tokenizer nor
+    a model can tell two entities apart by their first tokens."""
+    out = list(names)
+    n = int(round(fraction * len(names)))
+    idx = list(range(len(names)))
+    rng.shuffle(idx)
+    for i, j in zip(idx[:n], idx[n:2 * n]):
+        stem = names[j][: max(3, len(names[j]) - 2)]
+        for _ in range(100):
+            cand = stem + rng.choice(_VOWELS) + rng.choice(_CODAS)
+            if cand not in taken:
+                taken.discard(out[i])
+                taken.add(cand)
+                out[i] = cand
+                break
+    return out
+
+
 def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query], dict]:
     """A seeded, deterministic world of invented facts.
 
@@ -320,12 +355,21 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         raise ValueError("question_fraction must be in [0, 1)")
     if cfg.entities < 2 or cfg.values_per_relation < 2:
         raise ValueError("need at least 2 entities and 2 values per relation")
+    if cfg.confusers_per_entity < 0:
+        raise ValueError("confusers_per_entity must be >= 0")
+    if not 0.0 <= cfg.confuser_true_value <= 1.0:
+        raise ValueError("confuser_true_value must be in [0, 1]")
+    if not 0.0 <= cfg.near_miss_fraction <= 0.5:
+        raise ValueError("near_miss_fraction must be in [0, 0.5]")
 
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
     entities = _unique_names(rng, cfg.entities, taken, 2, 3)
     rels = RELATIONS[: cfg.relations]
     values = {r.name: _unique_names(rng, cfg.values_per_relation, taken, 2, 3) for r in rels}
+    # drawn after everything above, so a world without near misses or confusers is the one seeded before
+    crng = random.Random(f"{cfg.seed}-confusers")
+    entities = _near_misses(crng, entities, cfg.near_miss_fraction, taken)
     n_q = int(round(cfg.question_fraction * cfg.entities))
     # which entities are "question-trained" is random, not the first in name order
     order = list(range(cfg.entities))
@@ -345,12 +389,20 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
                 raw.append((_Q.format(q=r.train_question.format(e=e)) + f" {v}.", "question", None))
         for t in rng.sample(_DISTRACTORS, cfg.distractors_per_entity):
             raw.append((t.format(e=e), "distractor", None))
+    # confusers: the entity, the relation's words and (often) its true value, about someone else
+    for ei, e in enumerate(entities):
+        for _ in range(cfg.confusers_per_entity):
+            r = crng.choice(rels)
+            v = facts[(ei, r.name)]
+            if crng.random() >= cfg.confuser_true_value:
+                v = crng.choice([x for x in values[r.name] if x != v])
+            raw.append((r.confuser.format(e=e, v=v, who=crng.choice(_RELATIVES)), "confuser", None))
 
     rng.shuffle(raw)
     width = max(6, len(str(len(raw) - 1)))
     passages: list[Passage] = []
     support: dict[tuple[int, str], list[str]] = {}
-    kinds = {"statement": 0, "question": 0, "distractor": 0}
+    kinds = {"statement": 0, "question": 0, "distractor": 0, "confuser": 0}
     for i, (text, kind, key) in enumerate(raw):
         pid = f"p{i:0{width}d}"
         passages.append(Passage(pid, text))
@@ -382,6 +434,8 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         "statement_passages": kinds["statement"],
         "question_passages": kinds["question"],
         "distractor_passages": kinds["distractor"],
+        "confuser_passages": kinds["confuser"],
+        "near_miss_entities": int(round(cfg.near_miss_fraction * cfg.entities)),
         "question_trained_entities": len(qa_entities),
         "queries": len(queries),
         "chance_accuracy": 1.0 / cfg.values_per_relation,

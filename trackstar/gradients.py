@@ -185,39 +185,39 @@ def reference_encode(model: nn.Module, layers: list[Layer], examples: list[Examp
 
 
 def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int,
-                            batch_size: int = 16, chunk_bytes: int = 1 << 28, progress: bool = False
-                            ) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient over `examples` (Adam's v stand-in), keyed by parameter name.
+                            batch_size: int = 16, progress: bool = False
+                            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row and column means of the mean squared per-example gradient v = E[G * G] (Adam's v stand-in),
+    keyed by parameter name, in (out, in) orientation: all the rank-1 (Adafactor-style) correction uses.
 
-    One backward per batch on the model's device, parameters frozen: hooks give each layer's inputs
-    a_t and output-gradients delta_t, the per-example gradient G_b = sum_t delta_bt a_bt^T is formed
-    for a few examples at a time (at most `chunk_bytes` of them), squared and summed.
+    One backward per batch on the model's device, parameters frozen. The full per-example gradient
+    G = sum_t delta_t a_t^T is never formed: its squared row sums are sum_{t,s} delta_t delta_s (a_t . a_s)
+    and its squared column sums sum_{t,s} a_t a_s (delta_t . delta_s), from T x T Gram matrices of the
+    hooks' inputs and output-gradients (T tokens): O(T^2 (n_out + n_in)) per example, not O(T n_out n_in).
     """
     from tqdm.auto import tqdm
 
     if not examples:
         raise ValueError("cannot estimate second moments from zero examples")
     dev = next(model.parameters()).device
-    acc = {l.name: torch.zeros(l.n_out, l.n_in, dtype=torch.float64, device=dev) for l in layers}
+    rows = {l.name: torch.zeros(l.n_out, dtype=torch.float64, device=dev) for l in layers}
+    cols = {l.name: torch.zeros(l.n_in, dtype=torch.float64, device=dev) for l in layers}
 
-    def forward_hook(name: str, per_example: int):
-        step = max(1, chunk_bytes // per_example)
-
+    def forward_hook(name: str):
         def hook(module, inputs, output):
             a = inputs[0].detach().float()
 
             def tensor_hook(grad: torch.Tensor):
-                g = grad.float()
-                for s in range(0, g.shape[0], step):  # [b, T, out] x [b, T, in] -> [b, out, in]
-                    G = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step]).square_()
-                    acc[name] += G.sum(0, dtype=torch.float64)
+                g = grad.float()  # [b, T, out]; a: [b, T, in]
+                rows[name] += ((a @ a.transpose(1, 2)) @ g * g).sum((0, 1), dtype=torch.float64)
+                cols[name] += ((g @ g.transpose(1, 2)) @ a * a).sum((0, 1), dtype=torch.float64)
 
             output.register_hook(tensor_hook)
         return hook
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding per batch
     mods = dict(model.named_modules())
-    handles = [mods[l.name].register_forward_hook(forward_hook(l.name, 4 * l.n_out * l.n_in)) for l in layers]
+    handles = [mods[l.name].register_forward_hook(forward_hook(l.name)) for l in layers]
     bar = tqdm(total=len(examples), desc="moments", unit="ex", disable=not progress or None, mininterval=2.0)
     try:
         with frozen_parameters(model), torch.enable_grad():
@@ -232,5 +232,5 @@ def estimate_second_moments(model: nn.Module, layers: list[Layer], examples: lis
         for h in handles:
             h.remove()
     n = len(examples)
-    # back to parameter names and the parameter's own orientation
-    return {l.param_name: l.weight_grad_out_in((acc[l.name] / n).float().cpu()).contiguous() for l in layers}
+    return {l.param_name: ((rows[l.name] / (n * l.n_in)).float().cpu(), (cols[l.name] / (n * l.n_out)).float().cpu())
+            for l in layers}

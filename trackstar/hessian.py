@@ -127,6 +127,30 @@ def load_stats(path: str | Path) -> Stats:
     return Stats(Path(path), _read_info(path))
 
 
+def norm4_sums(x: np.ndarray, blocks: list[tuple[int, int]]) -> np.ndarray:
+    """Per column range [start, stop): the sum over rows of ||x_row[start:stop]||^4 (float64), the one extra
+    statistic the Ledoit-Wolf shrinkage (`shrinkage_damping`) needs beyond R itself."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.array([float(np.sum(np.sum(x[:, a:b].astype(np.float64) ** 2, axis=1) ** 2)) for a, b in blocks])
+
+
+def shrinkage_damping(e: np.ndarray, scale: float, norm4: float, n: int) -> float:
+    """Damping eta (R + eta * mean(eig) I) from the Ledoit-Wolf (2004) shrinkage of R = (1/n) sum g g^T towards
+    mean(eig) I: rho = b^2 / d^2 with d^2 = ||R - mean(eig) I||_F^2 (the spread of the spectrum) and
+    b^2 = (mean ||g||^4 - ||R||_F^2) / n (the sampling error of R, from the same rows); eta = rho / (1 - rho).
+    Nothing is tuned: the fewer rows (n << d) and the heavier-tailed their norms, the stronger the damping.
+    `e`: R / scale's eigenvalues; `norm4`: mean over rows of ||g||^4."""
+    lam = np.asarray(e, dtype=np.float64) * scale
+    mu = float(lam.mean())
+    fro2 = float(np.sum(lam ** 2))
+    d2 = fro2 - len(lam) * mu * mu
+    if d2 <= 0 or n < 1:
+        return 1e3  # a flat (or empty) spectrum: whitening would change nothing; damp fully
+    b2 = max(norm4 - fro2, 0.0) / n
+    rho = min(b2 / d2, 1.0)
+    return min(rho / max(1.0 - rho, 1e-3), 1e3)
+
+
 def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     """lambda with lambda * e_eval[k] = (1 - lambda) * e_train[k] (k 1-based, curves sorted descending)."""
     if not 1 <= k <= min(len(eig_eval), len(eig_train)):
@@ -182,6 +206,7 @@ class Block:
     trace_train: float
     trace_eval: float
     vt: np.ndarray | None = None  # V^T, eigenvectors as rows (d_b x d_b, float32); None when not loaded
+    norm4: float = float("nan")  # mean over the training rows of ||g_b||^4 (NaN: not recorded)
 
 
 def eigenbasis(r_train: Callable[[int], np.ndarray], blocks: list[tuple[int, int]], n_eval: int,
@@ -273,15 +298,37 @@ class Whitening:
         return self.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
 
 
-def train_whitening(blocks: list[Block], damping: float) -> Whitening:
-    """W with W^T W = (R_train + damping * mean(eig) I)^(-1), per block (the ladder's r_train rung)."""
-    s = [eig_scales(b.e, b.scale, 1.0, damped_shift(b.trace_train, b.stop - b.start, damping)).astype(np.float32)
-         for b in blocks]
+def block_dampings(blocks: list[Block], damping: float | str, n_train: int) -> list[float]:
+    """Per block eta: `damping` itself, or for "auto" the Ledoit-Wolf shrinkage of R_train (`shrinkage_damping`)."""
+    if damping != "auto":
+        return [float(damping)] * len(blocks)
+    if any(not np.isfinite(b.norm4) for b in blocks):
+        raise ValueError("hessian.damping=auto needs the rows' fourth moments, which these Hessian statistics "
+                         "lack; run `dvc repro` (autocorrelation, eigen) or set a number")
+    return [shrinkage_damping(b.e, b.scale, b.norm4, n_train) for b in blocks]
+
+
+def rank_report(blocks: list[Block], etas: list[float], n_train: int) -> dict:
+    """What the damping did to a rank-deficient R_train: its rank bound, and how many eigen-directions fall
+    below the shift (those the whitening no longer inflates: all R_train's null space when n_train < d)."""
+    d = sum(b.stop - b.start for b in blocks)
+    rank_bound = sum(min(n_train, b.stop - b.start) for b in blocks)
+    below = sum(int(np.sum(b.e * b.scale < eta * b.trace_train / (b.stop - b.start))) for b, eta in zip(blocks, etas))
+    return {"rank_deficient": rank_bound < d, "rank_bound": rank_bound, "d": d, "n_train": n_train,
+            "directions_below_shift": below}
+
+
+def train_whitening(blocks: list[Block], damping: float | list[float]) -> Whitening:
+    """W with W^T W = (R_train + damping * mean(eig) I)^(-1), per block (the ladder's r_train rung);
+    `damping` one eta for every block or one per block (`block_dampings`)."""
+    etas = damping if isinstance(damping, (list, tuple)) else [damping] * len(blocks)
+    s = [eig_scales(b.e, b.scale, 1.0, damped_shift(b.trace_train, b.stop - b.start, eta)).astype(np.float32)
+         for b, eta in zip(blocks, etas)]
     empty = [np.zeros((b.stop - b.start, 0), np.float32) for b in blocks]
     return Whitening([(b.start, b.stop) for b in blocks], [b.vt for b in blocks], s, empty, empty)
 
 
-def mixed_whitening(blocks: list[Block], lam: float, damping: float) -> Whitening:
+def mixed_whitening(blocks: list[Block], lam: float, damping: float | list[float]) -> Whitening:
     """W with W^T W = (R_mix + damping * mean(eig) I)^(-1), R_mix = lam R_eval + (1 - lam) R_train, as a
     low-rank update of R_train's eigenbasis: with W0 = diag(s) V^T (the (1 - lam) R_train + shift part) and
     B = W0 E sqrt(lam), W = (I + B B^T)^(-1/2) W0 = (I + B C B^T) W0 through the m x m Gram matrix of B
@@ -289,9 +336,10 @@ def mixed_whitening(blocks: list[Block], lam: float, damping: float) -> Whitenin
     computed here."""
     s, left, right = [], [], []
     with _blas_for(max(max(b.g.shape) for b in blocks)):
-        for b in blocks:
+        etas = damping if isinstance(damping, (list, tuple)) else [damping] * len(blocks)
+        for b, eta in zip(blocks, etas):
             db = b.stop - b.start
-            shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, damping)
+            shift = damped_shift(lam * b.trace_eval + (1 - lam) * b.trace_train, db, eta)
             sb = eig_scales(b.e, b.scale, 1 - lam, shift)
             bb = (b.g.astype(np.float64) * (sb * np.sqrt(lam))[:, None])
             s2, q = np.linalg.eigh(bb.T @ bb)
@@ -310,7 +358,8 @@ def save_basis(path: str | Path, blocks: list[Block], meta: dict) -> None:
     for i, b in enumerate(blocks):
         tensors.update({f"vt.{i}": b.vt, f"e.{i}": b.e, f"g.{i}": b.g})
     info = {"blocks": [[b.start, b.stop] for b in blocks], "scale": [b.scale for b in blocks],
-            "trace_train": [b.trace_train for b in blocks], "trace_eval": [b.trace_eval for b in blocks], "meta": meta}
+            "trace_train": [b.trace_train for b in blocks], "trace_eval": [b.trace_eval for b in blocks],
+            "norm4": [b.norm4 if np.isfinite(b.norm4) else None for b in blocks], "meta": meta}
     _save(path, tensors, info)
 
 
@@ -318,8 +367,10 @@ def load_basis(path: str | Path, vectors: bool = True) -> tuple[list[Block], dic
     """(blocks, meta) from `save_basis`; the eigenvectors only when `vectors` (`mixed_whitening` needs none of
     them, so a lambda edit reads a few MB, not the basis)."""
     info = _read_info(path)
+    norm4 = [float("nan") if v is None else v for v in info.get("norm4", [None] * len(info["blocks"]))]
     blocks = [Block(start, stop, _read_tensor(path, f"e.{i}"), info["scale"][i], _read_tensor(path, f"g.{i}"),
-                    info["trace_train"][i], info["trace_eval"][i], _read_tensor(path, f"vt.{i}") if vectors else None)
+                    info["trace_train"][i], info["trace_eval"][i], _read_tensor(path, f"vt.{i}") if vectors else None,
+                    norm4[i])
               for i, (start, stop) in enumerate(info["blocks"])]
     return blocks, info["meta"]
 

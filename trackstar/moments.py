@@ -1,9 +1,11 @@
 """Estimated second moments (`correction.kind: estimated`): computed once per checkpoint and corpus
 sample by the `moments` stage, read by every encode stage and `trackstar trace`.
 
-The file is a safetensors map {parameter name: mean squared per-example gradient} for every
-nn.Linear / Conv1D weight (the output head included), so the layer selection
-(`gradients.include` ...) can change without recomputing it. Its metadata records the checkpoint
+The file is a safetensors map holding, for every nn.Linear / Conv1D weight (the output head
+included, so the layer selection `gradients.include` ... can change without recomputing it), the
+row and column means of the mean squared per-example gradient v in (out, in) orientation
+(`<parameter>@row`, `<parameter>@col`): the factored (Adafactor-style) form, which is all the
+rank-1 correction reads, at n_out + n_in numbers a weight instead of n_out x n_in. Its metadata records the checkpoint
 hash and the sample it was estimated from; for any other correction kind the file holds no tensors.
 """
 
@@ -42,10 +44,12 @@ def sample_passages(tok, corpus, n: int, seed: int, max_length: int) -> list[Exa
 
 def estimate_for_model(model, tok, corpus, samples: int, seed: int, max_length: int, batch_size: int,
                        progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
-    """(moments of every Linear/Conv1D weight, number of passages used) on the model's device."""
+    """(row/column means of the moments of every Linear/Conv1D weight as `@row` / `@col` tensors, number
+    of passages used), estimated on the model's device."""
     layers = find_layers(model, ".*", "^$", include_lm_head=True)
     sample = sample_passages(tok, corpus, samples, seed, max_length)
-    return estimate_second_moments(model, layers, sample, pad_token_id(tok), batch_size, progress=progress), len(sample)
+    means = estimate_second_moments(model, layers, sample, pad_token_id(tok), batch_size, progress=progress)
+    return {f"{name}@{side}": t for name, rc in means.items() for side, t in zip(("row", "col"), rc)}, len(sample)
 
 
 def write_moments(path, moments: dict[str, torch.Tensor], meta: dict) -> None:
@@ -65,8 +69,9 @@ def write_moments(path, moments: dict[str, torch.Tensor], meta: dict) -> None:
         raise
 
 
-def read_moments(path, checkpoint_hash: str) -> dict[str, torch.Tensor]:
-    """The estimated moments; refuses a file made for another kind or another checkpoint."""
+def read_moments(path, checkpoint_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{parameter name: (row means, column means)} of the estimated moments, (out, in) orientation;
+    refuses a file made for another kind or another checkpoint."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -85,4 +90,7 @@ def read_moments(path, checkpoint_hash: str) -> dict[str, torch.Tensor]:
     if meta.get("checkpoint_hash") != checkpoint_hash:
         raise ArtifactMismatch(f"{path}: estimated for checkpoint {str(meta.get('checkpoint_hash'))[:12]}, "
                                f"not the current model ({checkpoint_hash[:12]}); run `dvc repro` first")
-    return tensors
+    names = {k.rsplit("@", 1)[0] for k in tensors}
+    if any(f"{n}@row" not in tensors or f"{n}@col" not in tensors for n in names):
+        raise InputError(str(path), "corrupt moments file: every parameter needs an @row and an @col tensor")
+    return {n: (tensors[f"{n}@row"], tensors[f"{n}@col"]) for n in sorted(names)}
