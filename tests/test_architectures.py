@@ -180,7 +180,10 @@ def test_gpt2_checkpoint_through_the_whole_pipeline(tmp_path):
 
     with safe_open(str(repo / "model_moments/second_moments.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["kind"]) == "estimated"
-        assert "transformer.h.0.attn.c_attn.weight" in f.keys()  # a Conv1D weight, in its own orientation
+        row = f.get_tensor("transformer.h.0.attn.c_attn.weight@row")
+        col = f.get_tensor("transformer.h.0.attn.c_attn.weight@col")
+    n = json.loads((repo / "model/config.json").read_text())["n_embd"]
+    assert row.shape == (3 * n,) and col.shape == (n,)  # a Conv1D weight (stored in, out): means in (out, in)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert metrics  # evaluate ran to the end on a tokenizer without pad token
     first = json.loads((repo / "retrievals/trackstar.jsonl").read_text().splitlines()[0])
