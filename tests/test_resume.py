@@ -26,7 +26,7 @@ from trackstar.store import StoreReader
 
 OUT = "encodings/raw/train.zarr"
 WORK = ".work/encode-train"
-N_CHUNKS = 5  # 72 passages of d = 240 fp32 rows, 16 rows a chunk (chunk_mb below)
+N_CHUNKS = 6  # 96 passages (the tiny world with its confusers) of d = 240 fp32 rows, 16 rows a chunk (chunk_mb below)
 
 
 def store_content(path: Path) -> tuple[str, dict[str, np.ndarray]]:
