@@ -145,7 +145,7 @@ def clean_run(repo: Path, how: str) -> dict:
     if how == "dvc":
         assert "Running stage 'encode@train'" in log  # really ran (not restored from the cache)
     assert f"resuming: {len(before)}/{N_CHUNKS} chunks already written" in log
-    summary = json.loads(next(line for line in log.splitlines() if line.startswith('{"rows"')))
+    summary = json.loads(next(line for line in log.splitlines() if line.startswith("{") and '"rows"' in line))
     assert summary["chunks"] == N_CHUNKS and summary["written"] == N_CHUNKS - len(before), summary
     return summary
 
