@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .data import Passage, _check_unicode, iter_corpus
+from .data import Passage, check_str, iter_corpus
 from .errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -43,12 +43,7 @@ def _value(path: Path, n: int, v, column: str, allow_int: bool = False) -> str:
     """A row's text or id as a non-empty string (row numbers are 1-based, as lines are in jsonl)."""
     if allow_int and isinstance(v, int) and not isinstance(v, bool):
         v = str(v)
-    if not isinstance(v, str):
-        raise InputError(str(path), f"must be a string, got {type(v).__name__}", line=n, field=column)
-    if not v.strip():
-        raise InputError(str(path), "must not be empty", line=n, field=column)
-    _check_unicode(path, n, v, column)
-    return v
+    return check_str(path, n, v, column)
 
 
 def _batches(p: Path, text_column: str, id_column: str, batch_rows: int) -> Iterator[dict]:

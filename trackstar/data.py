@@ -72,7 +72,11 @@ def _iter_objects(path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _req_str(path, n: int, obj: dict, name: str) -> str:
     if name not in obj:
         raise InputError(str(path), "missing", line=n, field=name)
-    v = obj[name]
+    return check_str(path, n, obj[name], name)
+
+
+def check_str(path, n: int, v, name: str) -> str:
+    """A field's value as a non-empty, valid-unicode string, else an error naming file, line and field."""
     if not isinstance(v, str):
         raise InputError(str(path), f"must be a string, got {type(v).__name__}", line=n, field=name)
     if not v.strip():
