@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["default", "synthetic"],
                     help="measure one corpus and keep the other's figures in the JSON")
+    ap.add_argument("--screenshot", metavar="PNG", help="also save the default report's landing page (1400 x 1000) here")
     args = ap.parse_args()
     out = HERE / "results" / "viewer.json"
     results: dict[str, object] = json.loads(out.read_text()) if args.only and out.exists() else {}
@@ -165,6 +166,12 @@ def main() -> None:
                                                      .split("(", 1)[1].rsplit(")", 1)[0])["queries"]),
                               **measure(ROOT, args.repeats)}
         print("default:", json.dumps(results["default"]))
+        if args.screenshot:
+            with Chromium(width=1400, height=1000) as c:
+                c.goto((ROOT / "report" / "index.html").resolve().as_uri())
+                c.eval("TRACKSTAR.ready.then(() => true)")
+                c.screenshot(args.screenshot, 1400, 1000)
+            print("screenshot:", args.screenshot)
     if args.only != "default":
         tmp = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
         try:
