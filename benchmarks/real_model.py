@@ -523,12 +523,14 @@ def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> 
     return r
 
 
-def data_repo(args, work: Path) -> Path:
-    """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses."""
-    repo = work / "data"
+def data_repo(args, work: Path, entities: int = 0) -> Path:
+    """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses
+    (`entities`: a smaller slice, for the readme step's all-defaults run)."""
+    entities = entities or args.entities
+    repo = work / ("data" if entities == args.entities else f"data-{entities}")
     if not (repo / "data/queries.jsonl").is_file():
-        make_repo(repo, {"data": {"source": "generate", "entities": args.entities}})
-        run = dvc_run(repo, work, "data", "data")
+        make_repo(repo, {"data": {"source": "generate", "entities": entities}})
+        run = dvc_run(repo, work, repo.name, "data")
         if run["rc"]:
             raise RuntimeError("the data stage failed: " + "\n".join(run.get("error_tail", [])))
     return repo
@@ -711,14 +713,16 @@ def step_throughput(args, work: Path, res: dict) -> None:
 
 
 def step_readme(args, work: Path, res: dict) -> None:
-    data = data_repo(args, work)
+    data = data_repo(args, work, args.readme_entities)
     repo = work / "readme"
     shutil.rmtree(repo, ignore_errors=True)
     clone = ["git", "clone", "-q"] + (["--branch", args.readme_branch] if args.readme_branch else []) + \
         [args.readme_repo, str(repo)]
     subprocess.run(clone, check=True)
     out: dict[str, Any] = {"clone": " ".join(clone), "commit": git(repo, "rev-parse", "HEAD").strip(),
-                           "command": " ".join(README_CMD)}
+                           "command": " ".join(README_CMD), "entities": args.readme_entities or args.entities,
+                           "passages": sum(1 for _ in open(data / "data/corpus.jsonl")),
+                           "queries": sum(1 for _ in open(data / "data/queries.jsonl"))}
     res["readme"] = out
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
@@ -760,6 +764,9 @@ def main() -> None:
     ap.add_argument("--bergson-python", default="/tmp/bvenv/bin/python")
     ap.add_argument("--readme-repo", default=str(ROOT))
     ap.add_argument("--readme-branch", default="")
+    ap.add_argument("--readme-entities", type=int, default=0,
+                    help="readme: a smaller fact-world slice (0: --entities); its run keeps every default, "
+                         "tail-patch on all queries included")
     ap.add_argument("--force", action="store_true", help="redo the GGUF conversion")
     ap.add_argument("--base", default="", help="smoke tests: a small checkpoint directory instead of SmolLM2")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
