@@ -27,6 +27,8 @@ parts can be run one at a time: --steps), each written into --out as soon as it 
               target_downweight_components = --mix-k (= the speed run's hessian.mix_k): wall time of
               the whole process (imports and model loading included, as for every DVC stage), MRR /
               recall@10 by the same metric code.
+  ladder      the rest of the pipeline (ladder, BM25, evaluate) in the speed step's repo, recorded as `main`
+              with a note: the whole pipeline without optimizer state, for when `main` cannot be afforded.
   structure   on the speed step's encodings: per-module blocks against the full d x d R, at --mix-k and
               at --mix-k-alt (below the query count: a full R_eval has rank <= queries).
   throughput  benchmarks/encode_throughput.py on the fine-tuned checkpoint and the slice (tokens/s of ours,
@@ -68,7 +70,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STEPS = ("prepare", "finetune", "main", "speed", "bergson", "structure", "throughput", "readme")
+STEPS = ("prepare", "finetune", "main", "speed", "bergson", "ladder", "structure", "throughput", "readme")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULT_TAG = "REAL_MODEL_RESULT "
 README_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
@@ -603,6 +605,33 @@ def step_main(args, work: Path, res: dict) -> None:
         out["peak_rss_mb_max"] = max(v["peak_rss_mb"] for v in run["stages"].values())
 
 
+def step_ladder(args, work: Path, res: dict) -> None:
+    """The rest of the pipeline (ladder, BM25, evaluate with tail-patch) in the speed step's repo: the whole
+    pipeline on a checkpoint without optimizer state, recorded as `main` (with a note saying so) when the
+    fine-tuned main run cannot be afforded; tail-patch then steps with the estimated moments."""
+    repo = work / "speed"
+    if not (res.get("speed") or {}).get("trackstar"):
+        sys.exit("ladder: run the speed step first")
+    set_params(repo, {"eval": {"tail_patch_queries": args.tail_patch_queries}})
+    out: dict[str, Any] = {"params": {**res["speed"]["params"], "eval": {"tail_patch_queries": args.tail_patch_queries}},
+                           "repo": str(repo), "note": f"the speed step's repo ({res['speed']['checkpoint']}, "
+                           "correction.kind: estimated), every stage after retrieve added; not fine-tuned"}
+    res["main"] = out
+    run = dvc_run(repo, work, "ladder")
+    out["repro"] = run
+    out["repro_stages_before"] = res["speed"]["checkpoint_to_retrievals"]["stages"]
+    out["metrics"] = read_metrics(repo)
+    out["passages"] = sum(1 for _ in open(repo / "data/corpus.jsonl"))
+    out["queries"] = sum(1 for _ in open(repo / "data/queries.jsonl"))
+    if not run["rc"]:
+        from trackstar.store import StoreReader
+
+        out["accuracy"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
+        st = StoreReader(str(repo / "encodings/raw/train.zarr"))
+        out["d"] = int(st.d)
+        out["modules"] = len(st.attrs.get("layout", []))
+
+
 def finetuned(work: Path) -> Path:
     """The fine-tuned checkpoint (with its AdamW state): the finetune step's, else the main run's model/."""
     for d in (work / "finetuned", work / "main/model"):
@@ -803,7 +832,7 @@ def main() -> None:
     res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                    text=True).stdout.strip()
     res["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
-    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "structure": step_structure,
+    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "ladder": step_ladder, "structure": step_structure,
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")
