@@ -185,6 +185,7 @@ def wrap(log_path: str, argv: list[str]) -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
     rec = {"cmd": " ".join(argv), "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rc": rc, "end": time.time()}
     with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -239,7 +240,7 @@ def dvc_run(repo: Path, work: Path, tag: str, *args: str, cmd: list[str] | None 
     stages = {}
     for line in (stage_log.read_text().splitlines() if stage_log.is_file() else []):
         rec = json.loads(line)
-        stages[stage_name(rec["cmd"])] = {k: rec[k] for k in ("seconds", "peak_rss_mb", "rc")}
+        stages[stage_name(rec["cmd"])] = {k: rec[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "rc") if k in rec}
     out = {"seconds": round(seconds, 1), "rc": rc, "stages": stages, "log": str(log_file)}
     if rc:
         tail = log_file.read_text().splitlines()[-25:]
@@ -438,7 +439,8 @@ def run_worker(python: str, name: str, *args: Any, log_file: Path, env: dict | N
     if rc or res is None:
         tail = log_file.read_text().splitlines()[-20:]
         raise RuntimeError(f"worker {name} failed ({rc}); {log_file}:\n" + "\n".join(tail))
-    res.update(wall_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
+               peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
     return res
 
 
