@@ -311,6 +311,18 @@ def real_model(r: dict) -> list[str]:
         out += ["", f"ours / training = **{_f(t.get('ratio_vs_training'), '.2f')}**, ours / bergson = "
                 f"**{_f(t.get('ratio_vs_bergson'), '.2f')}**, corrected-only / bergson = "
                 f"{_f(t.get('ratio_corrected_only_vs_bergson'), '.2f')}."]
+    for key, label in (("speed", "Checkpoint → retrievals (`correction.kind: estimated`, per-module blocks)"),
+                       ("readme", "README own-data recipe, unchanged, fresh clone")):
+        v = r.get(key) or {}
+        if v.get("stages_finished"):  # a step cut short: what its finished stages measured
+            out += ["", f"{label}, {v.get('passages')} passages / {v.get('queries')} queries, {v.get('checkpoint')}: "
+                    f"{v.get('status')}. Stages finished:", "",
+                    "| stage | wall s | CPU s | peak RSS (MB) |", "|---|---|---|---|"]
+            for st, x in v["stages_finished"].items():
+                out.append(f"| `{st}` | {x['seconds']:.0f} | {_f(x.get('cpu_seconds'), '.0f')} | {x['peak_rss_mb']:.0f} |")
+            out += [f"- `{line}`" for line in v.get("plan_lines", [])[:2]]
+    if r.get("status"):
+        out += ["", f"Status: {r['status']}."]
     rd = r.get("readme") or {}
     if rd.get("run"):
         ok = rd["run"]["rc"] == 0
