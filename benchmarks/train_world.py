@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=2)
     ap.add_argument("--question-fraction", type=float, default=0.5)
     ap.add_argument("--confusers", type=int, default=2)
-    ap.add_argument("--confuser-true", type=float, default=0.5)
+    ap.add_argument("--confuser-true", type=float, default=0.75)
     ap.add_argument("--near-miss", type=float, default=0.3)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
