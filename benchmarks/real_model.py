@@ -27,6 +27,8 @@ parts can be run one at a time: --steps), each written into --out as soon as it 
               target_downweight_components = --mix-k (= the speed run's hessian.mix_k): wall time of
               the whole process (imports and model loading included, as for every DVC stage), MRR /
               recall@10 by the same metric code.
+  ladder      the rest of the pipeline (ladder, BM25, evaluate) in the speed step's repo, recorded as `main`
+              with a note: the whole pipeline without optimizer state, for when `main` cannot be afforded.
   structure   on the speed step's encodings: per-module blocks against the full d x d R, at --mix-k and
               at --mix-k-alt (below the query count: a full R_eval has rank <= queries).
   throughput  benchmarks/encode_throughput.py on the fine-tuned checkpoint and the slice (tokens/s of ours,
@@ -68,7 +70,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STEPS = ("prepare", "finetune", "main", "speed", "bergson", "structure", "throughput", "readme")
+STEPS = ("prepare", "finetune", "main", "speed", "bergson", "ladder", "structure", "throughput", "readme")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULT_TAG = "REAL_MODEL_RESULT "
 README_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
@@ -183,6 +185,7 @@ def wrap(log_path: str, argv: list[str]) -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
     rec = {"cmd": " ".join(argv), "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rc": rc, "end": time.time()}
     with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -237,7 +240,7 @@ def dvc_run(repo: Path, work: Path, tag: str, *args: str, cmd: list[str] | None 
     stages = {}
     for line in (stage_log.read_text().splitlines() if stage_log.is_file() else []):
         rec = json.loads(line)
-        stages[stage_name(rec["cmd"])] = {k: rec[k] for k in ("seconds", "peak_rss_mb", "rc")}
+        stages[stage_name(rec["cmd"])] = {k: rec[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "rc") if k in rec}
     out = {"seconds": round(seconds, 1), "rc": rc, "stages": stages, "log": str(log_file)}
     if rc:
         tail = log_file.read_text().splitlines()[-25:]
@@ -436,7 +439,8 @@ def run_worker(python: str, name: str, *args: Any, log_file: Path, env: dict | N
     if rc or res is None:
         tail = log_file.read_text().splitlines()[-20:]
         raise RuntimeError(f"worker {name} failed ({rc}); {log_file}:\n" + "\n".join(tail))
-    res.update(wall_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
+               peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
     return res
 
 
@@ -523,12 +527,14 @@ def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> 
     return r
 
 
-def data_repo(args, work: Path) -> Path:
-    """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses."""
-    repo = work / "data"
+def data_repo(args, work: Path, entities: int = 0) -> Path:
+    """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses
+    (`entities`: a smaller slice, for the readme step's all-defaults run)."""
+    entities = entities or args.entities
+    repo = work / ("data" if entities == args.entities else f"data-{entities}")
     if not (repo / "data/queries.jsonl").is_file():
-        make_repo(repo, {"data": {"source": "generate", "entities": args.entities}})
-        run = dvc_run(repo, work, "data", "data")
+        make_repo(repo, {"data": {"source": "generate", "entities": entities}})
+        run = dvc_run(repo, work, repo.name, "data")
         if run["rc"]:
             raise RuntimeError("the data stage failed: " + "\n".join(run.get("error_tail", [])))
     return repo
@@ -599,6 +605,33 @@ def step_main(args, work: Path, res: dict) -> None:
         out["d"] = int(st.d)
         out["modules"] = len(st.attrs.get("layout", []))
         out["peak_rss_mb_max"] = max(v["peak_rss_mb"] for v in run["stages"].values())
+
+
+def step_ladder(args, work: Path, res: dict) -> None:
+    """The rest of the pipeline (ladder, BM25, evaluate with tail-patch) in the speed step's repo: the whole
+    pipeline on a checkpoint without optimizer state, recorded as `main` (with a note saying so) when the
+    fine-tuned main run cannot be afforded; tail-patch then steps with the estimated moments."""
+    repo = work / "speed"
+    if not (res.get("speed") or {}).get("trackstar"):
+        sys.exit("ladder: run the speed step first")
+    set_params(repo, {"eval": {"tail_patch_queries": args.tail_patch_queries}})
+    out: dict[str, Any] = {"params": {**res["speed"]["params"], "eval": {"tail_patch_queries": args.tail_patch_queries}},
+                           "repo": str(repo), "note": f"the speed step's repo ({res['speed']['checkpoint']}, "
+                           "correction.kind: estimated), every stage after retrieve added; not fine-tuned"}
+    res["main"] = out
+    run = dvc_run(repo, work, "ladder")
+    out["repro"] = run
+    out["repro_stages_before"] = res["speed"]["checkpoint_to_retrievals"]["stages"]
+    out["metrics"] = read_metrics(repo)
+    out["passages"] = sum(1 for _ in open(repo / "data/corpus.jsonl"))
+    out["queries"] = sum(1 for _ in open(repo / "data/queries.jsonl"))
+    if not run["rc"]:
+        from trackstar.store import StoreReader
+
+        out["accuracy"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
+        st = StoreReader(str(repo / "encodings/raw/train.zarr"))
+        out["d"] = int(st.d)
+        out["modules"] = len(st.attrs.get("layout", []))
 
 
 def finetuned(work: Path) -> Path:
@@ -711,14 +744,16 @@ def step_throughput(args, work: Path, res: dict) -> None:
 
 
 def step_readme(args, work: Path, res: dict) -> None:
-    data = data_repo(args, work)
+    data = data_repo(args, work, args.readme_entities)
     repo = work / "readme"
     shutil.rmtree(repo, ignore_errors=True)
     clone = ["git", "clone", "-q"] + (["--branch", args.readme_branch] if args.readme_branch else []) + \
         [args.readme_repo, str(repo)]
     subprocess.run(clone, check=True)
     out: dict[str, Any] = {"clone": " ".join(clone), "commit": git(repo, "rev-parse", "HEAD").strip(),
-                           "command": " ".join(README_CMD)}
+                           "command": " ".join(README_CMD), "entities": args.readme_entities or args.entities,
+                           "passages": sum(1 for _ in open(data / "data/corpus.jsonl")),
+                           "queries": sum(1 for _ in open(data / "data/queries.jsonl"))}
     res["readme"] = out
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
@@ -760,6 +795,9 @@ def main() -> None:
     ap.add_argument("--bergson-python", default="/tmp/bvenv/bin/python")
     ap.add_argument("--readme-repo", default=str(ROOT))
     ap.add_argument("--readme-branch", default="")
+    ap.add_argument("--readme-entities", type=int, default=0,
+                    help="readme: a smaller fact-world slice (0: --entities); its run keeps every default, "
+                         "tail-patch on all queries included")
     ap.add_argument("--force", action="store_true", help="redo the GGUF conversion")
     ap.add_argument("--base", default="", help="smoke tests: a small checkpoint directory instead of SmolLM2")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -796,7 +834,7 @@ def main() -> None:
     res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                    text=True).stdout.strip()
     res["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
-    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "structure": step_structure,
+    fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "ladder": step_ladder, "structure": step_structure,
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")

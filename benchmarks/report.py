@@ -264,7 +264,8 @@ def real_model(r: dict) -> list[str]:
         hj = (m.get("metrics") or {}).get("hessian/hessian.json") or {}
         out += ["", f"Whole pipeline (`dvc repro`, {m.get('repro', {}).get('seconds')} s) at d = {m.get('d'):,} "
                 f"({m.get('modules')} modules); Hessian structure `{hj.get('structure', 'module blocks')}`"
-                + (f" ({hj.get('blocks')} blocks)" if hj.get("blocks") else "") + ":", "",
+                + (f" ({hj.get('blocks')} blocks)" if hj.get("blocks") else "")
+                + (f"; {m['note']}" if m.get("note") else "") + ":", "",
                 "| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 |", "|---|---|---|---|---|"]
         for meth, row in mm.items():
             out.append(f"| {meth} | {_f(row.get('mrr'))} | {_f(row.get('recall@10'))} | "
@@ -275,7 +276,9 @@ def real_model(r: dict) -> list[str]:
     s, b = r.get("speed") or {}, r.get("bergson") or {}
     if s.get("trackstar"):
         ours = s["checkpoint_to_retrievals"]["seconds"]
-        out += ["", f"Checkpoint → retrievals on the fine-tuned model without its optimizer state "
+        which = "the pretrained model" if "finetuned" not in str(s.get("checkpoint", "finetuned")) else \
+            "the fine-tuned model without its optimizer state"
+        out += ["", f"Checkpoint → retrievals on {which} "
                 f"(`correction.kind: estimated`), per-module blocks, d = {s.get('d')}: ours **{ours:.0f} s** "
                 f"(TrackStar MRR {s['trackstar']['mrr']:.3f}, recall@10 {s['trackstar']['recall@10']:.3f})"
                 + (f"; bergson {b['run']['version']} `trackstar` **{b['seconds']:.0f} s** (MRR {b['trackstar']['mrr']:.3f}, "
@@ -308,6 +311,18 @@ def real_model(r: dict) -> list[str]:
         out += ["", f"ours / training = **{_f(t.get('ratio_vs_training'), '.2f')}**, ours / bergson = "
                 f"**{_f(t.get('ratio_vs_bergson'), '.2f')}**, corrected-only / bergson = "
                 f"{_f(t.get('ratio_corrected_only_vs_bergson'), '.2f')}."]
+    for key, label in (("speed", "Checkpoint → retrievals (`correction.kind: estimated`, per-module blocks)"),
+                       ("readme", "README own-data recipe, unchanged, fresh clone")):
+        v = r.get(key) or {}
+        if v.get("stages_finished"):  # a step cut short: what its finished stages measured
+            out += ["", f"{label}, {v.get('passages')} passages / {v.get('queries')} queries, {v.get('checkpoint')}: "
+                    f"{v.get('status')}. Stages finished:", "",
+                    "| stage | wall s | CPU s | peak RSS (MB) |", "|---|---|---|---|"]
+            for st, x in v["stages_finished"].items():
+                out.append(f"| `{st}` | {x['seconds']:.0f} | {_f(x.get('cpu_seconds'), '.0f')} | {x['peak_rss_mb']:.0f} |")
+            out += [f"- `{line}`" for line in v.get("plan_lines", [])[:2]]
+    if r.get("status"):
+        out += ["", f"Status: {r['status']}."]
     rd = r.get("readme") or {}
     if rd.get("run"):
         ok = rd["run"]["rc"] == 0

@@ -13,7 +13,9 @@ from trackstar.config import load_params
 from trackstar.data import corpus_files, iter_corpus, read_queries, write_jsonl
 from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
 from trackstar.examples import pad_token_id, passage_example, query_example
+from trackstar.fingerprint import file_sha256
 from trackstar.memo import Memo, code_hash, memo_key
+from trackstar.moments import MOMENTS_FILE, tail_patch_moments
 from trackstar.predict import predict
 from trackstar.results import read_results
 from trackstar.runner import run_main
@@ -52,17 +54,24 @@ def main() -> None:
     acc = sum(p["correct"] for p in preds) / len(preds)
     write_jsonl("eval/predictions.jsonl", preds)
     if e.tail_patch_queries:
+        # the step's v-hat: the checkpoint's Adam state; without one, the `moments` stage's estimate
+        # (correction.kind: estimated, its rank-1 fit); else a plain gradient step (v = 1)
         state = load_second_moments("model")
+        v_hat, v_key = (state[0], "optimizer_state") if state else (None, "none")
+        ck = checkpoint_hash("model")
+        if v_hat is None and (est := tail_patch_moments(MOMENTS_FILE, model, ck)):
+            v_hat, v_key = est, "estimated:" + file_sha256(MOMENTS_FILE)
+        tp_v = v_key.split(":")[0]
         props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
                      for q in sample] for m in ranked}
         qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
         # each (query, passage) step depends on the model (and its optimizer state), lr and this code only:
         # memoized per pair, so an edit that changes some rankings computes just the pairs not seen before
         memo = Memo(".work/tailpatch", keep=8)
-        key = memo_key(model=checkpoint_hash("model"), lr=e.tail_patch_lr, code=code_hash(tailpatch_lib, examples_lib))
+        key = memo_key(model=ck, v=v_key, lr=e.tail_patch_lr, code=code_hash(tailpatch_lib, examples_lib))
         cache = memo.load_json("pairs", key) or {}
         seen = len(cache)
-        tp = tail_patch(model, qex, props, pad, state[0] if state else None, e.tail_patch_lr, e.tail_patch_ks,
+        tp = tail_patch(model, qex, props, pad, v_hat, e.tail_patch_lr, e.tail_patch_ks,
                         cache=cache)
         if len(cache) > seen:
             memo.save_json("pairs", key, cache)
@@ -72,7 +81,8 @@ def main() -> None:
     ordered = {m: metrics[m] for m in METHODS if m in metrics}
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/metrics.json").write_text(json.dumps(ordered, indent=2))
-    Path("metrics/model.json").write_text(json.dumps({"accuracy": acc, "queries": len(queries),
+    extra = {"tail_patch_v": tp_v} if e.tail_patch_queries else {}
+    Path("metrics/model.json").write_text(json.dumps({"accuracy": acc, "queries": len(queries), **extra,
                                                       "eval_seconds": round(time.time() - t0, 1)}, indent=2))
     with open("metrics/methods.csv", "w") as f:
         cols = [c for c in next(iter(ordered.values())) if not c.startswith("n_")]

@@ -186,5 +186,7 @@ def test_gpt2_checkpoint_through_the_whole_pipeline(tmp_path):
     assert row.shape == (3 * n,) and col.shape == (n,)  # a Conv1D weight (stored in, out): means in (out, in)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert metrics  # evaluate ran to the end on a tokenizer without pad token
+    # no optimizer state: tail-patch stepped with the moments stage's estimate, not a plain step
+    assert json.loads((repo / "metrics/model.json").read_text())["tail_patch_v"] == "estimated"
     first = json.loads((repo / "retrievals/trackstar.jsonl").read_text().splitlines()[0])
     assert first

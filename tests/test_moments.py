@@ -125,3 +125,72 @@ def test_max_length_beyond_the_model_context_is_refused(workdir):
     assert "field 'gradients.max_length': 64 exceeds the context of the model in model (32 positions)" in proc.stderr
     assert not (workdir / MOMENTS_FILE).exists()
 
+
+
+def test_tail_patch_without_optimizer_state_steps_with_the_estimated_moments(workdir):
+    """evaluate's tail-patch on a checkpoint without optimizer state: v-hat is the rank-1 fit of the
+    `moments` stage's estimate (independently: r c^T / mean(v) of the mean squared per-example gradient
+    of each weight, by plain autograd), and the step it takes is theta - lr g / sqrt(v-hat + eps)."""
+    from trackstar.checkpoint import load_checkpoint
+    from trackstar.examples import collate, per_example_loss, query_example
+    from trackstar.moments import tail_patch_moments
+    from trackstar.tailpatch import batched_deltas
+
+    proc = moments_stage(workdir, {"kind": "estimated", "estimate_samples": 8, "seed": 3})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, tok = load_checkpoint(workdir / "model")
+    model = model.double()
+    pad = pad_token_id(tok)
+    got = tail_patch_moments(workdir / MOMENTS_FILE, model, checkpoint_hash(workdir / "model"))
+    # independent reference: per-example loss gradients of the whole model, one at a time, in each
+    # parameter's own orientation (Conv1D (in, out) included): the fit is orientation-free
+    sample = sample_passages(tok, workdir / "data/corpus.jsonl", 8, 3, 24)
+    # (the tied output head's weight: its use as lm_head only, d loss / d logits times its input)
+    params = dict(model.named_parameters())
+    sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    head_sq = torch.zeros_like(params["transformer.wte.weight"])
+    seen = {}
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.update(h=i[0], logits=o))
+    for ex in sample:
+        b = collate([ex], pad)
+        model(input_ids=b["input_ids"])
+        loss = per_example_loss(seen["logits"], b["input_ids"], b["loss_mask"]).sum()
+        *grads, dlogits = torch.autograd.grad(loss, [*params.values(), seen["logits"]])
+        for (n, _), g in zip(params.items(), grads):
+            sq[n] += g.detach() ** 2
+        head_sq += (dlogits[0].T @ seen["h"][0]).detach() ** 2
+    hook.remove()
+    sq["transformer.wte.weight"] = head_sq  # tied: the moments are lm_head's (a Linear use of the weight)
+    weights = {n for n, p in params.items() if p.dim() == 2 and n != "transformer.wpe.weight"}  # Linear/Conv1D
+    assert sorted(got) == sorted(weights)
+    for n in weights:
+        v = sq[n] / len(sample)
+        want = torch.outer(v.mean(1), v.mean(0)) / v.mean()
+        torch.testing.assert_close(got[n].double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+    # one tail-patch step with it: every covered weight divided by sqrt(v-hat + eps), the rest a plain step
+    q = query_example(tok, "Entity 3 was born in", " city 3", 24)
+    p = sample[0]
+    lr, eps = 1e-4, 1e-8
+    b = collate([p], pad)
+    loss = per_example_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"], b["loss_mask"]).sum()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    new = {n: (t - lr * (grads[n] / (got[n].double() + eps).sqrt() if n in got else grads[n])).detach()
+           for n, t in params.items()}
+
+    def logprob(ps) -> float:
+        from torch.func import functional_call
+
+        c = collate([q], pad)
+        with torch.no_grad():
+            logits = functional_call(model, ps, args=(), kwargs={"input_ids": c["input_ids"]}).logits
+        return -float(per_example_loss(logits, c["input_ids"], c["loss_mask"]).sum())
+
+    want_delta = logprob(new) - logprob(params)
+    (got_delta,) = batched_deltas(model, [q], [(0, p)], pad, got, lr, eps, progress=False)
+    assert abs(want_delta) > 1e-4
+    assert got_delta == pytest.approx(want_delta, rel=1e-6)
+    # another correction kind (an empty file) or no file: no estimate, a plain step
+    proc = moments_stage(workdir, {"kind": "none"})
+    assert proc.returncode == 0
+    assert tail_patch_moments(workdir / MOMENTS_FILE, model, checkpoint_hash(workdir / "model")) is None
+    assert tail_patch_moments(workdir / "absent.safetensors", model, "x") is None

@@ -94,3 +94,39 @@ def read_moments(path, checkpoint_hash: str) -> dict[str, tuple[torch.Tensor, to
     if any(f"{n}@row" not in tensors or f"{n}@col" not in tensors for n in names):
         raise InputError(str(path), "corrupt moments file: every parameter needs an @row and an @col tensor")
     return {n: (tensors[f"{n}@row"], tensors[f"{n}@col"]) for n in sorted(names)}
+
+
+def moments_kind(path) -> str | None:
+    """The correction kind a moments file was written for (None: no file); cheap, reads the header only."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("kind", "null"))
+    except Exception as e:  # noqa: BLE001
+        raise InputError(str(path), f"corrupt moments file: {type(e).__name__}: {e}") from None
+
+
+def rank1_v(model, factored: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each weight's v as the rank-1 fit r c^T / mean(r) of its row/column means, in the parameter's own
+    orientation (Conv1D stores (in, out)): the full-shape v-hat a tail-patch step divides by, rebuilt from
+    the factored file (the same fit the encoder's rank-1 correction applies)."""
+    layers = {l.param_name: l for l in find_layers(model, include_lm_head=True)}
+    out = {}
+    for name, (r, c) in factored.items():
+        r, c = r.double(), c.double()
+        v = torch.outer(r, c) / r.mean()
+        out[name] = (layers[name].weight_grad_out_in(v) if name in layers else v).float()
+    return out
+
+
+def tail_patch_moments(path, model, checkpoint_hash: str) -> dict[str, torch.Tensor] | None:
+    """The estimated v-hat for tail-patch steps on a checkpoint without optimizer state: `rank1_v` of the
+    `moments` stage's file when it holds estimated moments (correction.kind: estimated), else None (no
+    file, or another kind: a plain gradient step)."""
+    if moments_kind(path) != "estimated":
+        return None
+    return rank1_v(model, read_moments(path, checkpoint_hash))
