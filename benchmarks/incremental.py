@@ -265,6 +265,13 @@ def markdown(res: dict) -> str:
         for st in dict.fromkeys([*r["full_stage_s"], *r["add_stage_s"]]):
             f, a = r["full_stage_s"].get(st), r["add_stage_s"].get(st)
             out.append(f"| `{st}` | {'' if f is None else f'{f:.1f}'} | {'' if a is None else f'{a:.1f}'} |")
+        if "add_after_r_s" in r:
+            out += ["", f"What follows the change of R in the add ({', '.join(r['add_after_r_stage_s'])}): "
+                        f"{r['add_after_r_s']:.1f} s = {r['after_r_vs_full_encode']:.2f} x the full build's encoding "
+                        f"({r['full_encode_s']:.1f} s) and {r['after_r_vs_add_encode']:.2f} x the new shard's "
+                        f"({r['add_encode_s']:.1f} s); `precondition@train` alone "
+                        f"{r['add_after_r_stage_s'].get('precondition@train', 0.0):.1f} s = "
+                        f"{r['precondition_train_vs_full_encode']:.3f} x the full encoding."]
         out.append("")
     sc = res.get("scale")
     if sc:
