@@ -290,7 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
     ap.add_argument("--scenarios", default="large,default,scale")
-    ap.add_argument("--large-entities", type=int, default=3200, help="16 passages each: 3200 -> 51.2k passages")
+    ap.add_argument("--large-entities", type=int, default=3200, help="18 passages each with the current generator: 57.6k")
     ap.add_argument("--large-hidden", type=int, default=256)
     ap.add_argument("--large-layers", type=int, default=2)
     ap.add_argument("--scale-shards", type=int, default=100)
