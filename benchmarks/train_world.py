@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=2)
     ap.add_argument("--question-fraction", type=float, default=0.5)
     ap.add_argument("--confusers", type=int, default=2)
+    ap.add_argument("--confuser-true", type=float, default=0.75)
     ap.add_argument("--near-miss", type=float, default=0.3)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -57,7 +58,8 @@ def main() -> None:
     wcfg = FactWorldConfig(
         seed=args.seed, entities=args.entities, relations=args.relations, paraphrases=args.paraphrases,
         question_fraction=args.question_fraction, distractors_per_entity=args.distractors,
-        values_per_relation=args.values, confusers_per_entity=args.confusers, near_miss_fraction=args.near_miss,
+        values_per_relation=args.values, confusers_per_entity=args.confusers,
+        confuser_true_value=args.confuser_true, near_miss_fraction=args.near_miss,
     )
     passages, queries, stats = generate_fact_world(wcfg)
     texts = [p.text for p in passages]

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from tests.test_train import _PrefixOracle, world  # noqa: F401 (fixture)
+from tests.test_train import world  # noqa: F401 (fixture)
+from tests.tiny import oracle_cases
 from trackstar.breakdown import CATEGORIES, classify, mentions, method_breakdown, query_breakdown
 from trackstar.data import FactWorldConfig, Query, generate_fact_world, query_record, read_queries
 from trackstar.errors import InputError
@@ -73,17 +74,8 @@ def test_generated_queries_carry_their_entity_and_it_round_trips(tmp_path):
 def test_predict_greedy_continuation_probability_and_accuracy(world):  # noqa: F811
     _, _, tok = world
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    target = " Bazzuqix"
-    tt = enc(target)
-    other = next(i for i in range(3, len(tok)) if i not in tt)
-    cases = {"Q: right? A:": tt, "Q: last token wrong, a longer prompt so rows differ in length? A:": tt[:-1] + [other],
-             "Q: first wrong? A:": [other] + tt[1:]}
-    beliefs = {}
-    for prompt, belief in cases.items():
-        seq = [tok.bos_token_id] + enc(prompt) + belief
-        for t in range(len(seq) - 1):
-            beliefs[tuple(seq[: t + 1])] = seq[t + 1]
-    model = _PrefixOracle(beliefs, len(tok))
+    tt = enc(" Bazzuqix")
+    target, cases, model = oracle_cases(tok, wrong_at=len(tt) - 1)
     qs = [Query(str(i), p, target) for i, p in enumerate(cases)]
     got = predict(model, tok, qs, max_length=64, batch_size=2)
     assert [g["id"] for g in got] == ["0", "1", "2"]
@@ -95,6 +87,6 @@ def test_predict_greedy_continuation_probability_and_accuracy(world):  # noqa: F
     for g, prompt in zip(got, cases):
         seq, prob = [tok.bos_token_id] + enc(prompt), 1.0
         for t in tt:
-            prob *= (math.e if beliefs.get(tuple(seq), 0) == t else 1.0) / z
+            prob *= (math.e if model.beliefs.get(tuple(seq), 0) == t else 1.0) / z
             seq.append(t)
         assert g["target_prob"] == pytest.approx(prob, rel=1e-6)

@@ -1,9 +1,9 @@
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tests.tiny import oracle_cases
 from trackstar.checkpoint import (
     OPT_META,
     OPT_TENSORS,
@@ -186,41 +186,9 @@ def test_bad_checkpoint_dirs(tmp_path, trained):
         load_second_moments(bad)
 
 
-class _PrefixOracle(torch.nn.Module):
-    """Greedy prediction at position t is beliefs[tuple(ids[:t+1])] (token 0 when unknown)."""
-
-    def __init__(self, beliefs: dict[tuple[int, ...], int], vocab: int):
-        super().__init__()
-        self.beliefs, self.vocab = beliefs, vocab
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask=None):
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        for b in range(input_ids.shape[0]):
-            row = input_ids[b].tolist()
-            for t in range(len(row)):
-                logits[b, t, self.beliefs.get(tuple(row[: t + 1]), 0)] = 1.0
-        return SimpleNamespace(logits=logits)
-
-
 def test_accuracy_hand_made(world):
     _, _, tok = world
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    target = " Bazzuqix"
-    tt = enc(target)
-    assert len(tt) >= 2
-    other = next(i for i in range(3, len(tok)) if i not in tt)
-    cases = {  # prompt -> the target tokens the model believes in
-        "Q: right? A:": tt,  # every target token right
-        "Q: last token wrong, a longer prompt so rows differ in length? A:": tt[:1] + [other] + tt[2:],
-        "Q: first wrong? A:": [other] + tt[1:],
-    }
-    beliefs = {}
-    for prompt, belief in cases.items():
-        seq = [tok.bos_token_id] + enc(prompt) + belief
-        for t in range(len(seq) - 1):
-            beliefs[tuple(seq[: t + 1])] = seq[t + 1]
-    model = _PrefixOracle(beliefs, len(tok))
+    target, cases, model = oracle_cases(tok, wrong_at=1)
     qs = [Query(str(i), p, target) for i, p in enumerate(cases)]
     assert accuracy(model, tok, qs, max_length=64, batch_size=2) == pytest.approx(1 / 3)
     assert accuracy(model, tok, qs[:1] * 3, max_length=64) == 1.0

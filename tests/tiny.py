@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -92,3 +94,41 @@ def write_llama_gguf(model: LlamaForCausalLM, tok, path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+class PrefixOracle(torch.nn.Module):
+    """Greedy prediction at position t is beliefs[tuple(ids[:t+1])] (token 0 when unknown)."""
+
+    def __init__(self, beliefs: dict[tuple[int, ...], int], vocab: int):
+        super().__init__()
+        self.beliefs, self.vocab = beliefs, vocab
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b].tolist()
+            for t in range(len(row)):
+                logits[b, t, self.beliefs.get(tuple(row[: t + 1]), 0)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def oracle_cases(tok, wrong_at: int) -> tuple[str, dict[str, list[int]], "PrefixOracle"]:
+    """A target and three prompts whose believed continuation is right, wrong at `wrong_at`, wrong at 0,
+    with the PrefixOracle that answers exactly those beliefs (for accuracy / prediction tests)."""
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    target = " Bazzuqix"
+    tt = enc(target)
+    assert len(tt) >= 2
+    other = next(i for i in range(3, len(tok)) if i not in tt)
+    cases = {  # prompt -> the target tokens the model believes in
+        "Q: right? A:": tt,
+        "Q: last token wrong, a longer prompt so rows differ in length? A:": tt[:wrong_at] + [other] + tt[wrong_at + 1:],
+        "Q: first wrong? A:": [other] + tt[1:],
+    }
+    beliefs = {}
+    for prompt, belief in cases.items():
+        seq = [tok.bos_token_id] + enc(prompt) + belief
+        for t in range(len(seq) - 1):
+            beliefs[tuple(seq[: t + 1])] = seq[t + 1]
+    return target, cases, PrefixOracle(beliefs, len(tok))

@@ -33,7 +33,7 @@ class DataParams(_Section):
     question_fraction: float = Field(0.5, ge=0.0, le=1.0)
     distractors_per_entity: int = Field(2, ge=0)
     confusers_per_entity: int = Field(2, ge=0)
-    confuser_true_value: float = Field(0.5, ge=0.0, le=1.0)
+    confuser_true_value: float = Field(0.75, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
     text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
     id_column: str = Field("id", min_length=1)  # field / column holding the passage id

@@ -210,7 +210,7 @@ class FactWorldConfig:
     distractors_per_entity: int = 2  # passages mentioning the entity without any fact
     values_per_relation: int = 8  # size of each relation's value pool (chance = 1/this)
     confusers_per_entity: int = 2  # passages naming the entity, a relation's words and a value, stating no fact of it
-    confuser_true_value: float = 0.5  # share of confusers that name the entity's own value for that relation
+    confuser_true_value: float = 0.75  # share of confusers that name the entity's own value for that relation
     near_miss_fraction: float = 0.3  # entities whose name is another entity's name with a different ending
 
 
@@ -249,8 +249,8 @@ RELATIONS: tuple[Relation, ...] = (
             "Every morning {e} goes to work at {v}.",
         ),
         "Who does {e} work for?",
-        "Which company employs {e}?",
-        "The company {v} employs a {who} of {e}.",
+        "Which company does {e} work for?",
+        "The company {v} is the one a {who} of {e} does work for.",
     ),
     Relation(
         "founded",
@@ -261,8 +261,8 @@ RELATIONS: tuple[Relation, ...] = (
             "The organization that {e} created is {v}.",
         ),
         "What did {e} found?",
-        "Which organization was founded by {e}?",
-        "The organization {v} was founded by a {who} of {e}.",
+        "Which organization did {e} found?",
+        "The organization {v} is the one a {who} of {e} did found.",
     ),
     Relation(
         "instrument",
@@ -273,8 +273,8 @@ RELATIONS: tuple[Relation, ...] = (
             "In the evenings {e} practices the {v}.",
         ),
         "What instrument does {e} play?",
-        "Which instrument is played by {e}?",
-        "The instrument {v} is played by a {who} of {e}.",
+        "Which instrument does {e} play?",
+        "The instrument {v} is the one a {who} of {e} does play.",
     ),
     Relation(
         "residence",
@@ -285,8 +285,8 @@ RELATIONS: tuple[Relation, ...] = (
             "These days {e} makes a home in {v}.",
         ),
         "Where does {e} live?",
-        "In which country does {e} reside?",
-        "The country of {v} is where a {who} of {e} does reside.",
+        "In which country does {e} live?",
+        "The country of {v} is where a {who} of {e} does live.",
     ),
     Relation(
         "university",
@@ -297,8 +297,8 @@ RELATIONS: tuple[Relation, ...] = (
             "As a student {e} went to {v}.",
         ),
         "Where did {e} study?",
-        "Which university did {e} attend?",
-        "The university {v} is where a {who} of {e} did attend.",
+        "Which university did {e} study at?",
+        "The university {v} is the one a {who} of {e} did study at.",
     ),
 )
 
