@@ -127,6 +127,23 @@ def retrievals(repo: Path) -> dict:
     return out
 
 
+AFTER_R = ("autocorrelation", "eigen", "hessian", "precondition@train", "precondition@query", "index", "retrieve",
+           "ladder")
+
+
+def r_change_cost(r: dict) -> dict:
+    """What a change of R_train costs in the add (the stages after it, each and together) against encoding: the
+    full build's encoding (every passage) and the add's (the new shard's)."""
+    full_encode = sum(s for k, s in r["full_stage_s"].items() if k.startswith(ENCODE))
+    add_encode = sum(s for k, s in r["add_stage_s"].items() if k.startswith(ENCODE))
+    after = {k: r["add_stage_s"][k] for k in AFTER_R if k in r["add_stage_s"]}
+    total = sum(after.values())
+    return {"full_encode_s": full_encode, "add_encode_s": add_encode, "add_after_r_stage_s": after,
+            "add_after_r_s": total, "after_r_vs_full_encode": total / full_encode,
+            "after_r_vs_add_encode": total / add_encode,
+            "precondition_train_vs_full_encode": after.get("precondition@train", 0.0) / full_encode}
+
+
 def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, layers: int, vocab: int,
          params: dict) -> dict:
     """Base build, add s5 (timed per stage, dvc status captured), full build from scratch; compare scores."""
@@ -163,19 +180,14 @@ def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, la
     grown = retrievals(repo)
     equal = full_scores == grown
     print(f"[{name}] add / full = {add_s / full_s:.3f}; scores equal from scratch: {equal}", flush=True)
-    encode_full = sum(s for k, s in full_stages.items() if k.startswith(ENCODE))
     out = {"passages": len(passages), "queries": len(queries), "added_passages": len(parts["s5"]),
            "model": {"hidden": hidden, "layers": layers, "vocab": vocab},
            "d": json.loads((repo / "encodings/raw/shards/s5.zarr/zarr.json").read_text())["attributes"]["d"],
            "params": params, "base_build_s": base_s, "base_stages_run": base_ran, "add_shard_s": add_s, "full_build_s": full_s,
            "add_shard_vs_full": add_s / full_s, "scores_equal_from_scratch": equal,
            "add_stages_run": add_ran, "add_stage_s": add_stages, "full_stage_s": full_stages,
-           "full_encode_s": encode_full,
-           "add_encode_s": sum(s for k, s in add_stages.items() if k.startswith(ENCODE)),
-           "add_after_r_s": sum(s for k, s in add_stages.items()
-                                if k in ("autocorrelation", "eigen", "hessian", "precondition@train",
-                                         "precondition@query", "index", "retrieve", "ladder")),
            "dvc_status_after_add": status}
+    out.update(r_change_cost(out))
     for d in (repo, scratch):
         shutil.rmtree(d)
     return out
@@ -253,6 +265,13 @@ def markdown(res: dict) -> str:
         for st in dict.fromkeys([*r["full_stage_s"], *r["add_stage_s"]]):
             f, a = r["full_stage_s"].get(st), r["add_stage_s"].get(st)
             out.append(f"| `{st}` | {'' if f is None else f'{f:.1f}'} | {'' if a is None else f'{a:.1f}'} |")
+        if "add_after_r_s" in r:
+            out += ["", f"What follows the change of R in the add ({', '.join(r['add_after_r_stage_s'])}): "
+                        f"{r['add_after_r_s']:.1f} s = {r['after_r_vs_full_encode']:.2f} x the full build's encoding "
+                        f"({r['full_encode_s']:.1f} s) and {r['after_r_vs_add_encode']:.2f} x the new shard's "
+                        f"({r['add_encode_s']:.1f} s); `precondition@train` alone "
+                        f"{r['add_after_r_stage_s'].get('precondition@train', 0.0):.1f} s = "
+                        f"{r['precondition_train_vs_full_encode']:.3f} x the full encoding."]
         out.append("")
     sc = res.get("scale")
     if sc:
@@ -271,7 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
     ap.add_argument("--scenarios", default="large,default,scale")
-    ap.add_argument("--large-entities", type=int, default=3200, help="16 passages each: 3200 -> 51.2k passages")
+    ap.add_argument("--large-entities", type=int, default=3200, help="18 passages each with the current generator: 57.6k")
     ap.add_argument("--large-hidden", type=int, default=256)
     ap.add_argument("--large-layers", type=int, default=2)
     ap.add_argument("--scale-shards", type=int, default=100)

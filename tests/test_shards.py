@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline import dvc, git, make_repo, repro, set_param
+from tests.pipeline import dvc, free_port, git, make_repo, repro, set_param
 from trackstar.data import FactWorldConfig, generate_fact_world, query_record, write_jsonl
 from trackstar.errors import TrackStarError
 from trackstar.partials import partial_paths
@@ -186,8 +186,8 @@ def test_torchrun_ranks_take_whole_shards(world, tmp_path):
 
     repo = shard_repo(tmp_path / "ranks", world, SHARDS)
     repro(repo, "data", "train", "moments")  # what encode_shard@ reads
-    out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-              "stages/encode.py", "shards").stdout
+    out = run(repo, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(free_port()), "stages/encode.py", "shards").stdout
     assert sorted(json.loads(x)["split"] for x in out.splitlines() if x.startswith("{")) == [f"shard:{s}" for s in SHARDS]
     ranked = {s: StoreReader(repo / f"encodings/raw/shards/{s}.zarr").read_all() for s in SHARDS}
     dvc(repo, "commit", "-f", "encode_shard")
