@@ -73,6 +73,9 @@ def encode_scaling(repo: Path, work: Path, scales: list[int]) -> list[dict]:
         (d / "data").mkdir(parents=True)
         shutil.copy(repo / "params.yaml", d / "params.yaml")
         os.symlink(repo / "model", d / "model")
+        if (repo / "model_moments").exists():
+            os.symlink(repo / "model_moments", d / "model_moments")
+        shutil.copy(repo / "data/queries.jsonl", d / "data/queries.jsonl")
         with open(d / "data/corpus.jsonl", "w") as f:
             for r in range(s):
                 for line in src:
@@ -138,6 +141,7 @@ def main() -> None:
         r["rss_ratio_vs_1x"] = r["peak_rss_mb"] / base["peak_rss_mb"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "train_epochs": yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"],
         "full_repro_s": full_s,
         "stage_s": stages,
         "noop_repro_s": noop,

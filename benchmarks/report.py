@@ -38,6 +38,10 @@ def pipeline(r: dict) -> list[str]:
     for name, sec in r["stage_s"].items():
         edit = r["mix_k_edit"]["stage_s"].get(name)
         out.append(f"| `{name}` | {sec:.1f} | {'' if edit is None else f'{edit:.1f}'} |")
+    if r.get("note"):
+        out += ["", r["note"] + "."]
+    if not r.get("encode_scaling"):
+        return out
     out += ["", "Encode (`encode@train`, own process) at 1×/2×/4× the corpus:", "",
             "| corpus | rows | seconds | time ratio | rows/s | peak RSS (MB) | RSS ratio |", "|---|---|---|---|---|---|---|"]
     for s in r["encode_scaling"]:
@@ -151,7 +155,9 @@ def readme_results() -> None:
               f"d = {hess['d']}, λ = {hess['lambda']:.4f}. MRR and recall over all {model['queries']} queries; "
               f"tail-patch over the first {n_tp}."]
     p = load("pipeline")
-    if p:
+    import yaml  # the timing belongs in the README only if it was measured with the current recipe
+    epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
+    if p and p.get("train_epochs", epochs) == epochs:
         lines += ["", f"Time of the README's `dvc repro` from a fresh clone: **{p['full_repro_s'] / 60:.1f} min** "
                   f"(every stage run; install not included, it took about 2 min here). When the committed `dvc.lock` "
                   f"matches the code, `evaluate` is skipped: its outputs are git-tracked and came with the clone. "
