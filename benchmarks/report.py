@@ -158,14 +158,11 @@ def readme_results() -> None:
     import yaml  # the timing belongs in the README only if it was measured with the current recipe
     epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
     if p and p.get("train_epochs", epochs) == epochs:
-        lines += ["", f"Time of the README's `dvc repro` from a fresh clone: **{p['full_repro_s'] / 60:.1f} min** "
-                  f"(every stage run; install not included, it took about 2 min here). When the committed `dvc.lock` "
-                  f"matches the code, `evaluate` is skipped: its outputs are git-tracked and came with the clone. "
-                  f"A second `dvc repro` reruns nothing "
-                  f"({p['noop_repro_median_s']:.1f} s).", "",
-                  "| stage | " + " | ".join(f"`{k}`" for k in p["stage_s"]) + " |",
-                  "|---|" + "---|" * len(p["stage_s"]),
-                  "| seconds | " + " | ".join(f"{v:.0f}" for v in p["stage_s"].values()) + " |"]
+        st = p["stage_s"]
+        lines += ["", f"The README's `dvc repro` in a fresh clone (every stage, install excluded): "
+                  f"**{p['full_repro_s'] / 60:.1f} min** on {p['machine']['cpus']} CPU cores (`train` {st['train']:.0f} s, "
+                  f"`encode@train` {st['encode@train']:.0f} s, `evaluate` {st['evaluate']:.0f} s); a second `dvc repro` "
+                  f"reruns nothing ({p['noop_repro_median_s']:.1f} s). Per stage: benchmarks/README.md."]
     readme = root / "README.md"
     text = readme.read_text()
     b, e = "<!-- results:begin -->", "<!-- results:end -->"
