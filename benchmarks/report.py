@@ -162,7 +162,7 @@ def readme_results() -> None:
         lines += ["", f"The README's `dvc repro` in a fresh clone (every stage, install excluded): "
                   f"**{p['full_repro_s'] / 60:.1f} min** on {p['machine']['cpus']} CPU cores (`train` {st['train']:.0f} s, "
                   f"`encode@train` {st['encode@train']:.0f} s, `evaluate` {st['evaluate']:.0f} s); a second `dvc repro` "
-                  f"reruns nothing ({p['noop_repro_median_s']:.1f} s). Per stage: benchmarks/README.md."]
+                  f"reruns nothing ({p['noop_repro_median_s']:.1f} s)."]
     readme = root / "README.md"
     text = readme.read_text()
     b, e = "<!-- results:begin -->", "<!-- results:end -->"
