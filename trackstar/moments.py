@@ -114,11 +114,13 @@ def rank1_v(model, factored: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     """Each weight's v as the rank-1 fit r c^T / mean(r) of its row/column means, in the parameter's own
     orientation (Conv1D stores (in, out)): the full-shape v-hat a tail-patch step divides by, rebuilt from
     the factored file (the same fit the encoder's rank-1 correction applies)."""
+    from .correction import scales_from_means
+
     layers = {l.param_name: l for l in find_layers(model, include_lm_head=True)}
     out = {}
     for name, (r, c) in factored.items():
-        r, c = r.double(), c.double()
-        v = torch.outer(r, c) / r.mean()
+        s_out, s_in = scales_from_means(r, c)  # 1/sqrt(v) = s_out s_in^T, so v = (s_out s_in^T)^-2
+        v = torch.outer(s_out.double(), s_in.double()).pow(-2)
         out[name] = (layers[name].weight_grad_out_in(v) if name in layers else v).float()
     return out
 
