@@ -253,9 +253,10 @@ def real_model(r: dict) -> list[str]:
            f"{c.get('tie_word_embeddings')}; loading the GGUF took {c.get('load_seconds')} s "
            f"(peak RSS {c.get('peak_rss_mb')} MB)."]
     if r.get("step_loadavg"):
-        out += ["", "The machine was shared while these ran; 1-minute load average at the start / end of each step: "
+        out += ["", "1-minute load average at the start / end of each step: "
                 + ", ".join(f"{k} {v['start_1min']} / {v['end_1min']}" for k, v in r["step_loadavg"].items())
-                + " (2 cores): wall times are mostly waiting; compare only figures measured side by side."]
+                + " (2 cores; " + r.get("load_note", "other jobs shared the machine") + "): compare only figures "
+                "measured side by side."]
     if ft.get("train"):
         out += ["", f"Fine-tuning on the fact-world slice ({ft['passages']} passages, {ft['queries']} queries; "
                 f"AdamW, {ft['epochs']} epochs, peak lr {ft['lr']}, batch {ft['batch_size']}): "
@@ -273,6 +274,14 @@ def real_model(r: dict) -> list[str]:
         for meth, row in mm.items():
             out.append(f"| {meth} | {_f(row.get('mrr'))} | {_f(row.get('recall@10'))} | "
                        f"{_f(row.get('tail_patch@1'), '.4f')} | {_f(row.get('tail_patch@10'), '.4f')} |")
+        sw = m.get("tail_patch_lr_sweep") or {}
+        if sw.get("methods"):
+            tp = sw["methods"]
+            out += ["", f"The table's tail-patch steps at `eval.tail_patch_lr` "
+                    f"{(m.get('params') or {}).get('eval', {}).get('tail_patch_lr', '1e-05')} with the fine-tuning's own "
+                    f"AdamW moments. At lr {sw['lr']:g} (only `evaluate` reran): "
+                    + ", ".join(f"{k} {_f(v.get('tail_patch@1'), '.3f')} / {_f(v.get('tail_patch@10'), '.3f')}"
+                                for k, v in tp.items()) + " (tail-patch@1 / @10)."]
         out += ["", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
         for st, v in (m.get("repro") or {}).get("stages", {}).items():
             out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
@@ -333,6 +342,12 @@ def real_model(r: dict) -> list[str]:
         out += ["", f"README own-data recipe, unchanged, on a fresh clone ({rd['commit'][:7]}), SmolLM2 without "
                 f"optimizer state: `{rd['command']}` {'**succeeded**' if ok else '**failed**'} in "
                 f"{rd['run']['seconds']:.0f} s, largest stage peak RSS {_f(peak, '.0f')} MB."]
+        mets, hj = (rd.get("metrics") or {}).get("metrics/metrics.json") or {}, \
+            (rd.get("metrics") or {}).get("hessian/hessian.json") or {}
+        if mets:
+            out[-1] += (f" {rd.get('passages')} passages, {rd.get('queries')} queries, d = {hj.get('d', 0):,}, Hessian "
+                        f"`{hj.get('structure')}` ({hj.get('blocks')} blocks) chosen by the memory plan; MRR "
+                        + ", ".join(f"{k} {_f(v.get('mrr'))}" for k, v in mets.items()) + ".")
     return out
 
 
