@@ -171,6 +171,7 @@ class EvalParams(_Section):
     tail_patch_ks: list[int] = [1, 10]
     tail_patch_queries: int = Field(100, ge=0)  # 0 = skip tail-patch
     seed: int = 0
+    dev_fraction: float = Field(0.5, ge=0.0, le=1.0)  # queries (by entity) whose metrics choose settings
 
 
 class Params(_Section):
