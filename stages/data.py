@@ -60,7 +60,7 @@ def main() -> None:
                                   distractors_per_entity=p.distractors_per_entity,
                                   confusers_per_entity=p.confusers_per_entity,
                                   confuser_true_value=p.confuser_true_value,
-                                  near_miss_fraction=p.near_miss_fraction)
+                                  near_miss_fraction=p.near_miss_fraction, contradicted=p.contradicted)
             passages, queries, stats = generate_fact_world(cfg)
             write_jsonl(tmp / "corpus.jsonl", ({"id": x.id, "text": x.text} for x in passages))
             write_jsonl(tmp / "queries.jsonl", (query_record(q) for q in queries))

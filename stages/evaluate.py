@@ -11,7 +11,7 @@ from trackstar.breakdown import CATEGORIES, TOP, method_breakdown, metric_names,
 from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
 from trackstar.data import corpus_files, iter_corpus, read_queries, write_jsonl
-from trackstar.evaluate import METHODS, metrics_table, plot_methods, random_ranking
+from trackstar.evaluate import METHODS, dev_test_split, metrics_table, plot_methods, random_ranking, split_metrics
 from trackstar.examples import pad_token_id, passage_example, query_example
 from trackstar.fingerprint import file_sha256
 from trackstar.memo import Memo, code_hash, memo_key
@@ -52,7 +52,8 @@ def main() -> None:
     max_len = params.gradients.max_length
     preds = predict(model, tok, queries, max_len)
     acc = sum(p["correct"] for p in preds) / len(preds)
-    write_jsonl("eval/predictions.jsonl", preds)
+    side = dev_test_split(queries, e.dev_fraction)
+    write_jsonl("eval/predictions.jsonl", ({**p, "split": side[p["id"]]} for p in preds))
     if e.tail_patch_queries:
         # the step's v-hat: the checkpoint's Adam state; without one, the `moments` stage's estimate
         # (correction.kind: estimated, its rank-1 fit); else a plain gradient step (v = 1)
@@ -82,6 +83,9 @@ def main() -> None:
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/metrics.json").write_text(json.dumps(ordered, indent=2))
     extra = {"tail_patch_v": tp_v} if e.tail_patch_queries else {}
+    correct = {p["id"]: p["correct"] for p in preds}
+    split = split_metrics({m: ranked[m] for m in ordered}, relevant, side, correct)
+    Path("metrics/split.json").write_text(json.dumps({"dev_fraction": e.dev_fraction, **split}, indent=2))
     Path("metrics/model.json").write_text(json.dumps({"accuracy": acc, "queries": len(queries), **extra,
                                                       "eval_seconds": round(time.time() - t0, 1)}, indent=2))
     with open("metrics/methods.csv", "w") as f:

@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1},
+    "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1, "contradicted": 0.0},
     "model": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "vocab_size": 300},
     "train": {"epochs": 2},
     "projection": {"k": 4},

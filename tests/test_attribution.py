@@ -29,14 +29,28 @@ def test_trackstar_beats_random(built_repo):
     k = yaml.safe_load((built_repo / "params.yaml").read_text())["retrieve"]["k"]
 
     # MRR recomputed by hand from the retrieval file: the metric is what the file says
-    rr = []
+    rr = {}
     for line in (built_repo / "retrievals/trackstar.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rel = set(queries[rec["example_id"]]["relevant_ids"])
-        rr.append(next((1 / (i + 1) for i, pid in enumerate(rec["proponent_ids"][:k]) if pid in rel), 0.0))
+        rr[rec["example_id"]] = next((1 / (i + 1) for i, pid in enumerate(rec["proponent_ids"][:k]) if pid in rel), 0.0)
     assert len(rr) == len(queries)
     ts = metrics["trackstar"]
-    assert abs(ts["mrr"] - sum(rr) / len(rr)) < 1e-9
+    assert abs(ts["mrr"] - sum(rr.values()) / len(rr)) < 1e-9
+
+    # the dev / test split: by entity, and each side's MRR is the mean over its own queries
+    split = json.loads((built_repo / "metrics/split.json").read_text())
+    side = {p["id"]: p["split"] for p in map(json.loads, (built_repo / "eval/predictions.jsonl").read_text().splitlines())}
+    assert set(side) == set(queries)
+    by_entity: dict[str, set] = {}
+    for qid, q in queries.items():
+        by_entity.setdefault(q["entity"], set()).add(side[qid])
+    assert all(len(s) == 1 for s in by_entity.values())
+    for name in ("dev", "test"):
+        ids = [q for q in queries if side[q] == name]
+        if ids:
+            assert split[name]["queries"] == len(ids)
+            assert abs(split[name]["trackstar"]["mrr"] - sum(rr[q] for q in ids) / len(ids)) < 1e-9
 
     chance = chance_mrr(len(corpus), [len(q["relevant_ids"]) for q in queries.values()], k)
     assert 0 < chance < 0.2

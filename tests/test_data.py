@@ -239,3 +239,28 @@ def test_fact_world_lexical_realism():
 
     plain = generate_fact_world(FactWorldConfig(seed=0, entities=60, near_miss_fraction=0.0))
     assert near_pairs((passages, queries)) >= near_pairs(plain) + 0.2 * 60
+
+
+def test_fact_world_contradictions_repeat_a_statement_with_another_value():
+    """`contradicted` adds, for that share of facts, one of the fact's own statements word for word with another
+    value of the same relation; queries and their relevant ids are those of the world without it."""
+    plain_p, plain_q, _ = generate_fact_world(FactWorldConfig(seed=1, entities=20))
+    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=1.0))
+    assert stats["contradiction_passages"] == stats["facts"] == 80
+    assert len(passages) == len(plain_p) + 80
+    extra = sorted(p.text for p in passages)
+    for t in (p.text for p in plain_p):
+        extra.remove(t)
+    by_id = {p.id: p.text for p in passages}
+    for q in queries:
+        value = q.target.strip()
+        statements = [by_id[r] for r in q.relevant_ids]
+        # the fact's one contradiction: a relevant statement with its value swapped for another
+        rival = [t for t in extra for s in statements if t != s and t == s[: s.rindex(value)] + t[s.rindex(value):]
+                 and t.endswith(".") and value not in t]
+        assert len(rival) == 1, (q, rival)
+    assert [(q.prompt, q.target) for q in queries] == [(q.prompt, q.target) for q in plain_q]
+    half = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=0.5))[2]
+    assert 20 < half["contradiction_passages"] < 60
+    with pytest.raises(ValueError, match="contradicted"):
+        generate_fact_world(FactWorldConfig(contradicted=1.5))

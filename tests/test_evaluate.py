@@ -94,3 +94,32 @@ def test_plot_methods_png(tmp_path):
     assert out.read_bytes() == data  # deterministic bytes
     with pytest.raises(ValueError):
         plot_methods({"m": {"n_queries": 3}}, tmp_path / "x.png")
+
+
+def test_dev_test_split_groups_entities_and_scores_each_side():
+    from trackstar.data import Query
+    from trackstar.evaluate import dev_test_split, split_metrics
+
+    queries = [Query(f"q{i}", "p", " t", [f"r{i}"], entity=f"E{i // 4}") for i in range(400)]
+    side = dev_test_split(queries, 0.5)
+    assert set(side.values()) == {"dev", "test"}
+    for e in range(100):  # an entity's four queries share a side
+        assert len({side[f"q{4 * e + j}"] for j in range(4)}) == 1
+    assert 120 <= sum(v == "dev" for v in side.values()) <= 280
+    assert dev_test_split(queries[::-1], 0.5) == side  # order-free
+    assert set(dev_test_split(queries, 0.0).values()) == {"test"}
+    assert set(dev_test_split(queries, 1.0).values()) == {"dev"}
+    with pytest.raises(ValueError, match="dev_fraction"):
+        dev_test_split(queries, 1.5)
+
+    relevant = {q.id: set(q.relevant_ids) for q in queries}
+    # "hit": relevant passage at rank 1 on dev, rank 2 on test; "miss": never
+    ranked = {"hit": {q.id: ([f"r{q.id[1:]}", "x"] if side[q.id] == "dev" else ["x", f"r{q.id[1:]}"]) for q in queries},
+              "miss": {q.id: ["x"] for q in queries}}
+    correct = {q.id: side[q.id] == "test" for q in queries}
+    out = split_metrics(ranked, relevant, side, correct)
+    n_dev = sum(v == "dev" for v in side.values())
+    assert out["dev"]["queries"] == n_dev and out["test"]["queries"] == 400 - n_dev
+    assert out["dev"]["hit"] == {"mrr": 1.0, "recall@10": 1.0} and out["test"]["hit"] == {"mrr": 0.5, "recall@10": 1.0}
+    assert out["dev"]["miss"]["mrr"] == out["test"]["miss"]["mrr"] == 0.0
+    assert out["dev"]["accuracy"] == 0.0 and out["test"]["accuracy"] == 1.0

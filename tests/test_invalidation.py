@@ -47,6 +47,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "data.confusers_per_entity": (1, {"data"}),
     "data.confuser_true_value": (0.25, {"data"}),
     "data.near_miss_fraction": (0.1, {"data"}),
+    "data.contradicted": (0.5, {"data"}),
     "data.text_column": ("body", {"data"}),
     "data.id_column": ("doc_id", {"data"}),
     "model.source": ("checkpoint", {"train"}),
@@ -111,6 +112,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.tail_patch_ks": ([1, 5], {"evaluate"}),
     "eval.tail_patch_queries": (1, {"evaluate"}),
     "eval.seed": (1, {"evaluate"}),
+    "eval.dev_fraction": (0.25, {"evaluate"}),
 }
 
 # `report` reads only the retrievals, predictions and metrics: it reruns exactly when one of them changed

@@ -35,6 +35,7 @@ class DataParams(_Section):
     confusers_per_entity: int = Field(2, ge=0)
     confuser_true_value: float = Field(0.75, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
+    contradicted: float = Field(1.0, ge=0.0, le=1.0)
     text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
     id_column: str = Field("id", min_length=1)  # field / column holding the passage id
     shards: dict[str, str] = {}  # name -> file under inputs/data/: more corpus, one encode_shard@<name> stage each
@@ -170,6 +171,7 @@ class EvalParams(_Section):
     tail_patch_ks: list[int] = [1, 10]
     tail_patch_queries: int = Field(100, ge=0)  # 0 = skip tail-patch
     seed: int = 0
+    dev_fraction: float = Field(0.5, ge=0.0, le=1.0)  # queries (by entity) whose metrics choose settings
 
 
 class Params(_Section):

@@ -212,6 +212,7 @@ class FactWorldConfig:
     confusers_per_entity: int = 2  # passages naming the entity, a relation's words and a value, stating no fact of it
     confuser_true_value: float = 0.75  # share of confusers that name the entity's own value for that relation
     near_miss_fraction: float = 0.3  # entities whose name is another entity's name with a different ending
+    contradicted: float = 0.0  # share of facts with one statement repeated naming another value (corpora disagree)
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,8 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         raise ValueError("confuser_true_value must be in [0, 1]")
     if not 0.0 <= cfg.near_miss_fraction <= 0.5:
         raise ValueError("near_miss_fraction must be in [0, 0.5]")
+    if not 0.0 <= cfg.contradicted <= 1.0:
+        raise ValueError("contradicted must be in [0, 1]")
 
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
@@ -401,12 +404,14 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
     # (text, kind, fact key or None)
     raw: list[tuple[str, str, tuple[int, str] | None]] = []
     facts: dict[tuple[int, str], str] = {}
+    own: dict[tuple[int, str], set[str]] = {}  # each fact's statement texts
     for ei, e in enumerate(entities):
         for r in rels:
             v = rng.choice(values[r.name])
             facts[(ei, r.name)] = v
             for t in rng.sample(r.statements, cfg.paraphrases):
                 raw.append((t.format(e=e, v=v), "statement", (ei, r.name)))
+                own.setdefault((ei, r.name), set()).add(t.format(e=e, v=v))
             if ei in qa_entities:
                 raw.append((_Q.format(q=r.train_question.format(e=e)) + f" {v}.", "question", None))
         for t in rng.sample(_DISTRACTORS, cfg.distractors_per_entity):
@@ -419,12 +424,21 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
             if crng.random() >= cfg.confuser_true_value:
                 v = crng.choice([x for x in values[r.name] if x != v])
             raw.append((r.confuser.format(e=e, v=v, who=crng.choice(_RELATIVES)), "confuser", None))
+    # contradictions: one of a fact's statements again, word for word, with another value; the same context then
+    # has two answers, so the value keeps a loss (and a gradient) however long the model trains
+    drng = random.Random(f"{cfg.seed}-contradictions")
+    for (ei, rname), v in facts.items():
+        if drng.random() < cfg.contradicted:
+            r = next(x for x in rels if x.name == rname)
+            t = drng.choice([t for t in r.statements if t.format(e=entities[ei], v=v) in own[(ei, rname)]])
+            raw.append((t.format(e=entities[ei], v=drng.choice([x for x in values[rname] if x != v])),
+                        "contradiction", None))
 
     rng.shuffle(raw)
     width = max(6, len(str(len(raw) - 1)))
     passages: list[Passage] = []
     support: dict[tuple[int, str], list[str]] = {}
-    kinds = {"statement": 0, "question": 0, "distractor": 0, "confuser": 0}
+    kinds = {"statement": 0, "question": 0, "distractor": 0, "confuser": 0, "contradiction": 0}
     for i, (text, kind, key) in enumerate(raw):
         pid = f"p{i:0{width}d}"
         passages.append(Passage(pid, text))
@@ -458,6 +472,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         "question_passages": kinds["question"],
         "distractor_passages": kinds["distractor"],
         "confuser_passages": kinds["confuser"],
+        "contradiction_passages": kinds["contradiction"],
         "near_miss_entities": int(round(cfg.near_miss_fraction * cfg.entities)),
         "question_trained_entities": len(qa_entities),
         "queries": len(queries),

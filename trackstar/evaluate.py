@@ -13,6 +13,7 @@ full-ranking MRR (differing by less than 1/(k+1) per query).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -121,6 +122,36 @@ def metrics_table(
         ranked, rel = align_rankings(rankings, relevant_by_id, source=method)
         table[method] = attribution_metrics(ranked, rel, ks)
     return table
+
+
+def dev_test_split(queries: Sequence[Any], dev_fraction: float) -> dict[str, str]:
+    """Query id -> "dev" or "test", by a hash of the query's entity (its id when it has none): all queries
+    about one entity fall on one side, and a query's side depends on nothing else (order, count, seed).
+    Choose settings on dev (`dvc exp`), report test: the two sides share no entity, hence no relevant passage."""
+    if not 0.0 <= dev_fraction <= 1.0:
+        raise ValueError(f"dev_fraction must be in [0, 1], got {dev_fraction}")
+    out = {}
+    for q in queries:
+        key = (getattr(q, "entity", None) or q.id).encode()
+        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+        out[q.id] = "dev" if u < dev_fraction else "test"
+    return out
+
+
+def split_metrics(method_rankings: Mapping[str, Mapping[str, Sequence[str]]],
+                  relevant_by_id: Mapping[str, Iterable[str] | None], side: Mapping[str, str],
+                  correct: Mapping[str, bool]) -> dict[str, dict[str, Any]]:
+    """MRR and recall@10 per method and model accuracy on each side of `dev_test_split`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("dev", "test"):
+        ids = [q for q in relevant_by_id if side[q] == name]
+        if not ids:
+            continue
+        rel = {q: relevant_by_id[q] for q in ids}
+        table = metrics_table({m: {q: r[q] for q in ids} for m, r in method_rankings.items()}, rel)
+        out[name] = {"queries": len(ids), "accuracy": sum(bool(correct[q]) for q in ids) / len(ids),
+                     **{m: {"mrr": v["mrr"], "recall@10": v["recall@10"]} for m, v in table.items()}}
+    return out
 
 
 def random_ranking(passage_ids: Sequence[str], n_queries: int, k: int, seed: int) -> list[list[str]]:
