@@ -154,6 +154,13 @@ def readme_results() -> None:
     lines += ["", f"Model accuracy on the {model['queries']} queries' targets: **{model['accuracy']:.1%}** (chance 12.5 %). "
               f"d = {hess['d']}, λ = {hess['lambda']:.4f}. MRR and recall over all {model['queries']} queries; "
               f"tail-patch over the first {n_tp}."]
+    sp = root / "metrics/split.json"
+    split = json.loads(sp.read_text()) if sp.exists() else {}
+    if "dev" in split and "test" in split:
+        d, t = split["dev"], split["test"]
+        lines[-1] += (f" Dev / test halves (by entity; {d['queries']} / {t['queries']} queries): accuracy "
+                      f"{d['accuracy']:.3f} / {t['accuracy']:.3f}, TrackStar MRR {d['trackstar']['mrr']:.3f} / "
+                      f"{t['trackstar']['mrr']:.3f}, BM25 {d['bm25']['mrr']:.3f} / {t['bm25']['mrr']:.3f}.")
     p = load("pipeline")
     import yaml  # the timing belongs in the README only if it was measured with the current recipe
     epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
