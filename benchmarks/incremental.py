@@ -252,7 +252,7 @@ def scale(work: Path, shards: int, per_shard: int) -> dict:
 def markdown(res: dict) -> str:
     """The benchmarks/README section from a results file (`--markdown`)."""
     out = []
-    for name in ("large", "default"):
+    for name in ("large", "large_wide", "default"):
         r = res.get(name)
         if not r:
             continue
