@@ -404,14 +404,14 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
     # (text, kind, fact key or None)
     raw: list[tuple[str, str, tuple[int, str] | None]] = []
     facts: dict[tuple[int, str], str] = {}
-    own: dict[tuple[int, str], set[str]] = {}  # each fact's statement texts
+    chosen: dict[tuple[int, str], list[str]] = {}  # each fact's statement templates
     for ei, e in enumerate(entities):
         for r in rels:
             v = rng.choice(values[r.name])
             facts[(ei, r.name)] = v
-            for t in rng.sample(r.statements, cfg.paraphrases):
+            chosen[(ei, r.name)] = rng.sample(r.statements, cfg.paraphrases)
+            for t in chosen[(ei, r.name)]:
                 raw.append((t.format(e=e, v=v), "statement", (ei, r.name)))
-                own.setdefault((ei, r.name), set()).add(t.format(e=e, v=v))
             if ei in qa_entities:
                 raw.append((_Q.format(q=r.train_question.format(e=e)) + f" {v}.", "question", None))
         for t in rng.sample(_DISTRACTORS, cfg.distractors_per_entity):
@@ -430,7 +430,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
     for (ei, rname), v in facts.items():
         if drng.random() < cfg.contradicted:
             r = next(x for x in rels if x.name == rname)
-            t = drng.choice([t for t in r.statements if t.format(e=entities[ei], v=v) in own[(ei, rname)]])
+            t = drng.choice([t for t in r.statements if t in chosen[(ei, rname)]])  # in template order
             raw.append((t.format(e=entities[ei], v=drng.choice([x for x in values[rname] if x != v])),
                         "contradiction", None))
 

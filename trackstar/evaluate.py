@@ -127,7 +127,7 @@ def metrics_table(
 def dev_test_split(queries: Sequence[Any], dev_fraction: float) -> dict[str, str]:
     """Query id -> "dev" or "test", by a hash of the query's entity (its id when it has none): all queries
     about one entity fall on one side, and a query's side depends on nothing else (order, count, seed).
-    Choose settings on dev (`dvc exp`), report test: the two sides share no entity, hence no relevant passage."""
+    Choose settings on dev, report test: the two sides share no entity, hence no relevant passage."""
     if not 0.0 <= dev_fraction <= 1.0:
         raise ValueError(f"dev_fraction must be in [0, 1], got {dev_fraction}")
     out = {}
