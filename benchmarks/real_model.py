@@ -589,8 +589,7 @@ def step_main(args, work: Path, res: dict) -> None:
     run = dvc_run(repo, work, "main")
     out["repro"] = run
     out["metrics"] = read_metrics(repo)
-    out["passages"] = sum(1 for _ in open(repo / "data/corpus.jsonl"))
-    out["queries"] = sum(1 for _ in open(repo / "data/queries.jsonl"))
+    out.update(counts(repo))
     same = (repo / "data/corpus.jsonl").read_bytes() == (work / "data/data/corpus.jsonl").read_bytes() \
         if (work / "data/data/corpus.jsonl").is_file() else None
     out["same_data_as_finetune_step"] = same
@@ -599,12 +598,22 @@ def step_main(args, work: Path, res: dict) -> None:
                                             log_file=work / "main-workers.log")
     if not run["rc"]:
         out["accuracy_after"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
-        from trackstar.store import StoreReader
-
-        st = StoreReader(str(repo / "encodings/raw/train.zarr"))
-        out["d"] = int(st.d)
-        out["modules"] = len(st.attrs.get("layout", []))
+        out.update(store_shape(repo))
         out["peak_rss_mb_max"] = max(v["peak_rss_mb"] for v in run["stages"].values())
+
+
+def counts(repo: Path) -> dict:
+    """A run repo's passage and query counts."""
+    return {"passages": sum(1 for _ in open(repo / "data/corpus.jsonl")),
+            "queries": sum(1 for _ in open(repo / "data/queries.jsonl"))}
+
+
+def store_shape(repo: Path) -> dict:
+    """d and the module count of a run repo's raw training store."""
+    from trackstar.store import StoreReader
+
+    st = StoreReader(str(repo / "encodings/raw/train.zarr"))
+    return {"d": int(st.d), "modules": len(st.attrs.get("layout", []))}
 
 
 def step_ladder(args, work: Path, res: dict) -> None:
@@ -623,15 +632,10 @@ def step_ladder(args, work: Path, res: dict) -> None:
     out["repro"] = run
     out["repro_stages_before"] = res["speed"]["checkpoint_to_retrievals"]["stages"]
     out["metrics"] = read_metrics(repo)
-    out["passages"] = sum(1 for _ in open(repo / "data/corpus.jsonl"))
-    out["queries"] = sum(1 for _ in open(repo / "data/queries.jsonl"))
+    out.update(counts(repo))
     if not run["rc"]:
-        from trackstar.store import StoreReader
-
         out["accuracy"] = out["metrics"].get("metrics/model.json", {}).get("accuracy")
-        st = StoreReader(str(repo / "encodings/raw/train.zarr"))
-        out["d"] = int(st.d)
-        out["modules"] = len(st.attrs.get("layout", []))
+        out.update(store_shape(repo))
 
 
 def finetuned(work: Path) -> Path:
