@@ -51,7 +51,7 @@ def model_recall(n: int, distortion: float, reranks=RERANKS, trials: int = 40, s
 
 def spectrum(repo: Path) -> dict:
     """Flatness of the whitened passage spectrum and the query energy inside the passage span."""
-    from trackstar.index import principal_directions
+    from trackstar.retrieval.index import principal_directions
     from trackstar.store import StoreReader
 
     x = StoreReader(repo / "encodings/final/train.zarr").read_all()

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trackstar.checkpoint import load_checkpoint, load_second_moments
+from trackstar.model.checkpoint import load_checkpoint, load_second_moments
 from trackstar.config import load_params
-from trackstar.correction import build_correction
-from trackstar.data import iter_corpus, read_queries
-from trackstar.encode import encode_chunk
-from trackstar.examples import passage_example, query_example
-from trackstar.gradients import HookProjector, reference_encode
-from trackstar.layers import find_layers
+from trackstar.encode.correction import build_correction
+from trackstar.data.records import iter_corpus, read_queries
+from trackstar.encode.writer import encode_chunk
+from trackstar.data.examples import passage_example, query_example
+from trackstar.encode.gradients import HookProjector, reference_encode
+from trackstar.encode.layers import find_layers
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from trackstar.evaluate import METHODS
+from trackstar.evaluation.metrics import METHODS
 
 HERE = Path(__file__).resolve().parent
 

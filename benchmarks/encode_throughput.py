@@ -92,10 +92,10 @@ def _setup(args):
     """Model, tokenizer, examples sorted by length, batches (index lists), pad id, device."""
     import torch
 
-    from trackstar.checkpoint import load_checkpoint
-    from trackstar.data import iter_corpus
-    from trackstar.encoder import pick_device
-    from trackstar.examples import pad_token_id, passage_example
+    from trackstar.model.checkpoint import load_checkpoint
+    from trackstar.data.records import iter_corpus
+    from trackstar.encode.encoder import pick_device
+    from trackstar.data.examples import pad_token_id, passage_example
 
     torch.set_flush_denormal(True)  # as every pipeline stage does (trackstar.runner)
     if args.threads:
@@ -146,8 +146,8 @@ def _timed_loop(step, examples, batches, device) -> dict:
 def measure_training(args) -> dict:
     import torch
 
-    from trackstar.examples import collate
-    from trackstar.train import _batch_loss
+    from trackstar.data.examples import collate
+    from trackstar.model.train import _batch_loss
 
     model, _tok, examples, batches, pad_id, device = _setup(args)
     autocast = torch.bfloat16 if device.type == "cuda" else None  # as the encode stage on CUDA
@@ -176,7 +176,7 @@ def measure_floor(args) -> dict:
     hook-based encoder (ours, bergson) must do before it projects anything, i.e. its speed ceiling."""
     import torch
 
-    from trackstar.examples import collate, per_example_loss
+    from trackstar.data.examples import collate, per_example_loss
 
     model, _tok, examples, batches, pad_id, device = _setup(args)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -199,11 +199,11 @@ def measure_ours(args, plain: bool) -> dict:
     import numpy as np
     import torch
 
-    from trackstar.checkpoint import load_second_moments
-    from trackstar.correction import build_correction
-    from trackstar.encode import encode_chunk
-    from trackstar.gradients import HookProjector
-    from trackstar.layers import find_layers
+    from trackstar.model.checkpoint import load_second_moments
+    from trackstar.encode.correction import build_correction
+    from trackstar.encode.writer import encode_chunk
+    from trackstar.encode.gradients import HookProjector
+    from trackstar.encode.layers import find_layers
 
     gp, cp, pp = _params()
     model, _tok, examples, batches, pad_id, device = _setup(args)
@@ -247,7 +247,7 @@ def measure_bergson(args) -> dict:
     import torch
     from datasets import Dataset
 
-    from trackstar.checkpoint import load_second_moments
+    from trackstar.model.checkpoint import load_second_moments
 
     try:
         from importlib.metadata import version

@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trackstar.config import EncodeParams, HessianParams  # noqa: E402
-from trackstar.plan import BASE_BYTES, GIB, plan  # noqa: E402
+from trackstar.hessian.plan import BASE_BYTES, GIB, plan  # noqa: E402
 from trackstar.store import StoreWriter  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/hessian_memory.json"
 BASELINE = "0b33863"  # the last commit before hessian.structure
-BARE = ("import numpy, scipy.linalg, zarr, safetensors, json; import trackstar.store, trackstar.hessian, "
-        "trackstar.plan, trackstar.memo")
+BARE = ("import numpy, scipy.linalg, zarr, safetensors, json; import trackstar.store, trackstar.hessian.whitening, "
+        "trackstar.hessian.plan, trackstar.memo")
 
 
 def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:

@@ -55,7 +55,7 @@ def git(repo: Path, *args: str) -> None:
 
 def world(entities: int, seed: int = 0):
     """The generated world at this size (passages already shuffled)."""
-    from trackstar.data import FactWorldConfig, generate_fact_world
+    from trackstar.data.world import FactWorldConfig, generate_fact_world
 
     return generate_fact_world(FactWorldConfig(seed=seed, entities=entities))
 
@@ -77,9 +77,9 @@ def checkpoint(out: Path, texts: list[str], hidden: int, layers: int, vocab: int
     """A fixed checkpoint: BPE tokenizer on the texts, a seeded Llama, a few AdamW steps (second moments)."""
     import torch
 
-    from trackstar.checkpoint import save_checkpoint
-    from trackstar.examples import collate, passage_example
-    from trackstar.train import ModelConfig, build_model, train_tokenizer
+    from trackstar.model.checkpoint import save_checkpoint
+    from trackstar.data.examples import collate, passage_example
+    from trackstar.model.train import ModelConfig, build_model, train_tokenizer
 
     tok = train_tokenizer(texts[:20000], vocab)
     model = build_model(ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
@@ -95,7 +95,7 @@ def checkpoint(out: Path, texts: list[str], hidden: int, layers: int, vocab: int
 
 def make_repo(dest: Path, ckpt: Path, parts: dict, queries, shards: list[str], params: dict) -> Path:
     """A clone with inputs/data/{corpus,queries}.jsonl, the listed shards, the checkpoint and params, committed."""
-    from trackstar.data import query_record, write_jsonl
+    from trackstar.data.records import query_record, write_jsonl
 
     subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
     (dest / "inputs/data/shards").mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, la
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "base")
 
-    from trackstar.data import write_jsonl
+    from trackstar.data.records import write_jsonl
     write_jsonl(repo / "inputs/data/shards/s5.jsonl", ({"id": p.id, "text": p.text} for p in parts["s5"]))
     set_params(repo, {"data": {"shards": {s: f"inputs/data/shards/{s}.jsonl" for s in [*base, "s5"]}}})
     status = run(repo, "dvc", "status")

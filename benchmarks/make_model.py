@@ -14,10 +14,10 @@ import argparse
 
 import torch
 
-from trackstar.checkpoint import load_checkpoint, save_checkpoint
-from trackstar.data import iter_corpus
-from trackstar.examples import collate, passage_example
-from trackstar.train import ModelConfig, build_model
+from trackstar.model.checkpoint import load_checkpoint, save_checkpoint
+from trackstar.data.records import iter_corpus
+from trackstar.data.examples import collate, passage_example
+from trackstar.model.train import ModelConfig, build_model
 
 
 def main() -> None:

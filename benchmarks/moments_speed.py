@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from trackstar.checkpoint import load_checkpoint
-from trackstar.data import FactWorldConfig, generate_fact_world
-from trackstar.examples import pad_token_id, passage_example
-from trackstar.gradients import estimate_second_moments, per_example_grads
-from trackstar.layers import find_layers
+from trackstar.model.checkpoint import load_checkpoint
+from trackstar.data.world import FactWorldConfig, generate_fact_world
+from trackstar.data.examples import pad_token_id, passage_example
+from trackstar.encode.gradients import estimate_second_moments, per_example_grads
+from trackstar.encode.layers import find_layers
 
 OUT = Path(__file__).parent / "results" / "moments_speed.json"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from trackstar.data import iter_corpus, read_queries
-from trackstar.evaluate import mrr, recall_at_k
-from trackstar.index import build_index, factory_string, search
+from trackstar.data.records import iter_corpus, read_queries
+from trackstar.evaluation.metrics import mrr, recall_at_k
+from trackstar.retrieval.index import build_index, factory_string, search
 from trackstar.store import StoreReader
 
 HERE = Path(__file__).resolve().parent

@@ -293,9 +293,9 @@ def read_metrics(repo: Path) -> dict:
 
 def retrieval_metrics(repo: Path, path: str = "retrievals/trackstar.jsonl") -> dict:
     """MRR / recall@10 of one retrievals file against the queries' relevant ids (the pipeline's metric code)."""
-    from trackstar.data import read_queries
-    from trackstar.evaluate import metrics_table
-    from trackstar.results import read_results
+    from trackstar.data.records import read_queries
+    from trackstar.evaluation.metrics import metrics_table
+    from trackstar.retrieval.results import read_results
 
     queries = read_queries(repo / "data/queries.jsonl")
     relevant = {q.id: set(q.relevant_ids or []) for q in queries}
@@ -315,7 +315,7 @@ def worker_convert(gguf: str, out: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from trackstar.checkpoint import save_checkpoint
+    from trackstar.model.checkpoint import save_checkpoint
 
     t0 = time.perf_counter()
     p = Path(gguf)
@@ -339,9 +339,9 @@ def worker_convert(gguf: str, out: str) -> dict:
 
 def worker_accuracy(checkpoint: str, queries: str, max_length: int) -> dict:
     """The evaluate stage's exact-match accuracy of a checkpoint (a dir or, when supported, a .gguf)."""
-    import trackstar.checkpoint as ck
-    from trackstar.data import read_queries
-    from trackstar.train import accuracy
+    import trackstar.model.checkpoint as ck
+    from trackstar.data.records import read_queries
+    from trackstar.model.train import accuracy
 
     model, tok = getattr(ck, "load_source", ck.load_checkpoint)(checkpoint)
     qs = read_queries(queries)
@@ -353,8 +353,8 @@ def worker_bergson_data(repo: str, out: str, max_length: int) -> dict:
     with the pipeline's own tokenization and loss masks (trackstar.examples)."""
     from transformers import AutoTokenizer
 
-    from trackstar.data import iter_corpus, read_queries
-    from trackstar.examples import passage_example, query_example
+    from trackstar.data.records import iter_corpus, read_queries
+    from trackstar.data.examples import passage_example, query_example
 
     tok = AutoTokenizer.from_pretrained(str(Path(repo) / "model"), local_files_only=True)  # what load_checkpoint loads
     o = Path(out)
@@ -713,8 +713,8 @@ def step_bergson(args, work: Path, res: dict) -> None:
                             args.mix_k, log_file=wlog, env={"CUDA_VISIBLE_DEVICES": ""})
     out["rank"] = run_worker(args.bergson_python, "bergson_rank", run, data, work / "bergson-ranked.json",
                              args.retrieve_k, log_file=wlog)
-    from trackstar.data import read_queries
-    from trackstar.evaluate import metrics_table
+    from trackstar.data.records import read_queries
+    from trackstar.evaluation.metrics import metrics_table
 
     queries = read_queries(speed / "data/queries.jsonl")
     relevant = {q.id: set(q.relevant_ids or []) for q in queries}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trackstar.evaluate import METHODS
+from trackstar.evaluation.metrics import METHODS
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"

@@ -111,7 +111,7 @@ def query_file(work: Path, qset: str) -> Path:
 
 def run_exact(args) -> dict:
     """Streaming exact top/bottom-k over the store, per query set: the baseline and the ground truth."""
-    from trackstar.retrieve import exact_search
+    from trackstar.retrieval.exact import exact_search
     from trackstar.store import StoreReader
 
     work = Path(args.work)
@@ -134,7 +134,7 @@ def run_exact(args) -> dict:
 def run_config(args, name: str) -> list[dict]:
     """Build one index from the store, then per search setting: search all queries (both
     directions) and compare with the exact ground truth."""
-    from trackstar.index import build_index, load_index, save_index, search
+    from trackstar.retrieval.index import build_index, load_index, save_index, search
     from trackstar.store import StoreReader
 
     c = {"nlist": 64, "pq_m": 64, "pq_bits": 8, "opq": False, "on_disk": False, **INDEXES[name]}
@@ -167,7 +167,7 @@ def run_config(args, name: str) -> list[dict]:
 
 
 def _factory(c: dict, d: int) -> str:
-    from trackstar.index import factory_string
+    from trackstar.retrieval.index import factory_string
 
     return factory_string(c["kind"], d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"], c["on_disk"])
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trackstar.bm25 import bm25_search
-from trackstar.data import FactWorldConfig, generate_fact_world
-from trackstar.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
-from trackstar.tailpatch import batched_deltas, pair_key, target_logprobs
+from trackstar.retrieval.bm25 import bm25_search
+from trackstar.data.world import FactWorldConfig, generate_fact_world
+from trackstar.data.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
+from trackstar.evaluation.tailpatch import batched_deltas, pair_key, target_logprobs
 
 METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
 
@@ -168,7 +168,7 @@ def main() -> None:
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     if args.small_queries:
         from trackstar.config import load_params
-        from trackstar.train import ModelConfig, build_model, train_tokenizer
+        from trackstar.model.train import ModelConfig, build_model, train_tokenizer
 
         m = load_params("params.yaml").model
         tok = train_tokenizer([p.text for p in passages], m.vocab_size)

@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from trackstar.data import FactWorldConfig, Query, generate_fact_world
-from trackstar.examples import passage_example
-from trackstar.train import ModelConfig, TrainConfig, accuracy, build_model, pretrain, train_tokenizer
+from trackstar.data.records import Query
+from trackstar.data.world import FactWorldConfig, generate_fact_world
+from trackstar.data.examples import passage_example
+from trackstar.model.train import ModelConfig, TrainConfig, accuracy, build_model, pretrain, train_tokenizer
 
 
 def statement_queries(passages, queries):

@@ -38,10 +38,10 @@ import threading
 import time
 from pathlib import Path
 
-from trackstar.browser import Chromium
-from trackstar.data import FactWorldConfig, generate_fact_world
-from trackstar.report import build_report, method_files
-from trackstar.results import make_result, write_results
+from tests.browser import Chromium
+from trackstar.data.world import FactWorldConfig, generate_fact_world
+from trackstar.viewer.report import build_report, method_files
+from trackstar.retrieval.results import make_result, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

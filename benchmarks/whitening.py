@@ -17,9 +17,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from trackstar.data import iter_corpus, read_queries
-from trackstar.evaluate import mrr
-from trackstar.hessian import (Whitening, damped_shift, eigenbasis, eigh_scaled, eig_scales, load_stats,
+from trackstar.data.records import iter_corpus, read_queries
+from trackstar.evaluation.metrics import mrr
+from trackstar.hessian.whitening import (Whitening, damped_shift, eigenbasis, eigh_scaled, eig_scales, load_stats,
                                mixed_whitening, whiten)
 from trackstar.store import StoreReader
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from trackstar.config import EncodeParams, load_params
-from trackstar.data import corpus_files, count_lines
-from trackstar.hessian import autocorrelation, autocorrelation_sums, norm4_sums, normalize_sums, save_stats
-from trackstar.partials import add_partial, partial_blocks, partial_paths, save_partial
-from trackstar.plan import plan
+from trackstar.data.records import corpus_files, count_lines
+from trackstar.hessian.whitening import autocorrelation, autocorrelation_sums, norm4_sums, normalize_sums, save_stats
+from trackstar.hessian.partials import add_partial, partial_blocks, partial_paths, save_partial
+from trackstar.hessian.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import ConcatReader, StoreReader, corpus_stores
 

@@ -2,10 +2,10 @@
 
 import json
 
-from trackstar.bm25 import bm25_search
+from trackstar.retrieval.bm25 import bm25_search
 from trackstar.config import load_params
-from trackstar.data import corpus_files, iter_corpus, read_queries
-from trackstar.results import make_result, write_results
+from trackstar.data.records import corpus_files, iter_corpus, read_queries
+from trackstar.retrieval.results import make_result, write_results
 from trackstar.runner import run_main
 
 

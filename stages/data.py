@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 
 from trackstar.config import load_params
-from trackstar.corpus import read_passages
-from trackstar.data import FactWorldConfig, generate_fact_world, query_record, read_queries, write_jsonl
+from trackstar.data.corpus import read_passages
+from trackstar.data.records import query_record, read_queries, write_jsonl
+from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.errors import InputError
 from trackstar.runner import run_main
 

@@ -5,9 +5,9 @@ damping reruns only the cheap `hessian` stage."""
 import json
 from pathlib import Path
 
-import trackstar.hessian as hessian_lib
+import trackstar.hessian.whitening as hessian_lib
 from trackstar.errors import ArtifactMismatch
-from trackstar.hessian import eigenbasis, load_stats, save_basis
+from trackstar.hessian.whitening import eigenbasis, load_stats, save_basis
 from trackstar.memo import code_hash, memo_key
 from trackstar.runner import run_main
 from trackstar.store import StoreReader

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from trackstar.config import load_params
-from trackstar.data import corpus_files, count_lines
-from trackstar.encode import encode_to_store
-from trackstar.encoder import Encoder
+from trackstar.data.records import corpus_files, count_lines
+from trackstar.encode.writer import encode_to_store
+from trackstar.encode.encoder import Encoder
 from trackstar.fingerprint import file_sha256
-from trackstar.moments import MOMENTS_FILE
-from trackstar.plan import plan
+from trackstar.encode.moments import MOMENTS_FILE
+from trackstar.hessian.plan import plan
 from trackstar.runner import run_main
 from trackstar.store import StoreWriter
 

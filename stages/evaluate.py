@@ -5,21 +5,21 @@ import json
 import time
 from pathlib import Path
 
-import trackstar.examples as examples_lib
-import trackstar.tailpatch as tailpatch_lib
-from trackstar.breakdown import CATEGORIES, TOP, method_breakdown, metric_names, query_breakdown
-from trackstar.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
+import trackstar.data.examples as examples_lib
+import trackstar.evaluation.tailpatch as tailpatch_lib
+from trackstar.evaluation.breakdown import CATEGORIES, TOP, method_breakdown, metric_names, query_breakdown
+from trackstar.model.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
 from trackstar.config import load_params
-from trackstar.data import corpus_files, iter_corpus, read_queries, write_jsonl
-from trackstar.evaluate import METHODS, dev_test_split, metrics_table, plot_methods, random_ranking, split_metrics
-from trackstar.examples import pad_token_id, passage_example, query_example
+from trackstar.data.records import corpus_files, iter_corpus, read_queries, write_jsonl
+from trackstar.evaluation.metrics import METHODS, dev_test_split, metrics_table, plot_methods, random_ranking, split_metrics
+from trackstar.data.examples import pad_token_id, passage_example, query_example
 from trackstar.fingerprint import file_sha256
 from trackstar.memo import Memo, code_hash, memo_key
-from trackstar.moments import MOMENTS_FILE, tail_patch_moments
-from trackstar.predict import predict
-from trackstar.results import read_results
+from trackstar.encode.moments import MOMENTS_FILE, tail_patch_moments
+from trackstar.evaluation.predict import predict
+from trackstar.retrieval.results import read_results
 from trackstar.runner import run_main
-from trackstar.tailpatch import tail_patch
+from trackstar.evaluation.tailpatch import tail_patch
 
 
 def main() -> None:

@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import trackstar.hessian as hessian_lib
+import trackstar.hessian.whitening as hessian_lib
 from trackstar.atomic import atomic_open
 from trackstar.config import load_params
-from trackstar.hessian import block_dampings, load_basis, mix_lambda, mixed_whitening, rank_report, save_whitening, spectra
+from trackstar.hessian.whitening import block_dampings, load_basis, mix_lambda, mixed_whitening, rank_report, save_whitening, spectra
 from trackstar.memo import code_hash, memo_key
-from trackstar.plan import estimate
-from trackstar.plots import plot_eigen_crossing
+from trackstar.hessian.plan import estimate
+from trackstar.evaluation.plots import plot_eigen_crossing
 from trackstar.runner import run_main
 
 OUT = Path("hessian")

@@ -4,7 +4,7 @@ import json
 import time
 
 from trackstar.config import load_params, param_error
-from trackstar.index import build_index, factory_string, save_index
+from trackstar.retrieval.index import build_index, factory_string, save_index
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from trackstar.config import load_params
-from trackstar.data import corpus_files, read_queries
-from trackstar.hessian import block_dampings, load_basis, train_whitening, whiten
-from trackstar.results import write_retrievals
-from trackstar.retrieve import exact_search
+from trackstar.data.records import corpus_files, read_queries
+from trackstar.hessian.whitening import block_dampings, load_basis, train_whitening, whiten
+from trackstar.retrieval.results import write_retrievals
+from trackstar.retrieval.exact import exact_search
 from trackstar.runner import run_main
 from trackstar.store import ConcatReader, StoreReader, corpus_stores
 

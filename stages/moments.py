@@ -5,7 +5,7 @@ For any other correction kind it writes a file with no tensors (nothing to estim
 import json
 import time
 
-from trackstar.checkpoint import (
+from trackstar.model.checkpoint import (
     checkpoint_dtype,
     checkpoint_hash,
     context_length,
@@ -14,7 +14,7 @@ from trackstar.checkpoint import (
     weights_dtype,
 )
 from trackstar.config import load_params, param_error
-from trackstar.moments import MOMENTS_FILE, estimate_for_model, write_moments
+from trackstar.encode.moments import MOMENTS_FILE, estimate_for_model, write_moments
 from trackstar.runner import run_main
 
 CORPUS = "data/corpus.jsonl"

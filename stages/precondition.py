@@ -5,7 +5,7 @@ import json
 import sys
 
 from trackstar.config import load_params
-from trackstar.hessian import load_whitening, whiten
+from trackstar.hessian.whitening import load_whitening, whiten
 from trackstar.runner import run_main
 from trackstar.store import ConcatReader, StoreWriter, corpus_stores
 

@@ -3,8 +3,8 @@
 import json
 import time
 
-from trackstar.data import read_queries
-from trackstar.report import build_report, method_files, read_predictions
+from trackstar.data.records import read_queries
+from trackstar.viewer.report import build_report, method_files, read_predictions
 from trackstar.runner import run_main
 
 

@@ -5,9 +5,9 @@ import json
 import time
 
 from trackstar.config import load_params
-from trackstar.data import corpus_files, read_queries
-from trackstar.index import load_index, search
-from trackstar.results import write_retrievals
+from trackstar.data.records import corpus_files, read_queries
+from trackstar.retrieval.index import load_index, search
+from trackstar.retrieval.results import write_retrievals
 from trackstar.runner import run_main
 from trackstar.store import StoreReader
 

@@ -8,9 +8,9 @@ import shutil
 import time
 from pathlib import Path
 
-from trackstar.checkpoint import context_length, load_checkpoint, load_second_moments, load_source, save_checkpoint
+from trackstar.model.checkpoint import context_length, load_checkpoint, load_second_moments, load_source, save_checkpoint
 from trackstar.config import TrainParams, load_params, param_error
-from trackstar.data import corpus_files, iter_corpus
+from trackstar.data.records import corpus_files, iter_corpus
 from trackstar.runner import run_main
 
 OUT = Path("model")
@@ -18,7 +18,7 @@ OUT = Path("model")
 
 def train_config(t: TrainParams, max_length: int):
     """The AdamW/one-cycle settings of params.yaml's `train` section."""
-    from trackstar.train import TrainConfig
+    from trackstar.model.train import TrainConfig
 
     return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                        beta1=t.betas[0], beta2=t.betas[1], eps=t.eps, grad_clip=t.grad_clip,
@@ -47,7 +47,7 @@ def main() -> None:
         print(json.dumps({"checkpoint": m.checkpoint, "converted_from": "gguf", "optimizer_state": False}))
         return
 
-    from trackstar.train import ModelConfig, build_model, pretrain, train_tokenizer
+    from trackstar.model.train import ModelConfig, build_model, pretrain, train_tokenizer
 
     texts = [x.text for x in iter_corpus(corpus_files())]
     t0 = time.time()

@@ -15,10 +15,10 @@ import torch
 
 from tests.pipeline import make_repo, repro
 from tests.tiny import random_examples, random_moments
-from trackstar.correction import build_correction
-from trackstar.examples import collate
-from trackstar.gradients import HookProjector, estimate_second_moments, per_example_grads, reference_encode
-from trackstar.layers import find_layers
+from trackstar.encode.correction import build_correction
+from trackstar.data.examples import collate
+from trackstar.encode.gradients import HookProjector, estimate_second_moments, per_example_grads, reference_encode
+from trackstar.encode.layers import find_layers
 
 V = 50  # vocabulary of the random examples (ids 1..49)
 
@@ -140,7 +140,7 @@ def gpt2_checkpoint(dest: Path, texts: list[str]) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    from trackstar.checkpoint import save_checkpoint
+    from trackstar.model.checkpoint import save_checkpoint
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -159,7 +159,7 @@ def gpt2_checkpoint(dest: Path, texts: list[str]) -> None:
 
 def test_gpt2_checkpoint_through_the_whole_pipeline(tmp_path):
     from tests.pipeline import TINY, git
-    from trackstar.data import FactWorldConfig, generate_fact_world
+    from trackstar.data.world import FactWorldConfig, generate_fact_world
 
     data = {**TINY["data"], "entities": 8}
     passages, _, _ = generate_fact_world(FactWorldConfig(**data))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from trackstar.bm25 import bm25_search
+from trackstar.retrieval.bm25 import bm25_search
 
 # Tokenization is bm25s' documented convention (lower-case, \w\w+ words, its English stopword
 # list); the test checks scoring and ranking, so it reuses the stopword list.
@@ -142,7 +142,7 @@ def test_deterministic():
 def test_top_k_selection_stable_under_ties():
     import numpy as np
 
-    from trackstar.bm25 import _top_k_stable
+    from trackstar.retrieval.bm25 import _top_k_stable
 
     rng = np.random.default_rng(0)
     for _ in range(300):

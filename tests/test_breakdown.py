@@ -10,11 +10,12 @@ import pytest
 
 from tests.test_train import world  # noqa: F401 (fixture)
 from tests.tiny import oracle_cases
-from trackstar.breakdown import CATEGORIES, classify, mentions, method_breakdown, query_breakdown
-from trackstar.data import FactWorldConfig, Query, generate_fact_world, query_record, read_queries
+from trackstar.evaluation.breakdown import CATEGORIES, classify, mentions, method_breakdown, query_breakdown
+from trackstar.data.records import Query, query_record, read_queries
+from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.errors import InputError
-from trackstar.predict import predict
-from trackstar.train import accuracy
+from trackstar.evaluation.predict import predict
+from trackstar.model.train import accuracy
 
 
 def test_mentions_match_whole_words_case_insensitively():

@@ -13,7 +13,7 @@ import datasets
 import pytest
 import yaml
 
-from trackstar.corpus import read_passages
+from trackstar.data.corpus import read_passages
 from trackstar.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

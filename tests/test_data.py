@@ -3,18 +3,8 @@ import os
 
 import pytest
 
-from trackstar.data import (
-    RELATIONS,
-    FactWorldConfig,
-    Passage,
-    Query,
-    count_lines,
-    generate_fact_world,
-    iter_corpus,
-    query_record,
-    read_queries,
-    write_jsonl,
-)
+from trackstar.data.records import Passage, Query, count_lines, iter_corpus, query_record, read_queries, write_jsonl
+from trackstar.data.world import RELATIONS, FactWorldConfig, generate_fact_world
 from trackstar.errors import InputError
 
 GOOD_P = '{"id": "p1", "text": "Alpha was born in Beta."}'

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.pipeline import free_port, make_repo, repro, run
-from trackstar.hessian import load_basis, load_whitening, train_whitening
+from trackstar.hessian.whitening import load_basis, load_whitening, train_whitening
 from trackstar.store import StoreReader
 
 

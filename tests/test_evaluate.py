@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from trackstar.evaluate import (
+from trackstar.evaluation.metrics import (
     align_rankings,
     attribution_metrics,
     metrics_table,
@@ -97,8 +97,8 @@ def test_plot_methods_png(tmp_path):
 
 
 def test_dev_test_split_groups_entities_and_scores_each_side():
-    from trackstar.data import Query
-    from trackstar.evaluate import dev_test_split, split_metrics
+    from trackstar.data.records import Query
+    from trackstar.evaluation.metrics import dev_test_split, split_metrics
 
     queries = [Query(f"q{i}", "p", " t", [f"r{i}"], entity=f"E{i // 4}") for i in range(400)]
     side = dev_test_split(queries, 0.5)

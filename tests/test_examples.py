@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trackstar.examples import collate, pad_token_id, passage_example, per_example_loss, query_example
+from trackstar.data.examples import collate, pad_token_id, passage_example, per_example_loss, query_example
 
 VOCAB = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "a": 4, "b": 5, "c": 6, "d": 7, "e": 8}
 

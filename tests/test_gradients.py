@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
-from trackstar.correction import apply_exact, build_correction, rank1_scales
-from trackstar.examples import collate
-from trackstar.gradients import HookProjector, reference_encode
-from trackstar.layers import find_layers
-from trackstar.projection import projection_matrix
+from trackstar.encode.correction import apply_exact, build_correction, rank1_scales
+from trackstar.data.examples import collate
+from trackstar.encode.gradients import HookProjector, reference_encode
+from trackstar.encode.layers import find_layers
+from trackstar.encode.projection import projection_matrix
 
 
 def hook_encode(model, layers, examples, k, seed, correction, batch_size):
@@ -58,7 +58,7 @@ def test_tied_head_block_is_the_head_usage_only():
     hidden = model.model(input_ids=b["input_ids"]).last_hidden_state.detach().requires_grad_(False)
     logits = hidden @ model.lm_head.weight.detach().T
     logits.requires_grad_(True)
-    from trackstar.examples import per_example_loss
+    from trackstar.data.examples import per_example_loss
     per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum().backward()
     G = logits.grad[0].T @ hidden[0]  # sum_t delta_t h_t^T
     P_out = projection_matrix(3, "lm_head", "out", 4, head.n_out)

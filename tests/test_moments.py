@@ -12,16 +12,16 @@ import torch
 import yaml
 
 from tests.pipeline import ROOT, run
-from trackstar.checkpoint import checkpoint_hash, save_checkpoint
+from trackstar.model.checkpoint import checkpoint_hash, save_checkpoint
 from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams
-from trackstar.correction import rank1_scales
-from trackstar.encoder import Encoder
+from trackstar.encode.correction import rank1_scales
+from trackstar.encode.encoder import Encoder
 from trackstar.errors import ArtifactMismatch, ConfigError, InputError
-from trackstar.examples import pad_token_id
-from trackstar.gradients import per_example_grads
-from trackstar.layers import find_layers
-from trackstar.moments import MOMENTS_FILE, read_moments, sample_passages, write_moments
-from trackstar.train import train_tokenizer
+from trackstar.data.examples import pad_token_id
+from trackstar.encode.gradients import per_example_grads
+from trackstar.encode.layers import find_layers
+from trackstar.encode.moments import MOMENTS_FILE, read_moments, sample_passages, write_moments
+from trackstar.model.train import train_tokenizer
 
 TEXTS = [f"Entity {i} was born in city {i % 5} and works for company {i % 3}." for i in range(12)]
 
@@ -131,10 +131,10 @@ def test_tail_patch_without_optimizer_state_steps_with_the_estimated_moments(wor
     """evaluate's tail-patch on a checkpoint without optimizer state: v-hat is the rank-1 fit of the
     `moments` stage's estimate (independently: r c^T / mean(v) of the mean squared per-example gradient
     of each weight, by plain autograd), and the step it takes is theta - lr g / sqrt(v-hat + eps)."""
-    from trackstar.checkpoint import load_checkpoint
-    from trackstar.examples import collate, per_example_loss, query_example
-    from trackstar.moments import tail_patch_moments
-    from trackstar.tailpatch import batched_deltas
+    from trackstar.model.checkpoint import load_checkpoint
+    from trackstar.data.examples import collate, per_example_loss, query_example
+    from trackstar.encode.moments import tail_patch_moments
+    from trackstar.evaluation.tailpatch import batched_deltas
 
     proc = moments_stage(workdir, {"kind": "estimated", "estimate_samples": 8, "seed": 3})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from trackstar.errors import InputError
-from trackstar.results import CORE_FIELDS, QueryResult, make_result, read_results, write_results
+from trackstar.retrieval.results import CORE_FIELDS, QueryResult, make_result, read_results, write_results
 
 
 def sample() -> list[QueryResult]:

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from trackstar.index import _rerank, build_index, factory_string, load_index, save_index, search
-from trackstar.results import valid_hits
-from trackstar.retrieve import exact_search
+from trackstar.retrieval.index import _rerank, build_index, factory_string, load_index, save_index, search
+from trackstar.retrieval.results import valid_hits
+from trackstar.retrieval.exact import exact_search
 from trackstar.store import StoreReader, StoreWriter
 
 
@@ -119,7 +119,7 @@ def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):
 def test_on_disk_ivf_equals_in_memory_and_survives_a_move(tmp_path, pca):
     """Inverted lists merged into a memory-mapped file give the same results as the in-memory index,
     also after the index directory moves (as on a DVC checkout into another clone); also behind index.pca."""
-    from trackstar.index import _on_disk
+    from trackstar.retrieval.index import _on_disk
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(700, 16)).astype(np.float32)

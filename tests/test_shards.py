@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline import dvc, free_port, git, make_repo, repro, set_param
-from trackstar.data import FactWorldConfig, generate_fact_world, query_record, write_jsonl
+from trackstar.data.records import query_record, write_jsonl
+from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.errors import TrackStarError
-from trackstar.partials import partial_paths
+from trackstar.hessian.partials import partial_paths
 from trackstar.store import corpus_stores
 
 SHARDS = ["s1", "s2", "s3"]
@@ -28,8 +29,8 @@ OVERRIDES = {"model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0
 def world(tmp_path_factory) -> Path:
     """The fact world cut into the corpus + s1..s4 jsonl files and a fixed tiny checkpoint (one epoch of AdamW,
     so it has second moments), under inputs/ of a folder that each repo copies."""
-    from trackstar.checkpoint import save_checkpoint
-    from trackstar.train import ModelConfig, TrainConfig, build_model, pretrain, train_tokenizer
+    from trackstar.model.checkpoint import save_checkpoint
+    from trackstar.model.train import ModelConfig, TrainConfig, build_model, pretrain, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, paraphrases=2,

@@ -13,7 +13,7 @@ import yaml
 
 from tests.pipeline import ROOT, run
 from tests.tiny import write_llama_gguf
-from trackstar.checkpoint import (
+from trackstar.model.checkpoint import (
     OPT_META,
     OPT_TENSORS,
     context_length,
@@ -22,9 +22,9 @@ from trackstar.checkpoint import (
     load_source,
     weights_dtype,
 )
-from trackstar.data import FactWorldConfig, generate_fact_world
-from trackstar.examples import collate, pad_token_id, passage_example, per_example_loss
-from trackstar.train import train_tokenizer
+from trackstar.data.world import FactWorldConfig, generate_fact_world
+from trackstar.data.examples import collate, pad_token_id, passage_example, per_example_loss
+from trackstar.model.train import train_tokenizer
 
 pytest.importorskip("gguf")
 
@@ -104,7 +104,7 @@ def test_finetune_learns_the_corpus_and_saves_true_moments(world, tmp_path, from
     texts, tok, model, path = world
     src = path
     if not from_gguf:
-        from trackstar.checkpoint import save_checkpoint
+        from trackstar.model.checkpoint import save_checkpoint
 
         src = tmp_path / "base"
         save_checkpoint(model, tok, None, src)
@@ -178,7 +178,7 @@ def test_missing_finetune_source_names_the_param(tmp_path):
 def test_checkpoint_dir_without_weights_is_refused(world, tmp_path):
     _, tok, model, _ = world
     ck = tmp_path / "ck"
-    from trackstar.checkpoint import save_checkpoint
+    from trackstar.model.checkpoint import save_checkpoint
 
     save_checkpoint(model, tok, None, ck)
     (ck / "model.safetensors").unlink()

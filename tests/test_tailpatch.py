@@ -9,8 +9,8 @@ import torch
 from torch.func import functional_call
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
-from trackstar.examples import collate, per_example_loss
-from trackstar.tailpatch import batched_deltas, pair_key, tail_patch
+from trackstar.data.examples import collate, per_example_loss
+from trackstar.evaluation.tailpatch import batched_deltas, pair_key, tail_patch
 
 
 def logprob(model, query, params=None) -> float:
@@ -127,9 +127,9 @@ def test_grouped_by_passage_equals_the_per_pair_loop_and_leaves_the_model_untouc
 def test_a_tokenizer_without_pad_token_gives_the_same_accuracy_and_tail_patch():
     """GPT-2-style tokenizers have no pad token: evaluate's accuracy and tail-patch pad with eos
     (examples.pad_token_id) and, padding being masked, give exactly what a pad token gives."""
-    from trackstar.data import FactWorldConfig, generate_fact_world
-    from trackstar.examples import pad_token_id, passage_example, query_example
-    from trackstar.train import ModelConfig, accuracy, build_model, train_tokenizer
+    from trackstar.data.world import FactWorldConfig, generate_fact_world
+    from trackstar.data.examples import pad_token_id, passage_example, query_example
+    from trackstar.model.train import ModelConfig, accuracy, build_model, train_tokenizer
 
     passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2))
     tok = train_tokenizer([p.text for p in passages], 300)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny import oracle_cases
-from trackstar.checkpoint import (
+from trackstar.model.checkpoint import (
     OPT_META,
     OPT_TENSORS,
     checkpoint_hash,
@@ -12,10 +12,11 @@ from trackstar.checkpoint import (
     load_second_moments,
     save_checkpoint,
 )
-from trackstar.data import FactWorldConfig, Query, generate_fact_world
+from trackstar.data.records import Query
+from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.errors import InputError
-from trackstar.examples import query_example
-from trackstar.train import ModelConfig, TrainConfig, accuracy, build_model, pretrain, train_tokenizer
+from trackstar.data.examples import query_example
+from trackstar.model.train import ModelConfig, TrainConfig, accuracy, build_model, pretrain, train_tokenizer
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -71,7 +72,7 @@ def test_pretrain_deterministic_and_learns(world, trained):
     for (n, a), (_, b) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
     # loss went down versus an untrained model
-    from trackstar.examples import collate, passage_example, per_example_loss
+    from trackstar.data.examples import collate, passage_example, per_example_loss
 
     batch = collate([passage_example(tok, t, 48) for t in texts[:32]], tok.pad_token_id)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline import run
-from trackstar.browser import Chromium, find_chromium
-from trackstar.data import iter_corpus, read_queries
+from tests.browser import Chromium, find_chromium
+from trackstar.data.records import iter_corpus, read_queries
 from trackstar.errors import InputError
-from trackstar.report import build_report, method_files
-from trackstar.results import make_result, read_results, write_results
+from trackstar.viewer.report import build_report, method_files
+from trackstar.retrieval.results import make_result, read_results, write_results
 
 METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
 
@@ -208,7 +208,7 @@ def test_trace_html_writes_the_same_panel_for_an_ad_hoc_query(built_repo, browse
 
 
 def test_report_refuses_results_for_unknown_queries(tmp_path):
-    from trackstar.data import Query
+    from trackstar.data.records import Query
 
     qs = [Query("a", "Q: x? A:", " y", ["p1"])]
     write_results(tmp_path / "m.jsonl", [make_result("b", "Q: x? A:", " y", ["p1"], [1.0], {"p1": "y"})])

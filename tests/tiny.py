@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from trackstar.examples import Example
+from trackstar.data.examples import Example
 
 
 def tiny_llama(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:

@@ -11,31 +11,31 @@ import sys
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
-from .errors import ArtifactMismatch
-from .runner import flush_denormals, run_main
+from trackstar.errors import ArtifactMismatch
+from trackstar.runner import flush_denormals, run_main
 
 
 def _trace(args: argparse.Namespace) -> None:
-    from .config import load_params
-    from .data import corpus_files, iter_corpus
+    from trackstar.config import load_params
+    from trackstar.data.records import corpus_files, iter_corpus
 
     root = Path(args.root)
     params = load_params(root / "params.yaml")
     if args.method == "bm25":
-        from .bm25 import bm25_search
+        from trackstar.retrieval.bm25 import bm25_search
         (ids, scores), = bm25_search(((p.id, p.text) for p in iter_corpus(corpus_files(root / "data"))),
                                      [("q", args.prompt + args.target)], args.k, params.bm25.k1, params.bm25.b)
         top = list(zip(ids, scores))
         bottom: list[tuple[str, float]] = []
     else:
-        from .encoder import Encoder
-        from .hessian import load_whitening, whiten
-        from .index import load_index, search
-        from .results import valid_hits
+        from trackstar.encode.encoder import Encoder
+        from trackstar.hessian.whitening import load_whitening, whiten
+        from trackstar.retrieval.index import load_index, search
+        from trackstar.retrieval.results import valid_hits
         flush_denormals()  # torch is loaded now: encode exactly as the encode stage does
-        from .store import StoreReader
+        from trackstar.store import StoreReader
 
-        from .moments import MOMENTS_FILE
+        from trackstar.encode.moments import MOMENTS_FILE
 
         enc = Encoder(root / "model", params.gradients, params.correction, params.projection, params.encode,
                       moments=root / MOMENTS_FILE, params_file=root / "params.yaml")
@@ -63,8 +63,8 @@ def _trace(args: argparse.Namespace) -> None:
     need = {i for i, _ in top + bottom}
     texts = {p.id: p.text for p in iter_corpus(corpus_files(root / "data")) if p.id in need}
     if args.html:
-        from .report import write_single_page
-        from .results import make_result
+        from trackstar.viewer.report import write_single_page
+        from trackstar.retrieval.results import make_result
         record = make_result("trace", args.prompt, args.target, [i for i, _ in top], [s for _, s in top], texts,
                              [i for i, _ in bottom], [s for _, s in bottom])
         write_single_page(args.html, record, args.method, args.entity)
@@ -90,7 +90,7 @@ def _view(args: argparse.Namespace) -> None:
     import http.server
     import webbrowser
 
-    from .errors import TrackStarError
+    from trackstar.errors import TrackStarError
 
     root = Path(args.root).resolve()
     page = root / "report" / "index.html"
@@ -123,10 +123,10 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 def _plan(args: argparse.Namespace) -> None:
     """Print the memory plan for the current params.yaml, model and data (exit 2 if no structure fits)."""
-    from .config import load_params
-    from .data import corpus_files, count_lines
-    from .errors import TrackStarError
-    from .plan import plan
+    from trackstar.config import load_params
+    from trackstar.data.records import corpus_files, count_lines
+    from trackstar.errors import TrackStarError
+    from trackstar.hessian.plan import plan
 
     root = Path(args.root)
     params = load_params(root / "params.yaml")
@@ -136,8 +136,8 @@ def _plan(args: argparse.Namespace) -> None:
     corpus, queries = root / "data/corpus.jsonl", root / "data/queries.jsonl"
     if not model.is_dir() or not corpus.exists() or not queries.exists():
         raise TrackStarError(f"{root}: the plan needs the model and the data: run `dvc repro train` first")
-    from .checkpoint import load_checkpoint
-    from .layers import find_layers, layout
+    from trackstar.model.checkpoint import load_checkpoint
+    from trackstar.encode.layers import find_layers, layout
 
     g = params.gradients
     layers = find_layers(load_checkpoint(model)[0], g.include, g.exclude, g.include_lm_head)

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from trackstar.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from .errors import TrackStarError
+from trackstar.errors import TrackStarError
 
 
 def flush_denormals() -> None:

@@ -20,8 +20,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from .errors import ArtifactMismatch, TrackStarError
-from .testhooks import crash_point
+from trackstar.errors import ArtifactMismatch, TrackStarError
+from trackstar.testhooks import crash_point
 
 FORMAT = "trackstar-encodings/1"
 _NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from trackstar.atomic import atomic_open
-from trackstar.data import Query, iter_corpus
+from trackstar.data.records import Query, iter_corpus
 from trackstar.errors import InputError
 
 CORE_FIELDS = (

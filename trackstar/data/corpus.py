@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .data import Passage, check_str, iter_corpus
-from .errors import InputError
+from trackstar.data.records import Passage, check_str, iter_corpus
+from trackstar.errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 

@@ -16,10 +16,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .correction import Correction, apply_exact, apply_rank1
-from .examples import Example, collate, per_example_loss
-from .layers import Layer, output_head_name
-from .projection import project_dense, projection_matrix
+from trackstar.encode.correction import Correction, apply_exact, apply_rank1
+from trackstar.data.examples import Example, collate, per_example_loss
+from trackstar.encode.layers import Layer, output_head_name
+from trackstar.encode.projection import project_dense, projection_matrix
 
 
 @contextmanager

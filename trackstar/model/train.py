@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .examples import collate, pad_token_id, passage_example, per_example_loss, query_example
+from trackstar.data.examples import collate, pad_token_id, passage_example, per_example_loss, query_example
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from trackstar.errors import InputError
 
 OPT_TENSORS = "optimizer_state.safetensors"
 OPT_META = "optimizer_state.json"

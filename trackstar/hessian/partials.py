@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactMismatch, TrackStarError
-from .store import StoreReader
+from trackstar.errors import ArtifactMismatch, TrackStarError
+from trackstar.store import StoreReader
 
 IDENTITY = ("split", "input_sha256", "checkpoint_hash", "config", "d", "dtype")
 

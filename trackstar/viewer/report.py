@@ -2,7 +2,7 @@
 
 Layout of the output folder::
 
-    index.html  viewer.js  viewer.css         the page (copied from trackstar/viewer/)
+    index.html  viewer.js  viewer.css         the page (copied from trackstar/viewer/site/)
     data/index.js                            metrics and one summary row per query
     data/page-00000.js, page-00001.js, ...   ``page_size`` queries each: every method's top proponents
                                              and opponents, and the texts of just those passages
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .atomic import atomic_open
-from .breakdown import TOP, classify
-from .data import Query
-from .errors import InputError
-from .results import QueryResult, iter_results
+from trackstar.atomic import atomic_open
+from trackstar.evaluation.breakdown import TOP, classify
+from trackstar.data.records import Query
+from trackstar.errors import InputError
+from trackstar.retrieval.results import QueryResult, iter_results
 
-ASSETS = Path(__file__).parent / "viewer"
+ASSETS = Path(__file__).parent / "site"
 PAGE_SIZE = 25  # queries per data page
 # summary row of one query in data/index.js (a list per query, in this order)
 FIELDS = ("id", "prompt", "target", "entity", "prediction", "target_prob", "correct", "page", "first")

@@ -23,8 +23,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import ArtifactMismatch
-from .store import StoreReader
+from trackstar.errors import ArtifactMismatch
+from trackstar.store import StoreReader
 
 ON_DISK_LISTS = "lists.ivfdata"
 

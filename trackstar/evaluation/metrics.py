@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_open
+from trackstar.atomic import atomic_open
 
 COUNT_KEYS = ("n_queries", "n_skipped")
 # every method the pipeline evaluates, in the order of the ablation ladder (docs/method.md), then the baselines

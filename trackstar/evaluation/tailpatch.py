@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from .examples import Example, collate, per_example_loss
+from trackstar.data.examples import Example, collate, per_example_loss
 
 # vmap over scaled-dot-product attention falls back to a loop and says so on every call: not news to a user
 warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .examples import collate, pad_token_id, query_example
+from trackstar.data.examples import collate, pad_token_id, query_example
 
 
 @torch.no_grad()

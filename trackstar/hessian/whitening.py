@@ -385,7 +385,7 @@ def save_whitening(path: str | Path, w: Whitening, meta: dict) -> None:
 
 def load_whitening(path: str | Path, basis_path: str | Path) -> tuple[Whitening, dict]:
     """The mixed whitening of `save_whitening` with its basis; refuses a basis it was not computed from."""
-    from .errors import ArtifactMismatch
+    from trackstar.errors import ArtifactMismatch
 
     info = _read_info(path)
     parts = {k: [_read_tensor(path, f"{k}.{i}") for i in range(len(info["blocks"]))] for k in ("s", "left", "right")}

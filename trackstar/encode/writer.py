@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .correction import Correction
-from .examples import Example, collate
-from .testhooks import crash_point
-from .gradients import HookProjector, reference_encode
-from .layers import Layer
-from .store import StoreWriter
+from trackstar.encode.correction import Correction
+from trackstar.data.examples import Example, collate
+from trackstar.testhooks import crash_point
+from trackstar.encode.gradients import HookProjector, reference_encode
+from trackstar.encode.layers import Layer
+from trackstar.store import StoreWriter
 
 
 def encode_chunk(model: torch.nn.Module, examples: list[Example], projector: HookProjector | None,

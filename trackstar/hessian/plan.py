@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .config import EncodeParams, HessianParams, param_error
+from trackstar.config import EncodeParams, HessianParams, param_error
 
 STRUCTURES = ("full", "layer", "module")  # coarsest first: auto takes the first that fits
 BASE_BYTES = 112 << 20  # python + numpy + scipy + zarr resident: 76-90 MB measured (benchmarks/hessian_memory.py)
@@ -173,7 +173,7 @@ class Plan:
 
 def plan(layout: list[dict], n_train: int, n_query: int, hessian: HessianParams, encode: EncodeParams) -> Plan:
     """The memory plan for an encoding layout (store attrs `layout`), the row counts and the params."""
-    from .store import chunk_rows_for  # here, not at the top: the `hessian` stage imports this module without zarr
+    from trackstar.store import chunk_rows_for  # here, not at the top: the `hessian` stage imports this module without zarr
 
     d = layout[-1]["stop"] - layout[0]["start"]
     k = round((layout[0]["stop"] - layout[0]["start"]) ** 0.5)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .data import iter_corpus
-from .errors import ArtifactMismatch, InputError
-from .examples import Example, pad_token_id, passage_example
-from .gradients import estimate_second_moments
-from .layers import find_layers
+from trackstar.data.records import iter_corpus
+from trackstar.errors import ArtifactMismatch, InputError
+from trackstar.data.examples import Example, pad_token_id, passage_example
+from trackstar.encode.gradients import estimate_second_moments
+from trackstar.encode.layers import find_layers
 
 MOMENTS_FILE = "model_moments/second_moments.safetensors"
 
@@ -114,7 +114,7 @@ def rank1_v(model, factored: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     """Each weight's v as the rank-1 fit r c^T / mean(r) of its row/column means, in the parameter's own
     orientation (Conv1D stores (in, out)): the full-shape v-hat a tail-patch step divides by, rebuilt from
     the factored file (the same fit the encoder's rank-1 correction applies)."""
-    from .correction import scales_from_means
+    from trackstar.encode.correction import scales_from_means
 
     layers = {l.param_name: l for l in find_layers(model, include_lm_head=True)}
     out = {}

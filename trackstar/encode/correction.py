@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TrackStarError
-from .layers import Layer
+from trackstar.errors import TrackStarError
+from trackstar.encode.layers import Layer
 
 
 @dataclass

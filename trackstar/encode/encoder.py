@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .checkpoint import (
+from trackstar.model.checkpoint import (
     checkpoint_dtype,
     checkpoint_hash,
     context_length,
@@ -22,15 +22,15 @@ from .checkpoint import (
     pick_device,
     weights_dtype,
 )
-from .config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams, param_error
-from .correction import Correction, build_correction
-from .data import iter_corpus, read_queries
-from .encode import encode_chunk
-from .errors import InputError
-from .examples import Example, pad_token_id, passage_example, query_example
-from .gradients import HookProjector
-from .layers import find_layers, layout
-from .moments import read_moments
+from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams, param_error
+from trackstar.encode.correction import Correction, build_correction
+from trackstar.data.records import iter_corpus, read_queries
+from trackstar.encode.writer import encode_chunk
+from trackstar.errors import InputError
+from trackstar.data.examples import Example, pad_token_id, passage_example, query_example
+from trackstar.encode.gradients import HookProjector
+from trackstar.encode.layers import find_layers, layout
+from trackstar.encode.moments import read_moments
 
 log = logging.getLogger(__name__)
 
