@@ -22,7 +22,7 @@ from trackstar.model.checkpoint import (
     pick_device,
     weights_dtype,
 )
-from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams, param_error
+from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, Params, ProjectionParams, param_error
 from trackstar.encode.correction import Correction, build_correction
 from trackstar.data.records import iter_corpus, read_queries
 from trackstar.encode.writer import encode_chunk
@@ -30,7 +30,7 @@ from trackstar.errors import InputError
 from trackstar.data.examples import Example, pad_token_id, passage_example, query_example
 from trackstar.encode.gradients import HookProjector
 from trackstar.encode.layers import find_layers, layout
-from trackstar.encode.moments import read_moments
+from trackstar.encode.moments import MOMENTS_FILE, read_moments
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ class Encoder:
         self.correction = self._correction(moments)
         self.truncated = 0
 
+    @classmethod
+    def from_params(cls, params: Params, root: Path = Path(".")) -> "Encoder":
+        """The encoder of the pipeline at `root`: its model/, its moments file and its params.yaml (for errors)."""
+        root = Path(root)
+        return cls(root / "model", params.gradients, params.correction, params.projection, params.encode,
+                   moments=root / MOMENTS_FILE, params_file=root / "params.yaml")
+
     def _correction(self, moments_file: str | Path | None) -> Correction:
         kind = self.c.kind
         if kind == "estimated":
@@ -67,6 +74,11 @@ class Encoder:
         state = load_second_moments(self.model_dir) if kind in ("adam", "adam_rank1") else None
         moments = state[0] if state else None
         return build_correction(kind, self.layers, moments, self.c.eps, checkpoint=str(self.model_dir))
+
+    @property
+    def k(self) -> int:
+        """The per-layer projection size (k x k per layer), from projection.k or projection.d."""
+        return self.p.k
 
     @property
     def attrs(self) -> dict:
@@ -100,6 +112,15 @@ class Encoder:
 
     def query_example(self, prompt: str, target: str) -> Example:
         return query_example(self.tok, prompt, target, self.g.max_length)
+
+    def encode_query(self, prompt: str, target: str) -> np.ndarray:
+        """The corrected row, shape (1, d) float32, of one query; an InputError naming `target` when the target
+        tokenizes to nothing or does not fit gradients.max_length."""
+        try:
+            ex = self.query_example(prompt, target)
+        except ValueError as e:
+            raise InputError("query", str(e), field="target") from None
+        return self.encode([ex])[0]
 
     def encode(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         """(corrected, plain) rows for a small list of examples (the trace CLI, tests)."""
