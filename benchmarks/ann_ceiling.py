@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RERANKS = (10, 100, 300, 500, 1000, 3000)
@@ -155,8 +159,7 @@ def main() -> None:
                                              "shannon_D": distortion, "recall_at_10": rec})
         print(f"Shannon bound at {bits} bits/dim ({bits / 32:.2%} of fp32), {args.rows} rows: D {distortion:.3f}  "
               f"recall@10 at R={list(RERANKS)}: {[round(v, 3) for v in rec.values()]}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.out), vars(args), result)
 
 
 if __name__ == "__main__":

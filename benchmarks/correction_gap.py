@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from trackstar.model.checkpoint import load_checkpoint, load_second_moments
 from trackstar.config import load_params
@@ -22,6 +24,9 @@ from trackstar.encode.writer import encode_chunk
 from trackstar.data.examples import passage_example, query_example
 from trackstar.encode.gradients import HookProjector, reference_encode
 from trackstar.encode.layers import find_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +76,7 @@ def main() -> None:
            "seconds_exact_reference": round(t_exact, 2), "seconds_rank1_hooks": round(t_rank1, 2),
            "speedup_rank1_vs_exact": round(t_exact / t_rank1, 2)}
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/correction_gap.json").write_text(json.dumps(out, indent=2))
+    write_results(Path("benchmarks/results/correction_gap.json"), {"params.yaml": yaml.safe_load(Path("params.yaml").read_text()), **vars(args)}, out)
     print(json.dumps(out, indent=2))
 
 

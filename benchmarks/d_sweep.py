@@ -15,7 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from trackstar.evaluation.metrics import METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,7 +59,8 @@ def main() -> None:
               f"tail-patch@10 {row.get('trackstar.tail_patch@10', float('nan')):.3g}  ({sec:.0f} s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_results(out.with_suffix(".json"), {"params.yaml": yaml.safe_load(Path("params.yaml").read_text()),
+                                             **vars(args)}, {"rows": rows})
     with open(out.with_suffix(".csv"), "w", newline="") as f:  # plain column names for `dvc plots`
         flat = lambda key: key.replace(".", "_").replace("@", "_at_")
         w = csv.DictWriter(f, fieldnames=[flat(k) for k in rows[0]])

@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -56,6 +54,9 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import peak_rss_mb, write_results  # noqa: E402
 
 MEASUREMENTS = ("training", "floor", "ours", "ours_corrected", "bergson")
 RESULT_TAG = "ENCODE_THROUGHPUT_RESULT "
@@ -212,7 +213,7 @@ def measure_ours(args, plain: bool) -> dict:
     state = load_second_moments(args.model)
     kind = "adam_rank1" if state else "none"
     correction = build_correction(kind, layers, state[0] if state else None, cp.eps, checkpoint=str(args.model))
-    autocast = torch.bfloat16 if device.type == "cuda" else None  # as trackstar.encoder.Encoder
+    autocast = torch.bfloat16 if device.type == "cuda" else None  # as trackstar.encode.encoder.Encoder
     projector = HookProjector(model, layers, k, pp.seed, correction, plain=plain, device=device)
     bs = args.batch_size
     # output rows go to buffers allocated (and faulted in) once, as the stage reuses one pair for all chunks
@@ -340,7 +341,7 @@ def worker(args) -> None:
 
     res["torch_threads"] = torch.get_num_threads()
     res["torch"] = torch.__version__
-    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(RESULT_TAG + json.dumps(res), flush=True)
 
 
@@ -403,10 +404,8 @@ def main() -> None:
     first = next((res[m] for m in MEASUREMENTS if ok(m)), {})
     model_info = first.get("model")
     out = {
-        "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-                    "platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "torch": first.get("torch"),
-                    "torch_threads": first.get("torch_threads"), "device": first.get("device")},
+        "workers": {"torch": first.get("torch"), "torch_threads": first.get("torch_threads"),
+                    "device": first.get("device")},
         "model": model_info or {"name": Path(args.model).resolve().name},
         "model_dir": str(args.model),
         "corpus": args.corpus,
@@ -436,14 +435,13 @@ def main() -> None:
         "seconds": {m: res[m].get("seconds") for m in MEASUREMENTS},
         "details": res,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    out = write_results(Path(args.out), {k: v for k, v in vars(args).items() if k != "worker"}, out)
 
     rows = [("training (fwd+bwd+AdamW)", "training", "-"), ("floor (frozen fwd+bwd)", "floor", "-"), ("ours (corrected + plain)", "ours", out["d_ours"]),
             ("ours (corrected only)", "ours_corrected", out["d_ours"]), ("bergson build", "bergson", out["d_bergson"])]
     print(f"model {out['model'].get('name')} ({out['model'].get('params')} params), {out['examples']} passages, "
           f"{out['tokens']} tokens, batch {args.batch_size}, {out['machine']['cpus']} cpus, "
-          f"{out['machine']['torch_threads']} torch threads")
+          f"{out['workers']['torch_threads']} torch threads")
     print(f"{'measurement':<28}{'d':>8}{'tokens/s':>12}{'seconds':>10}{'peak RSS MB':>13}")
     for label, m, d in rows:
         if ok(m):

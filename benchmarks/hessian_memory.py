@@ -5,7 +5,7 @@ Random encoding stores (a few hundred rows, no model) are written at each k; the
 them, each in its own process, with hessian.structure fixed; peak RSS per run comes from os.wait4 (ru_maxrss)
 and the plan's estimate for the same structure is printed next to it. A structure whose estimate exceeds
 --limit-gb (default 6: this machine is shared) is not run, only estimated. A bare interpreter that imports
-what the stages import gives the fixed overhead (`trackstar.plan.BASE_BYTES`). Baseline, same run and
+what the stages import gives the fixed overhead (`trackstar.hessian.plan.BASE_BYTES`). Baseline, same run and
 stores: the stages as they were before the structure choice (commit BASELINE: the full d x d statistics
 always, `hessian.block_diagonal` only splitting them in `eigen`), where their d x d fits (--baseline-ks).
 
@@ -15,14 +15,11 @@ always, `hessian.block_diagonal` only splitting them in `eigen`), where their d 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from trackstar.config import EncodeParams, HessianParams  # noqa: E402
 from trackstar.hessian.plan import BASE_BYTES, GIB, plan  # noqa: E402
 from trackstar.store import StoreWriter  # noqa: E402
+from tests.harness import measured, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/hessian_memory.json"
 BASELINE = "0b33863"  # the last commit before hessian.structure
@@ -41,20 +39,12 @@ BARE = ("import numpy, scipy.linalg, zarr, safetensors, json; import trackstar.s
         "trackstar.hessian.plan, trackstar.memo")
 
 
-def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
-    """Run cmd; its wall time, CPU time (user + system: steadier than wall time on a shared machine) and peak RSS
-    (os.wait4's ru_maxrss of that process, KiB on Linux)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - t0
-        err.seek(0)
-        if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.read()[-3000:]}")
-    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+def cost(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
+    """cmd's wall time, CPU time and peak RSS (tests/harness.py `measured`); raises with its stderr on failure."""
+    m = measured(cmd, cwd, env)
+    if m.rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({m.rc}):\n{m.stderr[-3000:]}")
+    return m.figures()
 
 
 SMOL_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -98,7 +88,7 @@ def main() -> None:
     base_code = Path(tempfile.mkdtemp(prefix="hessmem-baseline-"))
     subprocess.run(f"git -C {ROOT} archive {BASELINE} trackstar stages | tar -x -C {base_code}", shell=True, check=True)
     base_env = {**os.environ, "PYTHONPATH": str(base_code)}
-    bare = measured([py, "-c", BARE], ROOT)
+    bare = cost([py, "-c", BARE], ROOT)
     print(f"bare interpreter with the stages' imports: {bare['peak_rss_mb']:.0f} MB peak RSS "
           f"(plan.BASE_BYTES = {BASE_BYTES / 2**20:.0f} MiB)")
     runs = []
@@ -124,7 +114,7 @@ def main() -> None:
                                                                               "memory_gb": 1000}}))
                 shutil.rmtree(repo / "hessian", ignore_errors=True)
                 for stage in ("autocorrelation", "eigen"):
-                    row[stage] = measured([py, str(ROOT / f"stages/{stage}.py")], repo)
+                    row[stage] = cost([py, str(ROOT / f"stages/{stage}.py")], repo)
                 runs.append(row)
                 print(f"k={k} d={d:,} {structure}: {len(c.blocks)} blocks (largest {max(c.sizes):,}); "
                       + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
@@ -139,18 +129,16 @@ def main() -> None:
                        "blocks": 1 if structure == "full" else len(layout),
                        "largest_block": d if structure == "full" else k * k}
                 for stage in ("autocorrelation", "eigen"):
-                    row[stage] = measured([py, str(base_code / f"stages/{stage}.py")], repo, base_env)
+                    row[stage] = cost([py, str(base_code / f"stages/{stage}.py")], repo, base_env)
                 runs.append(row)
                 print(f"k={k} d={d:,} {structure} (baseline {BASELINE}, block_diagonal={diagonal}): "
                       + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
                                   f"{row[s]['peak_rss_mb']:.0f} MB" for s in ("autocorrelation", "eigen")))
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "rows": {"train": args.train, "queries": args.queries}, "layout": "SmolLM2-135M: 30 x 7 modules + lm_head",
+    result = {"rows": {"train": args.train, "queries": args.queries}, "layout": "SmolLM2-135M: 30 x 7 modules + lm_head",
               "bare_interpreter_rss_mb": bare["peak_rss_mb"], "base_bytes_mb": BASE_BYTES / 2**20,
               "baseline": f"commit {BASELINE}: full d x d statistics, block_diagonal split only in eigen", "runs": runs}
     shutil.rmtree(base_code, ignore_errors=True)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2))
+    write_results(OUT, vars(args), result)
     print(f"wrote {OUT.relative_to(ROOT)}")
 
 

@@ -7,6 +7,7 @@ Scenarios (each in fresh clones of this repo under --work, the current Python en
            size after a few AdamW steps (so it has second moments).
   large    the same on a larger generated world (>= 50k short passages) and a wider model (hidden 256) at
            projection.k 8, so that encoding is the bulk of the work as it is at scale.
+  large_wide  large at hidden --wide-hidden (384): encoding an even larger share, as at scale.
   scale    --scale-shards tiny shards (tiny model): `dvc status`, a no-op `dvc repro` and `dvc push` to a
            local-directory remote, files per shard.
 For default / large: a full build from scratch of the corpus + s1..s5; in another clone the base build (corpus +
@@ -15,10 +16,12 @@ s1..s4, sharing the first clone's DVC cache, so its encodings come from the run-
 add's retrievals (trackstar and every ladder rung) must equal the full build's row for row (ids and float
 scores). eval.tail_patch_queries is 0 in both builds (the same in both; tail-patch costs nothing shard-specific).
 
-    nice -n 10 python benchmarks/incremental.py [--scenarios default,large,scale]
+    nice -n 10 python benchmarks/incremental.py [--scenarios large,large_wide,default,scale] [--note TEXT]
 
-Writes benchmarks/results/incremental.json (add_shard_vs_full: the large scenario's ratio;
-scores_equal_from_scratch: true only if every compared scenario matched row for row).
+Updates benchmarks/results/incremental.json (each scenario's key is replaced, the others kept; each scenario
+records its commit and machine): add_shard_vs_full is the large scenario's ratio, add_shard_vs_full_wide
+large_wide's; scores_equal_from_scratch is true only if every compared scenario matched row for row; note: the
+run's conditions (--note, else the command line, torch threads and load average).
 """
 
 from __future__ import annotations
@@ -26,38 +29,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from pipeline import timed_repro  # benchmarks/pipeline.py: timed `dvc repro`
 
-from pipeline import REPO, env, timed_repro  # benchmarks/pipeline.py: clone env, timed `dvc repro`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests import harness  # noqa: E402
+from tests.harness import ROOT, child_env, git, set_params  # noqa: E402
+from tests.pipeline import run as run_checked  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+HERE = ROOT / "benchmarks"
 ENCODE = ("encode@", "encode_shard@")
 
 
 def run(repo: Path, *cmd: str) -> str:
-    proc = subprocess.run(list(cmd), cwd=repo, env=env(repo), capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed in {repo}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def git(repo: Path, *args: str) -> None:
-    run(repo, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args)
+    """cmd in repo with the repo's own trackstar; its stdout (fails loudly)."""
+    return run_checked(repo, *cmd, env=child_env(repo)).stdout
 
 
 def world(entities: int, seed: int = 0):
     """The generated world at this size (passages already shuffled)."""
     from trackstar.data.world import FactWorldConfig, generate_fact_world
 
-    return generate_fact_world(FactWorldConfig(seed=seed, entities=entities))
+    return generate_fact_world(FactWorldConfig(seed=seed, entities=entities, contradicted=0.0))
 
 
 def split(passages, queries, parts: dict[str, float], max_queries: int):
@@ -73,8 +72,22 @@ def split(passages, queries, parts: dict[str, float], max_queries: int):
     return out, keep
 
 
-def checkpoint(out: Path, texts: list[str], hidden: int, layers: int, vocab: int, steps: int = 3) -> None:
+@dataclass(frozen=True)
+class Scenario:
+    """One grow scenario: the world's size, the fixed checkpoint's shape and the params on top of the defaults."""
+
+    name: str
+    entities: int
+    max_queries: int
+    hidden: int
+    layers: int
+    vocab: int = 1024
+    params: dict = field(default_factory=dict)
+
+
+def checkpoint(out: Path, texts: list[str], sc: Scenario, steps: int = 3) -> None:
     """A fixed checkpoint: BPE tokenizer on the texts, a seeded Llama, a few AdamW steps (second moments)."""
+    hidden, layers, vocab = sc.hidden, sc.layers, sc.vocab
     import torch
 
     from trackstar.model.checkpoint import save_checkpoint
@@ -94,10 +107,11 @@ def checkpoint(out: Path, texts: list[str], hidden: int, layers: int, vocab: int
 
 
 def make_repo(dest: Path, ckpt: Path, parts: dict, queries, shards: list[str], params: dict) -> Path:
-    """A clone with inputs/data/{corpus,queries}.jsonl, the listed shards, the checkpoint and params, committed."""
+    """A copy of this repo with inputs/data/{corpus,queries}.jsonl, the listed shards, the checkpoint and params,
+    committed."""
     from trackstar.data.records import query_record, write_jsonl
 
-    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    harness.make_repo(dest)
     (dest / "inputs/data/shards").mkdir(parents=True, exist_ok=True)
     write_jsonl(dest / "inputs/data/corpus.jsonl", ({"id": p.id, "text": p.text} for p in parts["corpus"]))
     write_jsonl(dest / "inputs/data/queries.jsonl", (query_record(q) for q in queries))
@@ -110,13 +124,6 @@ def make_repo(dest: Path, ckpt: Path, parts: dict, queries, shards: list[str], p
     git(dest, "add", "-A")
     git(dest, "commit", "-qm", "inputs")
     return dest
-
-
-def set_params(repo: Path, over: dict) -> None:
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in over.items():
-        p.setdefault(section, {}).update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
 def retrievals(repo: Path) -> dict:
@@ -144,15 +151,15 @@ def r_change_cost(r: dict) -> dict:
             "precondition_train_vs_full_encode": after.get("precondition@train", 0.0) / full_encode}
 
 
-def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, layers: int, vocab: int,
-         params: dict) -> dict:
+def grow(sc: Scenario, work: Path) -> dict:
     """Base build, add s5 (timed per stage, dvc status captured), full build from scratch; compare scores."""
-    passages, queries, _ = world(entities)
+    name = sc.name
+    passages, queries, _ = world(sc.entities)
     parts, queries = split(passages, queries, {"corpus": .5, "s1": .1, "s2": .1, "s3": .1, "s4": .1, "s5": .1},
-                           max_queries)
+                           sc.max_queries)
     ckpt = work / f"{name}-checkpoint"
-    checkpoint(ckpt, [p.text for p in passages], hidden, layers, vocab)
-    params = {**params, "model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0},
+    checkpoint(ckpt, [p.text for p in passages], sc)
+    params = {**sc.params, "model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0},
               "data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl"}}
     base = ["s1", "s2", "s3", "s4"]
     # the full build from scratch first; the base build (corpus + s1..s4) shares its DVC cache, so its encodings
@@ -181,7 +188,7 @@ def grow(name: str, work: Path, entities: int, max_queries: int, hidden: int, la
     equal = full_scores == grown
     print(f"[{name}] add / full = {add_s / full_s:.3f}; scores equal from scratch: {equal}", flush=True)
     out = {"passages": len(passages), "queries": len(queries), "added_passages": len(parts["s5"]),
-           "model": {"hidden": hidden, "layers": layers, "vocab": vocab},
+           "model": {"hidden": sc.hidden, "layers": sc.layers, "vocab": sc.vocab},
            "d": json.loads((repo / "encodings/raw/shards/s5.zarr/zarr.json").read_text())["attributes"]["d"],
            "params": params, "base_build_s": base_s, "base_stages_run": base_ran, "add_shard_s": add_s, "full_build_s": full_s,
            "add_shard_vs_full": add_s / full_s, "scores_equal_from_scratch": equal,
@@ -202,7 +209,7 @@ def scale(work: Path, shards: int, per_shard: int) -> dict:
     fracs = {"corpus": per_shard / len(passages), **{n: per_shard / len(passages) for n in names}, "rest": 0.0}
     parts, queries = split(passages, queries, fracs, 50)
     ckpt = work / "scale-checkpoint"
-    checkpoint(ckpt, [p.text for p in passages], 32, 2, 300)
+    checkpoint(ckpt, [p.text for p in passages], Scenario("scale", entities, 50, 32, 2, 300))
     params = {"model": {"source": "checkpoint"}, "eval": {"tail_patch_queries": 0}, "projection": {"k": 4},
               "hessian": {"mix_k": 5}, "retrieve": {"k": 10}, "bm25": {"k": 10},
               "data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl"}}
@@ -286,48 +293,71 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+LARGE_PARAMS = {"projection": {"k": 8}, "hessian": {"mix_k": 30}, "retrieve": {"k": 20}, "bm25": {"k": 20}}
+
+
+def scenarios(args) -> dict[str, Scenario]:
+    """The grow scenarios by name, sized by the command line."""
+    return {"default": Scenario("default", 200, 400, 128, 4),
+            "large": Scenario("large", args.large_entities, 100, args.large_hidden, args.large_layers,
+                              params=LARGE_PARAMS),
+            "large_wide": Scenario("large_wide", args.large_entities, 100, args.wide_hidden, args.large_layers,
+                                   params=LARGE_PARAMS)}
+
+
+def summary(res: dict) -> dict:
+    """The top-level figures: each large scenario's add / full ratio, and whether every compared one matched."""
+    out = {}
+    if "large" in res:
+        out["add_shard_vs_full"] = res["large"]["add_shard_vs_full"]
+    if "large_wide" in res:
+        out["add_shard_vs_full_wide"] = res["large_wide"]["add_shard_vs_full"]
+    compared = [res[s]["scores_equal_from_scratch"] for s in ("default", "large", "large_wide") if s in res]
+    out["scores_equal_from_scratch"] = bool(compared) and all(compared)  # false when nothing was compared
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
-    ap.add_argument("--scenarios", default="large,default,scale")
+    ap.add_argument("--scenarios", default="large,default,scale", help="of default, large, large_wide, scale")
     ap.add_argument("--large-entities", type=int, default=3200, help="18 passages each with the current generator: 57.6k")
     ap.add_argument("--large-hidden", type=int, default=256)
+    ap.add_argument("--wide-hidden", type=int, default=384, help="the large_wide scenario's hidden size")
     ap.add_argument("--large-layers", type=int, default=2)
     ap.add_argument("--scale-shards", type=int, default=100)
+    ap.add_argument("--note", help="the run's conditions, recorded as `note` (default: command, threads, load)")
     ap.add_argument("--out", default=str(HERE / "results/incremental.json"))
     ap.add_argument("--markdown", action="store_true", help="print the README section of --out and exit")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))
         return
+    todo = args.scenarios.split(",")
+    known = {*scenarios(args), "scale"}
+    if not set(todo) <= known:
+        sys.exit(f"--scenarios: {sorted(set(todo) - known)} unknown; choose from {sorted(known)}")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out_path = Path(args.out)
-    res = json.loads(out_path.read_text()) if out_path.exists() else {}
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                      "load_avg_at_start": os.getloadavg()}
-    todo = args.scenarios.split(",")
+    old = json.loads(out_path.read_text()) if out_path.exists() else {}
+    res = {k: v for k, v in old.items() if k not in ("commit", "params", "machine")}
 
-    def save() -> None:  # after every scenario: a later one may not finish
-        if "large" in res:
-            res["add_shard_vs_full"] = res["large"]["add_shard_vs_full"]
-        compared = [res[s]["scores_equal_from_scratch"] for s in ("default", "large") if s in res]
-        res["scores_equal_from_scratch"] = bool(compared) and all(compared)  # false when nothing was compared
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    import torch
 
+    res["note"] = args.note or (f"`python benchmarks/incremental.py {' '.join(sys.argv[1:])}`, "
+                                f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} "
+                                "at the start")
     for name in todo:
-        if name == "default":
-            res["default"] = grow("default", work, 200, 400, 128, 4, 1024, {})
-        elif name == "large":
-            res["large"] = grow("large", work, args.large_entities, 100, args.large_hidden, args.large_layers, 1024,
-                                {"projection": {"k": 8}, "hessian": {"mix_k": 30}, "retrieve": {"k": 20},
-                                 "bm25": {"k": 20}})
-        elif name == "scale":
+        if name == "scale":
             res["scale"] = scale(work, args.scale_shards, 20)
-        save()
-    print(json.dumps({k: res[k] for k in ("add_shard_vs_full", "scores_equal_from_scratch") if k in res}))
+        else:
+            res[name] = grow(scenarios(args)[name], work)
+        res[name].update(commit=harness.commit(), machine=harness.machine())
+        # after every scenario (a later one may not finish); the scenarios not run keep their own commit
+        harness.write_results(out_path, vars(args), {**res, **summary(res)})
+    print(json.dumps(summary(res)))
     shutil.rmtree(work, ignore_errors=True)
 
 

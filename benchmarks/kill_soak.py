@@ -22,11 +22,18 @@ and inside chunk writes):
    and at the end) and every output in dvc.lock must be in the DVC cache with the right bytes (what
    `dvc push` would send). The stages the rerun ran are recorded.
 
-A truncated `.dvc/tmp/rwlock` (DVC rewrites it in place) is recovered as docs/pipeline.md says and
-counted as a failure with its recovery; any other failure is counted, its repo kept for a
-post-mortem (WORK-failed-N) and the soak goes on from the uninterrupted build.
+DVC's own bookkeeping files, which it rewrites in place, can be left cut short by a kill: an empty
+`.dvc/tmp/rwlock` (upstream treeverse/dvc#7615) or `dvc.lock`. Then `dvc repro` refuses to run; the
+soak recovers as docs/pipeline.md says and counts it under `dvc_own_failures`, apart from the stages'
+own crash safety (`failures`: any other problem, or one left after the recovery; its repo is kept
+for a post-mortem as WORK-failed-N and the soak goes on from the uninterrupted build). The soak runs
+to the end in one process: `complete: true` once --kills kills landed and the final check ran; exit
+status 0 when no stage failed and the final state is identical.
 
     nice -n 10 python benchmarks/kill_soak.py --kills 56     # writes benchmarks/results/kill_soak.json
+
+About 45 minutes on 2 quiet cores (build and calibration ~5 min, then ~40 s per kill that lands,
+misses included); the results file is rewritten after every round.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -49,6 +57,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.harness import child_env, write_results  # noqa: E402
 from tests.pipeline import dvc, make_repo  # noqa: E402
 
 STAGES = {  # stage -> (its script's argv tail, its outputs)
@@ -150,9 +159,7 @@ def make_fresh(repo: Path, stage: str) -> None:
 
 
 def launch(repo: Path) -> subprocess.Popen:
-    # PYTHONPATH: the stages import the repo's own trackstar/, not an editable install of another checkout
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(repo)}
+    env = child_env(repo)  # the stages import the repo's own trackstar/, not an editable install elsewhere
     env.pop("TRACKSTAR_KILL_AT", None)
     return subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -185,7 +192,12 @@ def watch(proc: subprocess.Popen, script: str, kill: callable | None) -> dict:
         time.sleep(0.004)
 
 
-RWLOCK_CORRUPT = "Unable to read RWLock-file"
+# DVC's own bookkeeping files, which it rewrites in place (truncate, then write): a kill between the two leaves
+# them cut short and every later dvc command refuses to run. Counted apart from the stages' own crash safety.
+DVC_OWN = {  # message of the refusal -> (file, upstream issue)
+    "Unable to read RWLock-file": (".dvc/tmp/rwlock", "treeverse/dvc#7615"),
+    "dvc.lock' validation failed": ("dvc.lock", "DVC writes dvc.lock in place"),
+}
 
 
 def repro_to_completion(repo: Path) -> tuple[int, str]:
@@ -231,135 +243,154 @@ def verify(repo: Path, ref: dict[str, str], ref_lock: dict, status: bool = True)
     return problems
 
 
+@dataclass
+class Tally:
+    """The soak so far: kills that landed, rounds, misses, the stages' own failures and DVC's own."""
+
+    seed: int
+    timeline: dict
+    ref: dict  # the uninterrupted build: artifact digests
+    ref_lock: dict  # and its dvc.lock
+    t_start: float = field(default_factory=time.time)
+    kills: list = field(default_factory=list)
+    rounds: int = 0
+    misses: int = 0
+    failures: list = field(default_factory=list)
+    dvc_own: list = field(default_factory=list)
+
+    def result(self, final: list | None) -> dict:
+        """The soak's figures (final: the last check's problems, None while the soak runs)."""
+        by_stage = {s: n for s in STAGES if (n := sum(k["stage"] == s for k in self.kills))}
+        return {
+            "seed": self.seed,
+            "complete": final is not None,
+            "kills": len(self.kills),
+            "rounds": self.rounds,
+            "misses": self.misses,
+            "kills_by_stage": by_stage,
+            "kills_by_phase": {p: sum(k["phase"] == p for k in self.kills) for p in ("startup", "command", "commit")},
+            "failures": self.failures,
+            "dvc_own_failures": self.dvc_own,
+            "dvc_own_failures_by_file": {f: sum(x["file"] == f for x in self.dvc_own) for f, _ in DVC_OWN.values()},
+            "final_identical": None if final is None else not final,
+            "final_problems": final,
+            "artifact_files_compared": len(self.ref),
+            "calibration_s": self.timeline,
+            "wall_s": round(time.time() - self.t_start, 1),
+            "kill_log": self.kills,
+        }
+
+
+def recover(repo: Path, pristine: Path, out: str) -> dict | None:
+    """If `out` (a failed `dvc repro`'s output) is DVC refusing a bookkeeping file it left cut short, put the file
+    right as docs/pipeline.md says (delete the rwlock: it only names live DVC processes; dvc.lock: the last good
+    one, the uninterrupted build's) and return what was done; else None."""
+    for message, (name, upstream) in DVC_OWN.items():
+        if message in out:
+            if name == "dvc.lock":
+                shutil.copy(pristine / "dvc.lock", repo / "dvc.lock")
+            else:
+                (repo / name).unlink()
+            return {"file": name, "upstream": upstream, "message": message}
+    return None
+
+
+def soak_round(repo: Path, pristine: Path, tally: Tally, rng: random.Random, names: list[str]) -> dict:
+    """Make one stage fresh, kill `dvc repro` at a random moment, rerun to completion (recovering DVC's own
+    bookkeeping if it refuses) and compare; returns the round's record with its problems."""
+    stage = names[len(tally.kills) % len(names)]  # every stage equally often, in turn
+    script = STAGES[stage][0]
+    kind = rng.choice(["command", "commit", "any"])
+    tl = tally.timeline[stage]
+    if kind == "command":
+        frac = rng.random()
+        rule = lambda ph, t, s, e: ph == "command" and t >= s + frac * (tl["script_end"] - tl["script_start"])
+    elif kind == "commit":
+        delay = rng.random() * 0.7 * max(tl["exit"] - tl["script_end"], 0.05)  # DVC's tail varies under load
+        rule = lambda ph, t, s, e: ph == "commit" and t >= e + delay
+    else:
+        at = rng.random() * tl["exit"]
+        rule = lambda ph, t, s, e: t >= at
+    tally.rounds += 1
+    make_fresh(repo, stage)
+    hit = watch(launch(repo), script, rule)
+    rc, out = repro_to_completion(repo)
+    recovery = recover(repo, pristine, out) if rc != 0 else None
+    if recovery:
+        rc, out = repro_to_completion(repo)
+    ran = re.findall(r"Running stage '([^']+)'", out)
+    problems = [] if rc == 0 else [f"dvc repro after the kill failed ({rc}): {out[-1500:]}"]
+    # `dvc status` (slow to start) every 6th round; the bytes, the lock and the cache every round
+    if rc == 0:
+        problems += verify(repo, tally.ref, tally.ref_lock, status=tally.rounds % 6 == 0)
+    return {"stage": stage, "kind": kind, "killed": hit["killed"], **{k: hit.get(k) for k in ("phase", "at")},
+            "ok": not problems, "rerun": ran, "recovery": recovery, "problems": problems}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=56, help="SIGKILLs that must land (misses are retried)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/trackstar-kill-soak")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kill_soak.json"))
-    ap.add_argument("--calibration", help="take the stage timelines from an earlier result JSON (skips calibrating)")
     ap.add_argument("--stages", default=",".join(STAGES), help="the stages to kill, in turn (comma-separated)")
-    ap.add_argument("--reuse", action="store_true", help="start from WORK/pristine of an earlier soak (skips the build)")
     args = ap.parse_args()
+    names = args.stages.split(",")
+    if not set(names) <= set(STAGES):
+        sys.exit(f"--stages: choose from {list(STAGES)}")
     rng = random.Random(args.seed)
     work = Path(args.work)
     pristine, repo = work / "pristine", work / "soak"
-    t_start = time.time()
-    if args.reuse and pristine.is_dir():
-        shutil.rmtree(repo, ignore_errors=True)
-        shutil.copytree(pristine, repo, symlinks=True)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        make_repo(repo, OVERRIDES)
-        dvc(repo, "repro")
-        shutil.copytree(repo, pristine, symlinks=True)
+    shutil.rmtree(work, ignore_errors=True)
+    make_repo(repo, OVERRIDES)
+    dvc(repo, "repro")
+    shutil.copytree(repo, pristine, symlinks=True)
     ref, ref_lock = tree_digest(repo), lock_view(repo)
     assert not verify(repo, ref, ref_lock), verify(repo, ref, ref_lock)
     print(f"uninterrupted build done: {len(ref)} artifact files", flush=True)
+    tally = Tally(args.seed, calibrate(repo, names, ref, ref_lock), ref, ref_lock)
+    params = {**vars(args), "pipeline": "tests/pipeline.py TINY + " + json.dumps(OVERRIDES)}
+    out = Path(args.out)
 
-    # calibration: one uninterrupted fresh build per stage gives its timeline (command, commit)
-    timeline = json.loads(Path(args.calibration).read_text())["calibration_s"] if args.calibration else {}
-    for stage, (script, _) in STAGES.items():
-        if stage not in args.stages.split(",") or stage in timeline:
-            continue
+    while len(tally.kills) < args.kills:
+        rec = soak_round(repo, pristine, tally, rng, names)
+        if not rec["killed"]:
+            tally.misses += 1
+            print(f"round {tally.rounds}: {rec['stage']} {rec['kind']}: missed (dvc exited first)", flush=True)
+        else:
+            tally.kills.append({k: rec[k] for k in ("stage", "kind", "phase", "at", "ok", "rerun", "recovery")})
+            print(f"kill {len(tally.kills)}: {rec['stage']} {rec['kind']} -> {rec['phase']} at {rec['at']:.2f} s"
+                  + (f"; DVC left {rec['recovery']['file']} cut short, recovered" if rec["recovery"] else ""),
+                  flush=True)
+        if rec["recovery"]:
+            tally.dvc_own.append({**rec["recovery"], "stage": rec["stage"], "identical_after_recovery": rec["ok"]})
+        if rec["problems"]:
+            tally.failures.append(rec)
+            print(f"  FAILED: {rec['problems']}", flush=True)
+            # keep the failed repo for a post-mortem; back to the uninterrupted build for the next rounds
+            shutil.move(repo, f"{work}-failed-{len(tally.failures)}")
+            shutil.copytree(pristine, repo, symlinks=True)
+        write_results(out, params, tally.result(None))
+
+    final = verify(repo, ref, ref_lock)
+    result = write_results(out, params, tally.result(final))
+    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if tally.failures or final else 0)
+
+
+def calibrate(repo: Path, names: list[str], ref: dict, ref_lock: dict) -> dict:
+    """One uninterrupted fresh build per stage: its timeline (script start and end, DVC's exit), seconds."""
+    timeline = {}
+    for stage in names:
         make_fresh(repo, stage)
-        tl = watch(launch(repo), script, None)
+        tl = watch(launch(repo), STAGES[stage][0], None)
         assert tl["rc"] == 0 and tl["script_start"] is not None and tl["script_end"] is not None, (stage, tl)
         problems = verify(repo, ref, ref_lock, status=False)
         assert not problems, (stage, problems)
         timeline[stage] = {k: round(v, 3) for k, v in tl.items() if k in ("script_start", "script_end", "exit")}
         print(f"calibrated {stage}: {timeline[stage]}", flush=True)
-
-    kills, failures, rounds, misses = [], [], 0, 0
-    names = args.stages.split(",")
-    assert set(names) <= set(STAGES), f"--stages: choose from {list(STAGES)}"
-    while len(kills) < args.kills:
-        stage = names[len(kills) % len(names)]  # every stage equally often, in turn
-        script = STAGES[stage][0]
-        kind = rng.choice(["command", "commit", "any"])
-        tl = timeline[stage]
-        if kind == "command":
-            frac = rng.random()
-            rule = lambda ph, t, s, e: ph == "command" and t >= s + frac * (tl["script_end"] - tl["script_start"])
-        elif kind == "commit":
-            delay = rng.random() * 0.7 * max(tl["exit"] - tl["script_end"], 0.05)  # DVC's tail varies under load
-            rule = lambda ph, t, s, e: ph == "commit" and t >= e + delay
-        else:
-            at = rng.random() * tl["exit"]
-            rule = lambda ph, t, s, e: t >= at
-        rounds += 1
-        make_fresh(repo, stage)
-        hit = watch(launch(repo), script, rule)
-        if not hit["killed"]:
-            misses += 1
-            print(f"round {rounds}: {stage} {kind}: missed (dvc exited first)", flush=True)
-        else:
-            print(f"kill {len(kills) + 1}: {stage} {kind} -> {hit['phase']} at {hit['at']:.2f} s", flush=True)
-        rc, out = repro_to_completion(repo)
-        ran = re.findall(r"Running stage '([^']+)'", out)
-        problems = [] if rc == 0 else [f"dvc repro after the kill failed ({rc}): {out[-1500:]}"]
-        recovery = None
-        if rc != 0 and RWLOCK_CORRUPT in out:
-            # DVC rewrites .dvc/tmp/rwlock in place (truncate, then write), so a kill between the two leaves
-            # it empty and every later dvc command refuses to run (upstream: treeverse/dvc#7615). Its
-            # content only names live DVC processes, so deleting it is safe when none runs.
-            (repo / ".dvc/tmp/rwlock").unlink()
-            recovery = "rm .dvc/tmp/rwlock"
-            rc, out = repro_to_completion(repo)
-            if rc != 0:
-                problems.append(f"dvc repro after `{recovery}` failed ({rc}): {out[-1500:]}")
-        # `dvc status` (slow to start) every 6th round; the bytes, the lock and the cache every round
-        after = verify(repo, ref, ref_lock, status=rounds % 6 == 0) if rc == 0 else []
-        problems += after
-        record = {"stage": stage, "kind": kind, **{k: hit.get(k) for k in ("phase", "at")}, "ok": not problems,
-                  "rerun": ran}
-        if hit["killed"]:
-            kills.append(record)
-        if problems:
-            failures.append({**record, "problems": problems, "recovery": recovery,
-                             "identical_after_recovery": recovery is not None and rc == 0 and not after})
-            print(f"  FAILED: {problems}" + (f"; after `{recovery}`: identical={not after}" if recovery else ""),
-                  flush=True)
-            if recovery is None or after or rc != 0:
-                # keep the failed repo for a post-mortem; back to the uninterrupted build for the next rounds
-                shutil.move(repo, f"{work}-failed-{len(failures)}")
-                shutil.copytree(pristine, repo, symlinks=True)
-
-        write_result(args.out, args.seed, kills, rounds, misses, failures, None, len(ref), timeline, t_start)
-
-    final = verify(repo, ref, ref_lock)
-    result = write_result(args.out, args.seed, kills, rounds, misses, failures, final, len(ref), timeline, t_start)
-    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    sys.exit(1 if failures or final else 0)
-
-
-def write_result(out: str, seed: int, kills: list, rounds: int, misses: int, failures: list, final: list | None,
-                 n_files: int, timeline: dict, t_start: float) -> dict:
-    """The soak's figures as JSON (rewritten after every round, so a stopped soak leaves its tally)."""
-    by_stage = {s: sum(k["stage"] == s for k in kills) for s in STAGES if any(k["stage"] == s for k in kills)}
-    by_phase = {p: sum(k["phase"] == p for k in kills) for p in ("startup", "command", "commit")}
-    result = {
-        "params": "tests/pipeline.py TINY + " + json.dumps(OVERRIDES),
-        "seed": seed,
-        "complete": final is not None,
-        "kills": len(kills),
-        "rounds": rounds,
-        "misses": misses,
-        "kills_by_stage": by_stage,
-        "kills_by_phase": by_phase,
-        "failures": failures,
-        "final_identical": None if final is None else not final,
-        "final_problems": final,
-        "artifact_files_compared": n_files,
-        "calibration_s": timeline,
-        "wall_s": round(time.time() - t_start, 1),
-        "kill_log": kills,
-    }
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    return result
+    return timeline
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +24,9 @@ from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.data.examples import pad_token_id, passage_example
 from trackstar.encode.gradients import estimate_second_moments, per_example_grads
 from trackstar.encode.layers import find_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "moments_speed.json"
 
@@ -47,7 +50,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     model, tok = load_checkpoint(args.model)
     layers = find_layers(model, include_lm_head=True)
-    passages, _, _ = generate_fact_world(FactWorldConfig())
+    passages, _, _ = generate_fact_world(FactWorldConfig(contradicted=0.0))
     examples = [passage_example(tok, p.text, args.max_length) for p in passages[: args.samples]]
     tokens = sum(len(e.input_ids) for e in examples)
     pad = pad_token_id(tok)
@@ -69,11 +72,9 @@ def main() -> None:
     res = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()), "layers": len(layers),
            "samples": len(examples), "tokens": tokens, "batch_size": args.batch_size,
            "one_at_a_time_s": round(t_old, 2), "batched_s": round(t_new, 2), "speedup": round(t_old / t_new, 2),
-           "max_rel_diff": rel, "threads": torch.get_num_threads(), "platform": platform.platform(),
-           "torch": torch.__version__}
+           "max_rel_diff": rel, "threads": torch.get_num_threads()}
     print(json.dumps(res, indent=2))
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=2) + "\n")
+    write_results(OUT, vars(args), res)
 
 
 if __name__ == "__main__":

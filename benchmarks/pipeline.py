@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -22,21 +21,17 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import ROOT, child_env, measured, set_param, write_results  # noqa: E402
 
-
-def env(repo: Path) -> dict:
-    """This Python's bin first; the clone's own trackstar first (not an editable install elsewhere)."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+HERE = ROOT / "benchmarks"
 
 
 def timed_repro(repo: Path, *args: str) -> tuple[float, dict[str, float], list[str]]:
     """Wall time of `dvc repro`, the time of each stage it ran (from its 'Running stage' lines), and their names."""
     t0 = time.perf_counter()
     marks: list[tuple[str, float]] = []
-    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env=env(repo), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env=child_env(repo), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:
@@ -49,18 +44,6 @@ def timed_repro(repo: Path, *args: str) -> tuple[float, dict[str, float], list[s
     end = time.perf_counter()
     stages = {name: (marks[i + 1][1] if i + 1 < len(marks) else end) - t for i, (name, t) in enumerate(marks)}
     return end - t0, stages, [m[0] for m in marks]
-
-
-def set_param(repo: Path, dotted: str, value) -> None:
-    path = repo / "params.yaml"
-    text = path.read_text()
-    section, key = dotted.split(".")
-    # edit the one line in place so comments and layout stay (as a user would)
-    pattern = re.compile(rf"(^{section}:.*?^  {key}:\s*)([^#\n]+?)(\s*(#.*)?)$", re.S | re.M)
-    new, n = pattern.subn(lambda m: m.group(1) + json.dumps(value) + m.group(3), text, count=1)
-    if n != 1:
-        sys.exit(f"could not set {dotted} in {path}")
-    path.write_text(new)
 
 
 def encode_scaling(repo: Path, work: Path, scales: list[int]) -> list[dict]:
@@ -82,17 +65,13 @@ def encode_scaling(repo: Path, work: Path, scales: list[int]) -> list[dict]:
                     rec = json.loads(line)
                     rec["id"] = f"{rec['id']}~{r}"
                     f.write(json.dumps(rec) + "\n")
-        t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(repo / "stages/encode.py"), "train"], cwd=d, env=env(repo),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        sec = time.perf_counter() - t
-        if status:
+        m = measured([sys.executable, str(repo / "stages/encode.py"), "train"], d, child_env(repo))
+        if m.rc:
             sys.exit(f"encode at scale {s} failed")
-        info = json.loads(proc.stdout.read().strip().splitlines()[-1])
-        out.append({"scale": s, "rows": info["rows"], "d": info["d"], "seconds": sec,
-                    "rows_per_s": info["rows"] / sec, "peak_rss_mb": usage.ru_maxrss / 1024})
-        print(f"encode x{s}: {info['rows']} rows in {sec:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MB", flush=True)
+        info = json.loads(m.stdout.strip().splitlines()[-1])
+        out.append({"scale": s, "rows": info["rows"], "d": info["d"], "seconds": m.seconds,
+                    "rows_per_s": info["rows"] / m.seconds, "peak_rss_mb": m.peak_rss_mb})
+        print(f"encode x{s}: {info['rows']} rows in {m.seconds:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
         shutil.rmtree(d)
     return out
 
@@ -108,7 +87,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     repo = work / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     # a fresh clone: no DVC cache and no outputs, so every stage runs (as for a new user)
 
     # --force: every stage runs. Without it a clone whose committed dvc.lock matches the code skips
@@ -139,8 +118,7 @@ def main() -> None:
     for r in scaling:
         r["time_ratio_vs_1x"] = r["seconds"] / base["seconds"]
         r["rss_ratio_vs_1x"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-    result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    figures = {
         "train_epochs": yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"],
         "full_repro_s": full_s,
         "stage_s": stages,
@@ -151,9 +129,9 @@ def main() -> None:
         "revert": {"seconds": revert_s, "stages_run": revert_ran},
         "encode_scaling": scaling,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("full_repro_s", "noop_repro_median_s")}))
+    params = {"clone": "default params.yaml", "mix_k_edit": args.mix_k, "scales": args.scales}
+    write_results(Path(args.out), params, figures)
+    print(json.dumps({k: figures[k] for k in ("full_repro_s", "noop_repro_median_s")}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Writes benchmarks/results/pipeline_ann.json.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from trackstar.data.records import iter_corpus, read_queries
 from trackstar.evaluation.metrics import mrr, recall_at_k
 from trackstar.retrieval.index import build_index, factory_string, search
 from trackstar.store import StoreReader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # (build params, nprobe, rerank); the first carries the benchmark's in-distribution winner to 3,200 rows
@@ -111,7 +114,7 @@ def main() -> None:
               f"(diff 95% CI {row['mrr_minus_flat_95ci'][0]:+.4f}..{row['mrr_minus_flat_95ci'][1]:+.4f})  "
               f"recall@10 {row['recall@10']:.3f}  vs exact {vs_exact:.3f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_results(Path(args.out), vars(args), out)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,17 @@ benchmarks/results/read_rows.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from trackstar.store import StoreReader, StoreWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,10 +116,8 @@ def main() -> None:
         for k in times:
             print(f"{case} {k:12s} median {med[k]:.3f} s ({mb / med[k]:.0f} MB/s)  runs {[round(t, 3) for t in times[k]]}")
         print(f"{case}: pread / memory-map gather: {cases[case]['speedup_pread_vs_mmap']:.2f}x faster")
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "rows": args.rows, "d": args.d, "read_rows": args.read, "repeats": args.repeats, "cases": cases}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"rows": args.rows, "d": args.d, "read_rows": args.read, "repeats": args.repeats, "cases": cases}
+    write_results(Path(args.out), vars(args), result)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ parts can be run one at a time: --steps), each written into --out as soon as it 
               by transformers + `gguf` and written as a Hugging Face checkpoint directory (the pipeline
               also reads the .gguf itself); its size, load time and peak RSS.
   finetune    SmolLM2 fine-tuned on the fact-world slice (data.entities; the `data` stage's output) with the
-              train stage's AdamW loop (trackstar.train.pretrain, what `model.source: finetune` runs),
+              train stage's AdamW loop (trackstar.model.train.pretrain, what `model.source: finetune` runs),
               saved with its second moments; query accuracy (the `evaluate` stage's exact match) before
               and after. Done once and shared by the later steps.
   main        `dvc repro` of the whole pipeline in a throwaway git+DVC repo (this checkout's files, like
@@ -57,7 +57,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -67,6 +66,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests import harness  # noqa: E402
+from tests.harness import git, measured, set_params  # noqa: E402
+from trackstar.atomic import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,27 +91,20 @@ def load_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def save_json(path: Path, obj: Any) -> None:
-    """Write atomically (temp file + rename): an interrupted run never leaves half a results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 OWNED: set[str] = set()  # the results' top-level keys this process writes (the steps it runs, and metadata)
 
 
 def save_results(path: Path, res: dict) -> None:
-    """Write this process's sections into the results file, keeping the sections another invocation
-    (running at the same time, e.g. `--steps speed,bergson` next to `--steps main`) wrote meanwhile."""
+    """Write this process's sections into the results file, keeping the sections another invocation (running at
+    the same time, e.g. `--steps speed,bergson` next to `--steps main`) wrote meanwhile."""
     cur = load_json(path) or {}
     for k, v in res.items():
         if k in ("step_seconds", "step_finished_utc", "step_args", "step_loadavg"):
             cur[k] = {**cur.get(k, {}), **{s: x for s, x in v.items() if s in OWNED}}
         elif k in OWNED or k not in cur:
             cur[k] = v
-    save_json(path, cur)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(cur, indent=2) + "\n")
 
 
 def find_gguf() -> Path:
@@ -180,13 +177,9 @@ def merge(*dicts: dict) -> dict:
 
 def wrap(log_path: str, argv: list[str]) -> int:
     """Run one stage command as a child; append its wall time and peak RSS (ru_maxrss) to log_path."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *argv])
-    _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    rec = {"cmd": " ".join(argv), "seconds": round(time.perf_counter() - t0, 2),
-           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rc": rc, "end": time.time()}
+    m = measured([sys.executable, *argv], Path.cwd(), capture=False)
+    rc = m.rc
+    rec = {"cmd": " ".join(argv), **m.figures(), "rc": rc, "end": time.time()}
     with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rc
@@ -252,35 +245,10 @@ def dvc_run(repo: Path, work: Path, tag: str, *args: str, cmd: list[str] | None 
     return out
 
 
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@b"}
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, env=env).stdout
-
-
 def make_repo(dest: Path, params: dict[str, dict]) -> Path:
-    """This checkout's files (tracked + untracked, not ignored) in a fresh git repo, params applied."""
+    """A fresh copy of this checkout at dest (tests/harness.py), params applied."""
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if f.startswith(("metrics/", "benchmarks/results/")) or not (ROOT / f).is_file():
-            continue
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dest / f)
-    set_params(dest, params)
-    git(dest, "init", "-q")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "init")
-    return dest
-
-
-def set_params(repo: Path, params: dict[str, dict]) -> None:
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    for sec, vals in params.items():
-        p.setdefault(sec, {}).update(vals)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    return harness.make_repo(dest, params)
 
 
 def read_metrics(repo: Path) -> dict:
@@ -425,22 +393,22 @@ WORKERS = {"convert": worker_convert, "accuracy": worker_accuracy, "bergson_data
 def run_worker(python: str, name: str, *args: Any, log_file: Path, env: dict | None = None) -> dict:
     """Run a worker in its own process (its own peak RSS); its result dict, plus wall seconds and peak RSS."""
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--", *map(str, args)]
-    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return tagged_result(cmd, log_file, env)
+
+
+def tagged_result(cmd: list[str], log_file: Path, env: dict | None = None) -> dict:
+    """Run cmd measured (tests/harness.py), its stderr appended to log_file; the JSON of its RESULT_TAG line, plus
+    its wall seconds, CPU seconds and peak RSS."""
+    m = measured(cmd, ROOT, env)
     with open(log_file, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                     "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    res = next((json.loads(l[len(RESULT_TAG):]) for l in out.splitlines() if l.startswith(RESULT_TAG)), None)
-    if rc or res is None:
+        f.write(f"\n$ {' '.join(cmd)}\n{m.stderr}")
+    res = next((json.loads(l[len(RESULT_TAG):]) for l in m.stdout.splitlines() if l.startswith(RESULT_TAG)), None)
+    if m.rc or res is None:
         tail = log_file.read_text().splitlines()[-20:]
-        raise RuntimeError(f"worker {name} failed ({rc}); {log_file}:\n" + "\n".join(tail))
-    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
-               peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({m.rc}); {log_file}:\n" + "\n".join(tail))
+    res.update(wall_seconds=round(m.seconds, 1), cpu_seconds=round(m.cpu_seconds, 1), peak_rss_mb=round(m.peak_rss_mb, 1))
     return res
 
 
@@ -492,19 +460,19 @@ def main_params(args, fields: dict, ckpt_rel: str, in_pipeline: bool) -> dict:
     else:
         p["projection"] = {"k": args.main_k}
         p["hessian"] = hessian_structure("module")
-    # fine-tuned by the train stage, or by the finetune step (same trackstar.train.pretrain) and adopted
+    # fine-tuned by the train stage, or by the finetune step (same trackstar.model.train.pretrain) and adopted
     p["model"] = {"source": "finetune" if in_pipeline else "checkpoint", "checkpoint": ckpt_rel}
     return merge(p, parse_sets(args.main_set))
 
 
 def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> dict:
     """Fallback while the pipeline has no `model.source: finetune`: the train stage's AdamW loop
-    (trackstar.train.pretrain) on the loaded checkpoint, saved with its second moments."""
+    (trackstar.model.train.pretrain) on the loaded checkpoint, saved with its second moments."""
     code = (
         "import json,sys,time,torch\n"
-        "from trackstar.checkpoint import load_checkpoint, save_checkpoint\n"
-        "from trackstar.data import iter_corpus\n"
-        "from trackstar.train import TrainConfig, pretrain\n"
+        "from trackstar.model.checkpoint import load_checkpoint, save_checkpoint\n"
+        "from trackstar.data.records import iter_corpus\n"
+        "from trackstar.model.train import TrainConfig, pretrain\n"
         "torch.set_flush_denormal(True)\n"
         f"m,t=load_checkpoint({str(base)!r})\n"
         f"texts=[p.text for p in iter_corpus({str(corpus)!r})]\n"
@@ -514,16 +482,8 @@ def finetune_here(args, base: Path, corpus: Path, out: Path, log_file: Path) -> 
         "s=time.perf_counter()-t0\n"
         f"save_checkpoint(m,t,opt,{str(out)!r})\n"
         f"print({RESULT_TAG!r}+json.dumps({{'seconds':round(s,1),'passages':len(texts)}}))\n")
-    t0 = time.perf_counter()
-    with open(log_file, "a") as f:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=f, text=True)
-        out_s = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"fine-tuning failed; see {log_file}")
-    r = next(json.loads(l[len(RESULT_TAG):]) for l in out_s.splitlines() if l.startswith(RESULT_TAG))
-    r.update(wall_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-             where="the benchmark's finetune step: the train stage's loop (trackstar.train.pretrain) with the train params below")
+    r = tagged_result([sys.executable, "-c", code], log_file)
+    r.update(where="the benchmark's finetune step: the train stage's loop (trackstar.model.train.pretrain) with the train params below")
     return r
 
 
@@ -541,7 +501,7 @@ def data_repo(args, work: Path, entities: int = 0) -> Path:
 
 
 def step_finetune(args, work: Path, res: dict) -> None:
-    """SmolLM2 fine-tuned on the slice with the train stage's AdamW loop (trackstar.train.pretrain), saved
+    """SmolLM2 fine-tuned on the slice with the train stage's AdamW loop (trackstar.model.train.pretrain), saved
     with its second moments (work/finetuned): what `model.source: finetune` does, for checkouts without it
     or to share one fine-tuned checkpoint between the steps (--finetune-in-pipeline redoes it in `main`)."""
     data = data_repo(args, work)
@@ -584,7 +544,7 @@ def step_main(args, work: Path, res: dict) -> None:
         if not (work / "finetuned/config.json").is_file():
             sys.exit("main: run the finetune step first (or --finetune-in-pipeline)")
         copy_checkpoint(work / "finetuned", dest, optimizer_state=True)
-        out["finetune"] = "finetune step (trackstar.train.pretrain, AdamW state saved), adopted by model.source: checkpoint"
+        out["finetune"] = "finetune step (trackstar.model.train.pretrain, AdamW state saved), adopted by model.source: checkpoint"
     save_results(Path(args.out), res)
     run = dvc_run(repo, work, "main")
     out["repro"] = run
@@ -830,25 +790,21 @@ def main() -> None:
     res = load_json(out_path) or {}
     import torch
 
-    res["machine"] = {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-                      "platform": platform.platform(), "python": platform.python_version(),
-                      "torch": torch.__version__, "gpu": torch.cuda.is_available(),
-                      "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                      "loadavg_at_start": os.getloadavg()}
-    res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout.strip()
-    res["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
+    res["machine"] = {**harness.machine(), "gpu": torch.cuda.is_available(),
+                      "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    res["commit"] = harness.commit()
+    res["params"] = {k: v for k, v in vars(args).items() if k not in ("worker", "wrap", "rest")}
     fns = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed, "bergson": step_bergson, "ladder": step_ladder, "structure": step_structure,
            "throughput": step_throughput, "readme": step_readme}
     if "prepare" not in steps and "prepare" not in res:
         steps.insert(0, "prepare")
     OWNED.update(steps)
     if "main" in steps or "prepare" in steps:
-        OWNED.update(("machine", "commit", "args"))
+        OWNED.update(("machine", "commit", "params"))
     for s in steps:
         log(f"step {s}")
         t0 = time.perf_counter()
-        res.setdefault("step_args", {})[s] = res["args"]
+        res.setdefault("step_args", {})[s] = res["params"]
         la0 = os.getloadavg()[0]
         fns[s](args, work, res)
         res.setdefault("step_loadavg", {})[s] = {"start_1min": round(la0, 1), "end_1min": round(os.getloadavg()[0], 1)}

@@ -1,19 +1,32 @@
-"""Regenerate the figures tables of benchmarks/README.md from benchmarks/results/*.json.
+"""The figures of the docs from their results files: benchmarks/README.md's block between
+`<!-- figures:begin -->` and `<!-- figures:end -->` (benchmarks/results/*.json), README.md's block between
+`<!-- results:begin -->` and `<!-- results:end -->` (metrics/*.json of the default pipeline and
+benchmarks/results/pipeline.json), and the figures that docs/*.md quote (DOC_FIGURES).
 
-The README's text outside the markers is kept; the block between `<!-- figures:begin -->` and
-`<!-- figures:end -->` is rewritten, so every figure in it comes from a results file.
+    python benchmarks/report.py           # rewrite both blocks; list doc figures that differ
+    python benchmarks/report.py --check   # change nothing; exit 1 if any figure differs from its results file
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import yaml
+
+from trackstar.atomic import atomic_write_text
 from trackstar.evaluation.metrics import METHODS
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RES = HERE / "results"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def load(name: str):
@@ -21,8 +34,30 @@ def load(name: str):
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def load_metrics(name: str) -> dict:
+    """metrics/<name>.json of the default pipeline (git-tracked, written by `dvc repro`)."""
+    return json.loads((ROOT / "metrics" / f"{name}.json").read_text())
+
+
+def committed_in(path: Path) -> str:
+    """The short hash of the commit that last changed path in git ('uncommitted' if none)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
+    return out or "uncommitted"
+
+
+def source(name: str, r: dict) -> str:
+    """Where a section's figures come from: the results file and the commit its script ran on (or, for files
+    written before results carried one, the commit that added the file)."""
+    c = r.get("commit") if isinstance(r, dict) else None
+    run = f"commit `{c[:7]}`" if c else f"no commit recorded, file from `{committed_in(RES / f'{name}.json')}`"
+    return f"`benchmarks/results/{name}.json`, {run}"
+
+
 def machine(r: dict) -> str:
     m = r.get("machine", {})
+    if isinstance(m, str):
+        return m
     return f"{m.get('cpus', '?')} CPUs, {m.get('platform', '?')}"
 
 
@@ -125,7 +160,8 @@ def whitening(r: dict) -> list[str]:
                   "rerun). The update produces the factors of W; applying them costs 2·d·m per row more than a dense W."]
 
 
-def sweep(rows: list) -> list[str]:
+def sweep(r: dict | list) -> list[str]:
+    rows = r["rows"] if isinstance(r, dict) else r  # files written before d_sweep.py recorded its commit: a list
     out = ["### Projection size sweep (`d_sweep.py`, one `dvc exp run` per k)", "",
            "| k | d | trackstar MRR | trackstar recall@10 | trackstar tail-patch@10 | optimizer MRR | "
            "optimizer tail-patch@10 | λ | seconds |", "|---|---|---|---|---|---|---|---|---|"]
@@ -138,12 +174,10 @@ def sweep(rows: list) -> list[str]:
 
 
 
-def readme_results() -> None:
+def readme_results() -> list[str]:
     """The root README's results block: the committed metrics/*.json and the pipeline timings."""
-    root = HERE.parent
-    m = json.loads((root / "metrics/metrics.json").read_text())
-    model = json.loads((root / "metrics/model.json").read_text())
-    hess = json.loads((root / "metrics/hessian.json").read_text())
+    root = ROOT
+    m, model, hess = load_metrics("metrics"), load_metrics("model"), load_metrics("hessian")
     lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |", "|---|---|---|---|---|---|---|"]
     for name in [x for x in METHODS if x in m]:
         v = m[name]
@@ -162,19 +196,16 @@ def readme_results() -> None:
                       f"{d['accuracy']:.3f} / {t['accuracy']:.3f}, TrackStar MRR {d['trackstar']['mrr']:.3f} / "
                       f"{t['trackstar']['mrr']:.3f}, BM25 {d['bm25']['mrr']:.3f} / {t['bm25']['mrr']:.3f}.")
     p = load("pipeline")
-    import yaml  # the timing belongs in the README only if it was measured with the current recipe
+    # the timing belongs in the README only if it was measured with the current recipe
     epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
     if p and p.get("train_epochs", epochs) == epochs:
         st = p["stage_s"]
         lines += ["", f"The README's `dvc repro` in a fresh clone (every stage, install excluded): "
                   f"**{p['full_repro_s'] / 60:.1f} min** on {p['machine']['cpus']} CPU cores (`train` {st['train']:.0f} s, "
                   f"`encode@train` {st['encode@train']:.0f} s, `evaluate` {st['evaluate']:.0f} s); a second `dvc repro` "
-                  f"reruns nothing ({p['noop_repro_median_s']:.1f} s)."]
-    readme = root / "README.md"
-    text = readme.read_text()
-    b, e = "<!-- results:begin -->", "<!-- results:end -->"
-    head, rest = text.split(b, 1)
-    readme.write_text(head + b + "\n" + "\n".join(lines) + "\n" + e + rest.split(e, 1)[1])
+                  f"reruns nothing ({p['noop_repro_median_s']:.1f} s). Timings: `benchmarks/pipeline.py` "
+                  f"({source('pipeline', p)})."]
+    return lines
 
 
 def read_rows(r: dict) -> list[str]:
@@ -428,24 +459,80 @@ def hessian_memory(r: dict) -> list[str]:
     return out
 
 
-def main() -> None:
-    if (HERE.parent / "metrics/metrics.json").exists():
-        readme_results()
-    parts = []
+SECTIONS: list[tuple[str, Callable[[dict], list[str]]]] = [
+    ("pipeline", pipeline), ("retrieval", retrieval), ("ann_ceiling", ceiling), ("pipeline_ann", pipeline_ann),
+    ("read_rows", read_rows), ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory),
+    ("experiments", experiments), ("d_sweep", sweep), ("tail_patch", tail_patch), ("real_model", real_model)]
+
+
+def benchmarks_block() -> list[str]:
+    """benchmarks/README.md's figures block: one section per results file, each naming its file and commit."""
     encodes = sorted(p.stem for p in RES.glob("encode_throughput*.json")) or ["encode_throughput"]
-    for name, fn in [("pipeline", pipeline), *[(e, encode) for e in encodes], ("retrieval", retrieval),
-                     ("ann_ceiling", ceiling),
-                     ("pipeline_ann", pipeline_ann), ("read_rows", read_rows),
-                     ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory), ("experiments", experiments), ("d_sweep", sweep),
-                     ("tail_patch", tail_patch), ("real_model", real_model)]:
+    parts = []
+    for name, fn in [SECTIONS[0], *[(e, encode) for e in encodes], *SECTIONS[1:]]:
         r = load(name)
-        parts += (fn(r) + [""]) if r else [f"### {name}: not measured yet", ""]
-    readme = HERE / "README.md"
-    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(head + BEGIN + "\n" + "\n".join(parts) + END + tail)
-    print(f"wrote {readme}")
+        parts += ([*fn(r), "", f"*Source: {source(name, r)}.*", ""]) if r else [f"### {name}: not measured yet", ""]
+    return parts
+
+
+def replace_block(text: str, begin: str, end: str, lines: list[str]) -> str:
+    """text with the lines between the markers begin and end replaced."""
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
+
+
+@dataclass(frozen=True)
+class DocFigure:
+    """A figure a doc quotes: the exact phrase, rendered from its results file, that the doc must contain."""
+
+    doc: str
+    phrase: Callable[[], str]
+
+
+DOC_FIGURES = [
+    DocFigure("docs/pipeline.md", lambda: (
+        lambda p: f"about {p['full_repro_s'] / 60:.0f} minutes, `train` {p['stage_s']['train']:.0f} s of it "
+                  f"(`benchmarks/results/pipeline.json`)")(load("pipeline"))),
+    DocFigure("docs/world.md", lambda: (
+        lambda b: f"MRR {b['mrr']:.3f}, recall@10 {b['recall@10']:.3f} (`metrics/metrics.json`)")(
+        load_metrics("metrics")["bm25"])),
+]
+
+
+def doc_problems(docs: Path = ROOT) -> list[str]:
+    """Each DOC_FIGURES phrase its doc (under docs) does not contain."""
+    return [f"{f.doc}: lacks {f.phrase()!r}" for f in DOC_FIGURES if f.phrase() not in (docs / f.doc).read_text()]
+
+
+def generated() -> dict[Path, str]:
+    """README.md and benchmarks/README.md as the results files make them."""
+    out = {}
+    readme = ROOT / "README.md"
+    if (ROOT / "metrics/metrics.json").exists():
+        out[readme] = replace_block(readme.read_text(), README_BEGIN, README_END, readme_results())
+    bench = HERE / "README.md"
+    text = bench.read_text() if bench.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    out[bench] = replace_block(text, BEGIN, END, benchmarks_block())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a doc figure differs")
+    args = ap.parse_args()
+    problems = doc_problems()
+    for path, text in generated().items():
+        if path.read_text() == text:
+            continue
+        if args.check:
+            problems.append(f"{path.relative_to(ROOT)}: its generated block differs from the results files")
+        else:
+            atomic_write_text(path, text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems and args.check:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import peak_rss_mb, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,10 +58,6 @@ SEARCHES = {
 # query sets: the pipeline's real query encodings (nearly orthogonal to every passage: the hard,
 # TrackStar case), and perturbed copies of corpus rows (in-distribution, as passage-to-passage search)
 QUERY_SETS = ("trackstar_queries", "in_distribution")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_data(args) -> None:
@@ -236,7 +232,6 @@ def main() -> None:
     ok = [r for r in rows if r["recall_at_10_vs_exact"] >= 0.97 and r["speedup_vs_exact"] >= 10
           and r["index_bytes_ratio"] <= 0.05]
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "data": {"rows": args.rows, "d": args.d, "queries": args.queries, "k": args.k, "sigma": args.sigma,
                  "source": f"{args.repo}/encodings/final (real TrackStar encodings), Gaussian-projected to d, "
                            "tiled with per-copy Gaussian perturbation, unit-normalized",
@@ -246,8 +241,7 @@ def main() -> None:
         "configs": rows,
         "meets_goal": [f"{r['queries']}: {r['name']}" for r in ok],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.out), {k: v for k, v in vars(args).items() if k != "child"}, result)
     print(f"goal (recall@10 >= 0.97, >= 10x exact, index <= 5% raw) met by: {result['meets_goal'] or 'none'}")
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,10 @@ import torch
 from trackstar.retrieval.bm25 import bm25_search
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.data.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
-from trackstar.evaluation.tailpatch import batched_deltas, pair_key, target_logprobs
+from trackstar.evaluation.tailpatch import Step, batched_deltas, pair_key, target_logprobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
 
@@ -121,8 +123,8 @@ def compare(model, tok, passages, queries, k: int, lr: float, seed: int, max_len
         # the naive loop on pairs of those passages, so the two are also compared value by value
         naive_pairs = sorted(rng.choice(grouped_pairs, min(sample, len(grouped_pairs)), replace=False).tolist())
         scale_grouped, scale_naive = n_passages / sample, len(pairs) / len(naive_pairs)
-    got, w_new, c_new = clock(lambda: batched_deltas(model, qex, [pairs[j] for j in grouped_pairs], pad, None, lr,
-                                                     progress=False))
+    got, w_new, c_new = clock(lambda: batched_deltas(model, qex, [pairs[j] for j in grouped_pairs],
+                                                     Step(lr, None, pad, progress=False)))
     want, w_naive, c_naive = clock(lambda: naive(model, qex, [pairs[j] for j in naive_pairs], pad, lr))
     got_by_pair = dict(zip(grouped_pairs, got))
     common = [(got_by_pair[j], w) for j, w in zip(naive_pairs, want) if j in got_by_pair]
@@ -161,11 +163,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/tail_patch.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=40, seed=args.seed))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=40, seed=args.seed, contradicted=0.0))
     result: dict = {"v_hat": "ones (no optimizer state: a plain gradient step; the cost does not depend on v_hat)",
                     "lists": "made up: bm25 top-k, five noisy reorderings of BM25's top 2k, random (see docstring)",
-                    "world": "generate_fact_world(entities=40)", "torch_threads": torch.get_num_threads(),
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+                    "world": "generate_fact_world(entities=40)", "torch_threads": torch.get_num_threads()}
     if args.small_queries:
         from trackstar.config import load_params
         from trackstar.model.train import ModelConfig, build_model, train_tokenizer
@@ -189,10 +190,7 @@ def main() -> None:
         result[f"sharing_{n}_queries"] = {"pairs_total": n * len(METHODS) * args.k, "pairs_distinct": len(pairs),
                                           "passages_distinct": n_pass}
     print(json.dumps({k: v for k, v in result.items() if k.startswith("sharing")}))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_results(Path(args.out), vars(args), result)
     print(f"wrote {args.out}")
 
 

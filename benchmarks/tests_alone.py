@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,12 +75,6 @@ def run_one(test_id: str, timeout: float) -> dict:
     return rec
 
 
-def save(path: Path, res: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results/tests_alone.json"))
@@ -100,7 +96,7 @@ def main() -> None:
         res["summary"]["run"] = len(res["tests"])
         res["summary"]["seconds"] = round(sum(r["seconds"] for r in done), 1)
         res["not_passed"] = sorted(k for k, r in res["tests"].items() if r["outcome"] not in ("passed", "skipped"))
-        save(out, res)
+        write_results(out, vars(args), res)
         print(f"[{n}/{len(ids)}] {rec['outcome']:7s} {rec['seconds']:7.1f} s  {test_id}", flush=True)
     print(json.dumps(res.get("summary", {})), json.dumps(res.get("not_passed", [])))
 

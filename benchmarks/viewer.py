@@ -29,22 +29,25 @@ import argparse
 import functools
 import http.server
 import json
-import platform
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from tests.browser import Chromium
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.viewer.report import build_report, method_files
 from trackstar.retrieval.results import make_result, write_results
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.*
+from tests import harness  # noqa: E402
+from tests.browser import Chromium  # noqa: E402
+
+ROOT = harness.ROOT
+HERE = ROOT / "benchmarks"
 METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
 
 
@@ -62,7 +65,7 @@ def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 def synthetic(root: Path, entities: int, n_queries: int, k: int, seed: int = 0) -> dict[str, int]:
     """A ~100k-passage world and six methods' result files (and queries) under root/retrievals."""
-    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=seed, entities=entities))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=seed, entities=entities, contradicted=0.0))
     rng = random.Random(seed)
     queries = rng.sample(queries, min(n_queries, len(queries)))
     text = {p.id: p.text for p in passages}
@@ -157,8 +160,9 @@ def main() -> None:
     ap.add_argument("--screenshot", metavar="PNG", help="also save the default report's landing page (1400 x 1000) here")
     args = ap.parse_args()
     out = HERE / "results" / "viewer.json"
-    results: dict[str, object] = json.loads(out.read_text()) if args.only and out.exists() else {}
-    results.update({"machine": f"{platform.platform()}, {platform.python_version()}", "repeats": args.repeats})
+    old = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results = {k: v for k, v in old.items() if k not in ("commit", "params", "machine")}
+    results["repeats"] = args.repeats
     if args.only != "synthetic":
         if not (ROOT / "report" / "index.html").exists():
             raise SystemExit("no report/index.html in the repo root: run `dvc repro` first (or --only synthetic)")
@@ -180,7 +184,7 @@ def main() -> None:
             print("synthetic:", json.dumps(results["synthetic"]))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    harness.write_results(out, vars(args), results)
     print(f"wrote {out}")
 
 

@@ -10,18 +10,24 @@ hessian/, encodings/raw/, data/). Writes benchmarks/results/whitening.json.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
+import yaml
 
 from trackstar.data.records import iter_corpus, read_queries
 from trackstar.evaluation.metrics import mrr
-from trackstar.hessian.whitening import (Whitening, damped_shift, eigenbasis, eigh_scaled, eig_scales, load_stats,
+from trackstar.hessian.whitening import (Whitening, damped_shift, eigenbasis, eigh_scaled, eig_scales,
                                mixed_whitening, whiten)
+from trackstar.hessian.stats import load_stats
 from trackstar.store import StoreReader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import write_results  # noqa: E402
 
 
 def dense_whitening(r: np.ndarray, shift: float) -> Whitening:
@@ -91,7 +97,7 @@ def main() -> None:
     out["low_rank_update"]["seconds_eig_r_train_memoized"] = round(t_eig_train, 2)  # the `eigen` stage, not rerun
     out["speedup_low_rank_vs_dense"] = round(t_dense / t_low, 1)
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/whitening.json").write_text(json.dumps(out, indent=2))
+    write_results(Path("benchmarks/results/whitening.json"), {"params.yaml": yaml.safe_load(Path("params.yaml").read_text())}, out)
     print(json.dumps(out, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: a throwaway git+DVC copy of this repo with tiny params."""
+"""Helpers for end-to-end tests: a throwaway git+DVC copy of this repo with tiny params (on tests/harness.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import harness
+from tests.harness import ROOT, child_env, git, set_param  # noqa: F401 (the tests import them from here)
 
 TINY = {
     "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1, "contradicted": 0.0},
@@ -26,35 +25,9 @@ TINY = {
 }
 
 
-def tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.split()
-    return [f for f in out if (ROOT / f).is_file()]
-
-
 def make_repo(dest: Path, overrides: dict | None = None) -> Path:
     """Copy the project's files into dest, apply tiny params (+ overrides), git init and commit."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in tracked_files():
-        if f.startswith(("metrics/", "benchmarks/results/")):
-            continue
-        target = dest / f
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((ROOT / f).read_bytes())
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in {**TINY, **(overrides or {})}.items():
-        params.setdefault(section, {}).update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(dest, "init", "-q")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "init")
-    return dest
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, env=env).stdout
+    return harness.make_repo(dest, {**TINY, **(overrides or {})})
 
 
 # A command that runs longer than this is killed with its whole process group (stage scripts
@@ -64,8 +37,7 @@ TIMEOUT_S = float(os.environ.get("TRACKSTAR_TEST_TIMEOUT", 900))
 
 def run(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run cmd in repo (this venv's bin first on PATH; env defaults to os.environ), stdin closed."""
-    env = dict(os.environ if env is None else env)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = child_env(base=env)
     with subprocess.Popen(list(cmd), cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as p:
         try:
@@ -89,16 +61,6 @@ def repro(repo: Path, *args: str) -> list[str]:
     """Run `dvc repro` and return the stages it actually ran, in order."""
     out = dvc(repo, "repro", *args).stdout
     return re.findall(r"Running stage '([^']+)'", out)
-
-
-def set_param(repo: Path, dotted: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    node = params
-    *path, last = dotted.split(".")
-    for p in path:
-        node = node[p]
-    node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def free_port() -> int:
