@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from trackstar.config import EncodeParams, HessianParams  # noqa: E402
 from trackstar.hessian.plan import BASE_BYTES, GIB, plan  # noqa: E402
-from trackstar.store import StoreWriter  # noqa: E402
+from trackstar.store import StoreSpec, StoreWriter  # noqa: E402
 from tests.harness import measured, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/hessian_memory.json"
@@ -67,8 +67,8 @@ def write_stores(repo: Path, layout: list[dict], n_train: int, n_query: int, see
         attrs = {"k": round((layout[0]["stop"]) ** 0.5), "projection_seed": 0, "correction": "none",
                  "checkpoint_hash": "synthetic", "layout": layout, "config": {"synthetic": True}, "split": split,
                  "input_sha256": f"synthetic-{split}", "encode": enc.model_dump(exclude={"device", "batch_size"})}
-        w = StoreWriter(repo / f"encodings/raw/{split}.zarr", repo / f".work/{split}", n, d, ["g"], enc.dtype,
-                        enc.chunk_mb, enc.compressor, attrs=attrs)
+        w = StoreWriter(repo / f"encodings/raw/{split}.zarr", repo / f".work/{split}",
+                        StoreSpec(n, d, ["g"], enc.dtype, enc.chunk_mb, enc.compressor, attrs))
         w.prepare()
         for c in range(w.n_chunks):
             a, b = w.chunk_range(c)

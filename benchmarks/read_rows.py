@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trackstar.store import StoreReader, StoreWriter
+from trackstar.store import StoreReader, StoreSpec, StoreWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
@@ -54,8 +54,8 @@ def pread_rows(store: StoreReader, rows: np.ndarray) -> np.ndarray:
 
 def make_store(path: Path, rows: int, d: int) -> StoreReader:
     if not path.exists():
-        w = StoreWriter(path, path.with_suffix(".work"), rows, d, ["g"], chunk_mb=32.0,
-                        attrs={"benchmark": "read_rows"})
+        w = StoreWriter(path, path.with_suffix(".work"),
+                        StoreSpec(rows, d, ["g"], chunk_mb=32.0, attrs={"benchmark": "read_rows"}))
         w.prepare()
         for c in w.pending():
             a, b = w.chunk_range(c)

@@ -64,7 +64,7 @@ def make_data(args) -> None:
     """The tiled, perturbed store and the query matrix, in --work (skipped if already there)."""
     from tqdm.auto import tqdm
 
-    from trackstar.store import StoreReader, StoreWriter
+    from trackstar.store import StoreReader, StoreSpec, StoreWriter
 
     work = Path(args.work)
     store_path = work / "train.zarr"
@@ -80,8 +80,9 @@ def make_data(args) -> None:
     pick = rng.choice(len(base), size=args.queries, replace=False)
     near = base[pick] + args.sigma * rng.standard_normal((args.queries, args.d), dtype=np.float32) / np.sqrt(args.d)
     np.save(work / "queries_in_distribution.npy", norm(near).astype(np.float32))
-    w = StoreWriter(store_path, work / "store.work", args.rows, args.d, ["g"], chunk_mb=32.0,
-                    attrs={"benchmark": "retrieval", "source_rows": len(base), "sigma": args.sigma})
+    w = StoreWriter(store_path, work / "store.work", StoreSpec(
+        args.rows, args.d, ["g"], chunk_mb=32.0,
+        attrs={"benchmark": "retrieval", "source_rows": len(base), "sigma": args.sigma}))
     w.prepare()
     for c in tqdm(w.pending(), desc="generate", mininterval=5):
         a, b = w.chunk_range(c)

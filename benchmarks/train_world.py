@@ -60,7 +60,7 @@ def main() -> None:
         seed=args.seed, entities=args.entities, relations=args.relations, paraphrases=args.paraphrases,
         question_fraction=args.question_fraction, distractors_per_entity=args.distractors,
         values_per_relation=args.values, confusers_per_entity=args.confusers,
-        confuser_true_value=args.confuser_true, near_miss_fraction=args.near_miss,
+        confuser_true_value=args.confuser_true, near_miss_fraction=args.near_miss, contradicted=0.0,
     )
     passages, queries, stats = generate_fact_world(wcfg)
     texts = [p.text for p in passages]

@@ -5,9 +5,10 @@ it reads no d x d matrix, so a mix_k / lambda / damping edit costs well under a 
 import json
 import sys
 import time
-from pathlib import Path
 
-import trackstar.hessian.whitening as hessian_lib
+import trackstar.hessian.stats as stats_lib
+import trackstar.hessian.whitening as whitening_lib
+from trackstar import layout
 from trackstar.atomic import atomic_open
 from trackstar.config import load_params
 from trackstar.hessian.whitening import block_dampings, load_basis, mix_lambda, mixed_whitening, rank_report, save_whitening, spectra
@@ -16,13 +17,13 @@ from trackstar.hessian.plan import estimate
 from trackstar.evaluation.plots import plot_eigen_crossing
 from trackstar.runner import run_main
 
-OUT = Path("hessian")
+OUT = layout.HESSIAN
 
 
 def main() -> None:
     h = load_params().hessian
     t0 = time.time()
-    blocks, basis = load_basis(OUT / "eigen.safetensors", vectors=False)
+    blocks, basis = load_basis(layout.EIGEN, vectors=False)
     e_train, e_eval = spectra(blocks)
     lam = h.lambda_ if h.lambda_ is not None else mix_lambda(e_eval, e_train, h.mix_k)
     etas = block_dampings(blocks, h.damping, basis["n_train"])
@@ -46,8 +47,8 @@ def main() -> None:
             "basis_id": basis["basis_id"]}
     # identifies W_mix by everything that determines it: the final stores and the index carry it, and
     # retrieval / trace refuse artifacts whose ids differ
-    meta["whitening_id"] = memo_key(meta=meta, code=code_hash(hessian_lib))
-    save_whitening(OUT / "w_mix.safetensors", w, meta)
+    meta["whitening_id"] = memo_key(meta=meta, code=code_hash(stats_lib, whitening_lib))
+    save_whitening(layout.W_MIX, w, meta)
     # the structure's block sizes and estimated peak bytes (not part of W: a memory-model edit leaves W as is)
     memory = estimate(basis["structure"], [(b.start, b.stop) for b in blocks], basis["n_eval"], *basis["chunk_rows"])
     with atomic_open(OUT / "hessian.json") as f:
@@ -57,7 +58,7 @@ def main() -> None:
         for i in range(len(e_train)):
             f.write(f"{i + 1},{e_train[i]:.6g},{e_eval[i]:.6g},{(1 - lam) * e_train[i]:.6g},{lam * e_eval[i]:.6g}\n")
     plot_eigen_crossing(e_train, e_eval, lam, h.mix_k, OUT / "eigen_crossing.png")
-    with atomic_open("metrics/hessian.json") as f:
+    with atomic_open(layout.METRICS / "hessian.json") as f:
         f.write(json.dumps({"lambda": lam, "damping_eta": max(etas), "n_train": basis["n_train"], "n_eval": basis["n_eval"], "d": basis["d"],
                             "structure": basis["structure"], "blocks": len(blocks),
                             "largest_block": max(b.stop - b.start for b in blocks),

@@ -4,17 +4,17 @@
 import json
 import sys
 
+from trackstar import layout
 from trackstar.config import load_params
 from trackstar.hessian.whitening import load_whitening, whiten
 from trackstar.runner import run_main
-from trackstar.store import ConcatReader, StoreWriter, corpus_stores
+from trackstar.store import ConcatReader, StoreSpec, StoreWriter
 
 
 def main() -> None:
     split = sys.argv[1]
-    w, meta = load_whitening("hessian/w_mix.safetensors", "hessian/eigen.safetensors")
-    paths = (corpus_stores("encodings/raw/train.zarr", "encodings/raw/shards", load_params().data.shards)
-             if split == "train" else ["encodings/raw/query.zarr"])
+    w, meta = load_whitening(layout.W_MIX, layout.EIGEN)
+    paths = layout.corpus_stores(load_params().data.shards) if split == "train" else [layout.raw_store("query")]
     raw = ConcatReader(paths,
                        expect={"d": meta["d"], "checkpoint_hash": meta["checkpoint_hash"], "config": meta["encode_config"]})
     attrs = {k: raw.attrs[k] for k in ("d", "k", "projection_seed", "correction", "checkpoint_hash", "layout",
@@ -22,8 +22,9 @@ def main() -> None:
     attrs.update(whitening_id=meta["whitening_id"], preconditioned=True, normalized=True)
     if len(raw.parts) > 1:  # the corpus, then its shards
         attrs["shards"] = {p.attrs["split"]: p.attrs["input_sha256"] for p in raw.parts[1:]}
-    writer = StoreWriter(f"encodings/final/{split}.zarr", f".work/precondition-{split}", raw.n, raw.d, ["g"],
-                         raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"], attrs=attrs)
+    spec = StoreSpec(raw.n, raw.d, ["g"], raw.attrs["dtype"], raw.attrs["encode"]["chunk_mb"], raw.attrs["compressor"],
+                     attrs)
+    writer = StoreWriter(layout.final_store(split), layout.work_dir(f"precondition-{split}"), spec)
     writer.prepare()
     todo = set(writer.pending())
     rows = {}

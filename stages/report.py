@@ -3,17 +3,18 @@
 import json
 import time
 
+from trackstar import layout
 from trackstar.data.records import read_queries
-from trackstar.viewer.report import build_report, method_files, read_predictions
 from trackstar.runner import run_main
+from trackstar.viewer.report import build_report, method_files, read_predictions
 
 
 def main() -> None:
     t0 = time.time()
-    queries = read_queries("data/queries.jsonl")
-    metrics = json.loads(open("metrics/metrics.json", encoding="utf-8").read())
-    counts = build_report("report", method_files("retrievals"), queries, read_predictions("eval/predictions.jsonl"),
-                          metrics)
+    queries = read_queries(layout.QUERIES)
+    metrics = json.loads((layout.METRICS / "metrics.json").read_text(encoding="utf-8"))
+    counts = build_report(layout.REPORT, method_files(layout.RETRIEVALS), queries,
+                          read_predictions(layout.PREDICTIONS), metrics)
     print(json.dumps({**counts, "seconds": round(time.time() - t0, 1)}))
 
 

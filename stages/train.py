@@ -3,17 +3,18 @@ checkpoint (a directory, or a GGUF file converted to one), or fine-tune a user's
 the corpus with AdamW (its second moments saved for the correction)."""
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from trackstar import layout
+from trackstar.atomic import atomic_dir
 from trackstar.model.checkpoint import context_length, load_checkpoint, load_second_moments, load_source, save_checkpoint
 from trackstar.config import TrainParams, load_params, param_error
 from trackstar.data.records import corpus_files, iter_corpus
 from trackstar.runner import run_main
 
-OUT = Path("model")
+OUT = layout.MODEL
 
 
 def train_config(t: TrainParams, max_length: int):
@@ -34,11 +35,8 @@ def main() -> None:
     if m.source == "checkpoint" and Path(m.checkpoint).is_dir():
         load_checkpoint(m.checkpoint)  # refuses a directory that is not a loadable HF checkpoint
         has_state = load_second_moments(m.checkpoint) is not None  # refuses broken state before writing
-        tmp = OUT.with_name(".model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(m.checkpoint, tmp)
-        shutil.rmtree(OUT, ignore_errors=True)
-        os.replace(tmp, OUT)
+        with atomic_dir(OUT) as tmp:
+            shutil.copytree(m.checkpoint, tmp, dirs_exist_ok=True)
         print(json.dumps({"checkpoint": m.checkpoint, "optimizer_state": has_state}))
         return
     if m.source == "checkpoint":  # a GGUF file: dequantized to fp32 and written as a checkpoint directory

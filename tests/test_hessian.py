@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from trackstar.errors import ArtifactMismatch
-from trackstar.hessian.whitening import (Whitening, autocorrelation, autocorrelation_sums, eigenbasis, load_basis, load_stats,
-                               load_whitening, mix_lambda, mixed_whitening, save_basis, save_stats, save_whitening,
-                               spectra, train_whitening, whiten)
+from trackstar.hessian.stats import autocorrelation, autocorrelation_sums, load_stats, save_stats
+from trackstar.hessian.whitening import (Whitening, eigenbasis, load_basis, load_whitening, mix_lambda, mixed_whitening,
+                                         save_basis, save_whitening, spectra, train_whitening, whiten)
 
 
 def test_autocorrelation_streams_to_the_dense_value():
@@ -42,7 +42,7 @@ def test_block_sums_are_the_diagonal_blocks_of_the_full_sum_and_add_over_shards(
     for s, a, b in zip(sums, shard_a, shard_b):
         np.testing.assert_allclose(a + b, s, rtol=1e-12)
     # a block wider than the syrk symmetrization slab (the slab copy is exercised on a small matrix)
-    from trackstar.hessian.whitening import _symmetrize
+    from trackstar.hessian.stats import _symmetrize
     m = np.tril(rng.normal(size=(9, 9)))
     _symmetrize(m, slab=4)
     np.testing.assert_array_equal(m, np.tril(m) + np.tril(m, -1).T)
@@ -188,7 +188,8 @@ def _ledoit_wolf_reference(x: np.ndarray) -> float:
 
 @pytest.mark.parametrize("n, d", [(30, 80), (200, 40)])
 def test_shrinkage_damping_matches_ledoit_wolf(n, d):
-    from trackstar.hessian.whitening import block_dampings, norm4_sums, shrinkage_damping
+    from trackstar.hessian.stats import norm4_sums, shrinkage_damping
+    from trackstar.hessian.whitening import block_dampings
 
     rng = np.random.default_rng(n)
     x = (rng.normal(size=(n, d)) * np.exp(-np.arange(d) / 10) * rng.lognormal(size=(n, 1))).astype(np.float32)

@@ -8,7 +8,8 @@ import pytest
 
 from trackstar.config import EncodeParams, HessianParams, ProjectionParams
 from trackstar.errors import ConfigError
-from trackstar.hessian.whitening import autocorrelation_sums, eigenbasis
+from trackstar.hessian.stats import autocorrelation_sums
+from trackstar.hessian.whitening import eigenbasis
 from trackstar.hessian.plan import BASE_BYTES, GIB, layer_key, plan, structure_blocks
 
 SMOL_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -6,11 +6,11 @@ import pytest
 from trackstar.retrieval.index import _rerank, build_index, factory_string, load_index, save_index, search
 from trackstar.retrieval.results import valid_hits
 from trackstar.retrieval.exact import exact_search
-from trackstar.store import StoreReader, StoreWriter
+from trackstar.store import StoreReader, StoreWriter, StoreSpec
 
 
 def _store(tmp_path, x, chunk_mb=0.002):
-    w = StoreWriter(tmp_path / "s.zarr", tmp_path / "work", len(x), x.shape[1], ["g"], chunk_mb=chunk_mb)
+    w = StoreWriter(tmp_path / "s.zarr", tmp_path / "work", StoreSpec(len(x), x.shape[1], ["g"], chunk_mb=chunk_mb))
     w.prepare()
     for c in w.pending():
         a, b = w.chunk_range(c)

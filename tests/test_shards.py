@@ -15,8 +15,7 @@ from tests.pipeline import dvc, free_port, git, make_repo, repro, set_param
 from trackstar.data.records import query_record, write_jsonl
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.errors import TrackStarError
-from trackstar.hessian.partials import partial_paths
-from trackstar.store import corpus_stores
+from trackstar.layout import corpus_stores, shard_partials
 
 SHARDS = ["s1", "s2", "s3"]
 # tiny params; eval.tail_patch_queries 0 keeps `evaluate` to MRR (the test is about what reruns)
@@ -34,7 +33,7 @@ def world(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("world")
     passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, paraphrases=2,
-                                                               distractors_per_entity=1))
+                                                               distractors_per_entity=1, contradicted=0.0))
     relevant = {r for q in queries for r in q.relevant_ids}
     # s4 holds passages no query needs (relevant ids must resolve with or without it)
     s4 = [p for p in passages if p.id not in relevant][:12]
@@ -132,9 +131,9 @@ def test_add_a_shard_encodes_only_it_and_equals_a_build_from_scratch(world, tmp_
     git(repo, "checkout", "HEAD~1", "--", "params.yaml")
     (repo / "inputs/data/shards/s4.jsonl").unlink()
     with pytest.raises(TrackStarError, match="s4.zarr: not a shard"):
-        corpus_stores(repo / "encodings/raw/train.zarr", repo / "encodings/raw/shards", SHARDS)
+        corpus_stores(SHARDS, repo)
     with pytest.raises(TrackStarError, match="s4.safetensors: not a shard"):
-        partial_paths(repo / "hessian/partials", SHARDS)
+        shard_partials(SHARDS, repo)
     shutil.rmtree(repo / "encodings/raw/shards/s4.zarr")
     (repo / "hessian/partials/s4.safetensors").unlink()
     assert repro(repo) == []  # every stage restored from the run-cache: nothing encoded, nothing recomputed
@@ -148,14 +147,14 @@ def test_concat_reader_reads_stores_as_one(tmp_path):
     boundaries, and gathered by row number, all equal to the concatenated arrays."""
     import numpy as np
 
-    from trackstar.store import ConcatReader, StoreWriter
+    from trackstar.store import ConcatReader, StoreWriter, StoreSpec
 
     rng = np.random.default_rng(0)
     parts, paths = [], []
     for i, n in enumerate([7, 5, 9]):
         x = rng.standard_normal((n, 6)).astype(np.float32)
-        w = StoreWriter(tmp_path / f"s{i}.zarr", tmp_path / f"w{i}", n, 6, ["g"], chunk_mb=3 * 6 * 4 / 2**20,
-                        attrs={"checkpoint_hash": "c", "config": {}})
+        w = StoreWriter(tmp_path / f"s{i}.zarr", tmp_path / f"w{i}", StoreSpec(n, 6, ["g"], chunk_mb=3 * 6 * 4 / 2**20,
+                        attrs={"checkpoint_hash": "c", "config": {}}))
         w.prepare()
         for c in range(w.n_chunks):
             a, b = w.chunk_range(c)

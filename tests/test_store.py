@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from trackstar.errors import ArtifactMismatch
-from trackstar.store import StoreReader, StoreWriter, from_storage, to_storage
+from trackstar.store import StoreReader, StoreWriter, StoreSpec, from_storage, to_storage
 
 
 def test_partial_run_resumes_and_skips_finished_chunks(tmp_path):
     x = np.arange(40 * 8, dtype=np.float32).reshape(40, 8)
-    mk = lambda: StoreWriter(tmp_path / "out.zarr", tmp_path / "work", 40, 8, ["g"], chunk_mb=8 * 4 * 6 / 2**20,
-                             attrs={"seed": 1})
+    mk = lambda: StoreWriter(tmp_path / "out.zarr", tmp_path / "work", StoreSpec(40, 8, ["g"], chunk_mb=8 * 4 * 6 / 2**20,
+                             attrs={"seed": 1}))
     w = mk()
     assert w.chunk_rows == 6 and w.n_chunks == 7
     assert w.prepare() is False
@@ -34,15 +34,15 @@ def test_partial_run_resumes_and_skips_finished_chunks(tmp_path):
 
 
 def test_changed_attrs_restart_from_scratch(tmp_path):
-    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"], attrs={"seed": 1})
+    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", StoreSpec(10, 4, ["g"], attrs={"seed": 1}))
     w.prepare()
     w.write_chunk(0, {"g": np.ones((10, 4), np.float32)})
-    w2 = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"], attrs={"seed": 2})
+    w2 = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", StoreSpec(10, 4, ["g"], attrs={"seed": 2}))
     assert w2.prepare() is False and w2.pending() == [0]
 
 
 def test_incomplete_store_is_refused(tmp_path):
-    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", 10, 4, ["g"])
+    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", StoreSpec(10, 4, ["g"]))
     w.prepare()
     with pytest.raises(ArtifactMismatch, match="incomplete"):
         StoreReader(tmp_path / "w" / "store.zarr")
@@ -65,8 +65,8 @@ def test_read_rows_memory_mapped_equals_decoded(tmp_path, dtype):
     x = rng.normal(size=(53, 12)).astype(np.float32)
     readers = {}
     for comp in ["none", "zstd"]:
-        w = StoreWriter(tmp_path / f"{comp}.zarr", tmp_path / f"w{comp}", 53, 12, ["g"], dtype=dtype,
-                        chunk_mb=12 * 4 * 10 / 2**20, compressor=comp)
+        w = StoreWriter(tmp_path / f"{comp}.zarr", tmp_path / f"w{comp}", StoreSpec(53, 12, ["g"], dtype=dtype,
+                        chunk_mb=12 * 4 * 10 / 2**20, compressor=comp))
         w.prepare()
         for c in w.pending():
             a, b = w.chunk_range(c)
@@ -86,7 +86,7 @@ def test_small_store_has_one_chunk_of_its_own_size(tmp_path):
     """A store with fewer rows than a chunk holds is one chunk of exactly its rows: zarr keeps an
     uncompressed chunk at full shape, so a 32 MB chunk for 5 rows would cost 32 MB on disk."""
     x = np.arange(5 * 8, dtype=np.float32).reshape(5, 8)
-    w = StoreWriter(tmp_path / "out.zarr", tmp_path / "work", 5, 8, ["g"], chunk_mb=32.0)
+    w = StoreWriter(tmp_path / "out.zarr", tmp_path / "work", StoreSpec(5, 8, ["g"], chunk_mb=32.0))
     assert w.chunk_rows == 5 and w.n_chunks == 1
     w.prepare()
     w.write_chunk(0, {"g": x})

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trackstar.errors import ConfigError
+from trackstar.methods import RUNGS
 
 
 class _Section(BaseModel):
@@ -155,8 +156,7 @@ class RetrieveParams(_Section):
     """Proponents/opponents per query; MRR is computed within these k, so keep k well above 10."""
 
     k: int = Field(100, ge=1)
-    methods: list[Literal["dot", "cosine", "optimizer", "r_train"]] = [
-        "dot", "cosine", "optimizer", "r_train"]
+    methods: list[Literal[tuple(RUNGS)]] = list(RUNGS)  # ladder rungs (trackstar.methods)
     query_batch: int = Field(1024, ge=1)
 
 

@@ -3,7 +3,7 @@ pair), keyed by a hash of everything they depend on.
 
 It lives outside the stage's DVC outputs (in `.work/`), so editing a parameter that acts only
 downstream of an intermediate does not recompute it. Entries are written
-to a temp name and renamed; an unreadable entry is a miss; only the newest `keep` entries per
+atomically; an unreadable entry is a miss; only the newest `keep` entries per
 name are kept, which bounds the disk it takes.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from trackstar.atomic import atomic_write_text
 
 
 def memo_key(**parts) -> str:
@@ -47,13 +48,11 @@ class Memo:
     def save_json(self, name: str, key: str, value) -> None:
         path = self._path(name, key, "json")
         self._prune(name, reserve=1)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(value))
 
     def _prune(self, name: str, reserve: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        entries = sorted((p for p in self.root.glob(f"{name}-*") if p.suffix != ".tmp"),
+        entries = sorted(self.root.glob(f"{name}-*"),
                          key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
         for p in entries[max(0, self.keep - reserve):]:
             p.unlink(missing_ok=True)

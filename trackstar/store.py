@@ -11,15 +11,16 @@ bfloat16); attrs say so.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import zarr
 import zarr.codecs
 
+from trackstar.atomic import atomic_write_text, replace_dir
 from trackstar.errors import ArtifactMismatch, TrackStarError
 from trackstar.testhooks import crash_point
 
@@ -62,20 +63,32 @@ def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store holds: `n_rows` rows of `d` columns in each of `arrays`, stored as `dtype` in chunks of about
+    `chunk_mb` MB with `compressor`, and extra `attrs` naming where the rows came from."""
+    n_rows: int
+    d: int
+    arrays: list[str]
+    dtype: str = "fp32"
+    chunk_mb: float = 32.0
+    compressor: str = "none"
+    attrs: dict = field(default_factory=dict)
+
+
 class StoreWriter:
     """Creates or resumes a store under `work_dir`, then moves it to `path` when complete."""
 
-    def __init__(self, path: str | Path, work_dir: str | Path, n_rows: int, d: int, arrays: list[str],
-                 dtype: str = "fp32", chunk_mb: float = 32.0, compressor: str = "none", attrs: dict | None = None):
+    def __init__(self, path: str | Path, work_dir: str | Path, spec: StoreSpec):
         self.path, self.work = Path(path), Path(work_dir)
         self.store_path, self.done_dir = self.work / "store.zarr", self.work / "done"
-        self.n, self.d, self.arrays, self.dtype = n_rows, d, arrays, dtype
-        self.chunk_rows = chunk_rows_for(d, dtype, chunk_mb, n_rows)
-        self.attrs = {"format": FORMAT, "n": n_rows, "d": d, "dtype": dtype, "arrays": arrays,
-                      "chunk_rows": self.chunk_rows, "compressor": compressor,
-                      "storage_dtype": "uint16 view of bfloat16" if dtype == "bf16" else dtype,
-                      **(attrs or {})}
-        self.compressor = compressor
+        self.n, self.d, self.arrays, self.dtype = spec.n_rows, spec.d, spec.arrays, spec.dtype
+        self.chunk_rows = chunk_rows_for(spec.d, spec.dtype, spec.chunk_mb, spec.n_rows)
+        self.attrs = {"format": FORMAT, "n": spec.n_rows, "d": spec.d, "dtype": spec.dtype, "arrays": spec.arrays,
+                      "chunk_rows": self.chunk_rows, "compressor": spec.compressor,
+                      "storage_dtype": "uint16 view of bfloat16" if spec.dtype == "bf16" else spec.dtype,
+                      **spec.attrs}
+        self.compressor = spec.compressor
 
     @property
     def n_chunks(self) -> int:
@@ -123,9 +136,7 @@ class StoreWriter:
             if x.shape != (stop - start, self.d):
                 raise ValueError(f"chunk {c} of '{name}' has shape {x.shape}, expected {(stop - start, self.d)}")
             g[name][start:stop] = to_storage(x, self.dtype)
-        tmp = self.done_dir / f".c{c:07d}.tmp"
-        tmp.write_text(f"{start} {stop}\n")
-        os.replace(tmp, self.done_dir / f"c{c:07d}")
+        atomic_write_text(self.done_dir / f"c{c:07d}", f"{start} {stop}\n")
 
     def finalize(self, extra_attrs: dict | None = None) -> None:
         """Mark complete and move into place; refuses if any chunk is missing."""
@@ -134,10 +145,7 @@ class StoreWriter:
             raise TrackStarError(f"{self.work}: cannot finalize, chunks not written: {missing[:10]}")
         g = zarr.open_group(str(self.store_path), mode="r+")
         g.attrs.update({**(extra_attrs or {}), "complete": True})
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.store_path, self.path)
+        replace_dir(self.store_path, self.path)
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -267,13 +275,3 @@ class ConcatReader:
             out[sel] = self.parts[i].read_rows(rows[sel] - self.offsets[i])
         return out
 
-
-def corpus_stores(base: str | Path, shard_dir: str | Path, shards: Iterable[str]) -> list[Path]:
-    """The corpus's store, then one store per shard by name; refuses a store in `shard_dir` that is no
-    listed shard (a removed shard's encodings left behind would silently change what DVC hashes)."""
-    names = sorted(shards)
-    stray = sorted(p.name for p in Path(shard_dir).glob("*.zarr") if p.name[:-5] not in names)
-    if stray:
-        raise TrackStarError(f"{Path(shard_dir) / stray[0]}: not a shard in params.yaml data.shards (a removed shard's "
-                             f"encodings); delete it (rm -r {Path(shard_dir) / stray[0]})")
-    return [Path(base), *(Path(shard_dir) / f"{n}.zarr" for n in names)]

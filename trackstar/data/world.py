@@ -4,23 +4,37 @@ confusers, near-miss names and contradictions, and held-out queries with the pas
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+from trackstar.config import DataParams
 from trackstar.data.records import Passage, Query
+
+_D = DataParams()  # the world's defaults live in params.yaml's schema (trackstar.config.DataParams), once
+
 
 @dataclass
 class FactWorldConfig:
-    seed: int = 0
-    entities: int = 200
-    relations: int = 4  # the first `relations` of RELATIONS
-    paraphrases: int = 3  # statement passages per fact (different templates), <= 4
-    question_fraction: float = 0.5  # entities whose facts also appear as Q/A passages
-    distractors_per_entity: int = 2  # passages mentioning the entity without any fact
-    values_per_relation: int = 8  # size of each relation's value pool (chance = 1/this)
-    confusers_per_entity: int = 2  # passages naming the entity, a relation's words and a value, stating no fact of it
-    confuser_true_value: float = 0.75  # share of confusers that name the entity's own value for that relation
-    near_miss_fraction: float = 0.3  # entities whose name is another entity's name with a different ending
-    contradicted: float = 0.0  # share of facts with one statement repeated naming another value (corpora disagree)
+    """The generator's knobs; defaults are the pipeline's (`DataParams`), contradictions included. The test
+    worlds pass contradicted=0.0 to turn them off."""
+    seed: int = _D.seed
+    entities: int = _D.entities
+    relations: int = _D.relations  # the first `relations` of RELATIONS
+    paraphrases: int = _D.paraphrases  # statement passages per fact (different templates), <= 4
+    question_fraction: float = _D.question_fraction  # entities whose facts also appear as Q/A passages
+    distractors_per_entity: int = _D.distractors_per_entity  # passages mentioning the entity without any fact
+    values_per_relation: int = 8  # size of each relation's value pool (chance = 1/this); not a param
+    # passages naming the entity, a relation's words and a value, stating no fact of it
+    confusers_per_entity: int = _D.confusers_per_entity
+    confuser_true_value: float = _D.confuser_true_value  # share of confusers naming the entity's own value
+    near_miss_fraction: float = _D.near_miss_fraction  # entities named as another entity with a different ending
+    # share of facts with one statement repeated naming another value (corpora disagree)
+    contradicted: float = _D.contradicted
+
+
+def world_config(p: DataParams) -> FactWorldConfig:
+    """The generator's config from params.yaml's `data` section: every field the two share."""
+    shared = [f.name for f in fields(FactWorldConfig) if f.name in DataParams.model_fields]
+    return FactWorldConfig(**{name: getattr(p, name) for name in shared})
 
 
 @dataclass(frozen=True)

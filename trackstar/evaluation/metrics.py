@@ -21,10 +21,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from trackstar.atomic import atomic_open
+from trackstar.methods import METHODS as ALL_METHODS
 
 COUNT_KEYS = ("n_queries", "n_skipped")
-# every method the pipeline evaluates, in the order of the ablation ladder (docs/method.md), then the baselines
-METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
+METHODS = tuple(ALL_METHODS)  # every method the pipeline evaluates, in the order metrics are written
 
 
 def _pairs(ranked: Sequence[Sequence[str]], relevant: Sequence[Iterable[str] | None]):

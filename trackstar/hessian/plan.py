@@ -27,7 +27,7 @@ from trackstar.config import EncodeParams, HessianParams, param_error
 
 STRUCTURES = ("full", "layer", "module")  # coarsest first: auto takes the first that fits
 BASE_BYTES = 112 << 20  # python + numpy + scipy + zarr resident: 76-90 MB measured (benchmarks/hessian_memory.py)
-_SLAB_BYTES = 64 << 20  # the stats writer's cast slab (trackstar.hessian._SLAB_BYTES)
+_SLAB_BYTES = 64 << 20  # the stats writer's cast slab (trackstar.tensorfile._SLAB_BYTES)
 _ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 GIB = 1 << 30
 

@@ -1,155 +1,24 @@
-"""Gauss-Newton Hessian estimates and the whitening R^(-1/2) (docs/method.md, step 4).
+"""The whitening R^(-1/2) (docs/method.md, step 4) from the Hessian statistics (`trackstar.hessian.stats`).
 
-R = (1/N) sum g g^T over projected, corrected gradients, streamed chunk by chunk. TrackStar
-mixes R = lambda R_eval + (1 - lambda) R_train with lambda chosen so the sorted eigenvalue
-curves of lambda R_eval and (1 - lambda) R_train cross at component mix_k; damping adds
-eta * mean(eigenvalues) to the diagonal. R is kept as diagonal blocks [start, stop) of the d
-columns: one block (the full d x d R), one per transformer layer or one per module, chosen from a
-memory budget (`trackstar.plan`); only those blocks are ever accumulated or held. R_train's
-eigenbasis is the one d_b^3 step per block (`eigenbasis`); the whitening is a factor W with
-W^T W = R^(-1) (same scores as R^(-1/2)) in that basis, and the mixed one a low-rank update of the
-train-only one (R_eval's rank is at most the number of queries), so a lambda edit costs d m^2, not d^3.
+TrackStar mixes R = lambda R_eval + (1 - lambda) R_train with lambda chosen so the sorted eigenvalue curves of
+lambda R_eval and (1 - lambda) R_train cross at component mix_k; damping adds eta * mean(eigenvalues) to the
+diagonal. R is kept as diagonal blocks [start, stop) of the d columns. R_train's eigenbasis is the one d_b^3
+step per block (`eigenbasis`); the whitening is a factor W with W^T W = R^(-1) (same scores as R^(-1/2)) in that
+basis, and the mixed one a low-rank update of the train-only one (R_eval's rank is at most the number of
+queries), so a lambda edit costs d m^2, not d^3.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-
-NARROW = 2048  # blocks narrower than this run their BLAS/LAPACK calls on one thread (`_blas_for`)
-
-
-def _blas_for(width: int) -> contextlib.AbstractContextManager:
-    """One BLAS thread while working on blocks at most `width` wide, when that is below NARROW: OpenBLAS's
-    threads cost more than they save on small matrices (measured on 2 busy cores: a 1792-wide float32 eigh
-    took 5.6 s CPU / 28 s wall on the default threads and 0.5 s / 2.9 s on one; 211 products of 256-wide
-    blocks 20x less), while a wide full block keeps every thread."""
-    if width >= NARROW:
-        return contextlib.nullcontext()
-    import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS first: threadpoolctl limits only loaded libraries)
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1, user_api="blas")
-
-
-def _syrk_add(acc: np.ndarray, x: np.ndarray) -> None:
-    """acc += x^T x on acc's lower triangle, in place: float64 BLAS syrk (half a matmul's flops, no d_b x d_b
-    temporary). acc is C-ordered, so its transpose is the Fortran-ordered matrix BLAS updates."""
-    from scipy.linalg.blas import dsyrk
-
-    out = dsyrk(1.0, x.T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
-    if not np.shares_memory(out, acc):  # pragma: no cover - a BLAS wrapper that would not work in place
-        acc[...] = out.T
-
-
-def _symmetrize(acc: np.ndarray, slab: int = 2048) -> None:
-    """Copy the lower triangle onto the upper one in place, a row slab at a time (no d_b x d_b temporary)."""
-    n = len(acc)
-    for i in range(0, n, slab):
-        j = min(n, i + slab)
-        acc[i:j, j:] = acc[j:, i:j].T
-        for r in range(i, j - 1):  # inside the slab's diagonal square, row by row
-            acc[r, r + 1:j] = acc[r + 1:j, r]
-
-
-def autocorrelation_sums(chunks: Iterable[np.ndarray], blocks: list[tuple[int, int]]) -> tuple[list[np.ndarray], int]:
-    """Unnormalized sums S_b = sum_i g_i[b] g_i[b]^T of the diagonal blocks [start, stop) only, over streamed row
-    chunks, and the row count: symmetric float64 (float64 syrk per chunk, 8 d_b^2 bytes per block, nothing
-    d x d). Sums over disjoint row sets (processes, corpus shards) add up to the sum over their union;
-    `normalize_sums` divides by the total count."""
-    acc = [np.zeros((stop - start, stop - start), dtype=np.float64) for start, stop in blocks]
-    n = 0
-    with _blas_for(max((b - a for a, b in blocks), default=0)):
-        for x in chunks:
-            x = np.asarray(x, dtype=np.float32)
-            for a, (start, stop) in zip(acc, blocks):
-                _syrk_add(a, np.ascontiguousarray(x[:, start:stop], dtype=np.float64))
-            n += len(x)
-    for a in acc:
-        _symmetrize(a)
-    return acc, n
-
-
-def normalize_sums(sums: list[np.ndarray], n: int) -> list[np.ndarray]:
-    """R_b = S_b / n, in place; refuses n = 0."""
-    if n == 0:
-        raise ValueError("cannot estimate a Hessian from zero rows")
-    for s in sums:
-        s /= n
-    return sums
-
-
-def autocorrelation(chunks: Iterable[np.ndarray], blocks: list[tuple[int, int]],
-                    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[np.ndarray], int]:
-    """The diagonal blocks of (1/N) sum_i g_i g_i^T over streamed row chunks (float64). With `all_reduce` (a sum
-    over processes, each streaming its own chunks; it may work in place) the result is global."""
-    sums, n = autocorrelation_sums(chunks, blocks)
-    if all_reduce is not None:
-        sums = [all_reduce(x) for x in sums]
-        n = int(all_reduce(np.array([n], dtype=np.float64))[0])
-    return normalize_sums(sums, n), n
-
-
-@dataclass
-class Stats:
-    """hessian/stats.safetensors read lazily: the meta and, per block i, R_train's block and (for blocks no wider
-    than the number of queries, the only ones `eigenbasis` decomposes) R_eval's, each as a fresh float32 array."""
-    path: Path
-    meta: dict
-
-    @property
-    def blocks(self) -> list[tuple[int, int]]:
-        return [tuple(b) for b in self.meta["blocks"]]
-
-    def r_train(self, i: int) -> np.ndarray:
-        return _read_tensor(self.path, f"r_train.{i}")
-
-    def r_eval(self, i: int) -> np.ndarray:
-        return _read_tensor(self.path, f"r_eval.{i}")
-
-
-def save_stats(path: str | Path, r_train: list[np.ndarray], r_eval: dict[int, np.ndarray], meta: dict) -> None:
-    """The per-block statistics as float32 tensors r_train.i (every block of meta["blocks"]) and r_eval.i (the
-    blocks in `r_eval`), written block by block in slabs (no second copy of the accumulators)."""
-    tensors = {f"r_train.{i}": r for i, r in enumerate(r_train)}
-    tensors.update({f"r_eval.{i}": r for i, r in sorted(r_eval.items())})
-    _save(path, tensors, meta, dtype=np.float32)
-
-
-def load_stats(path: str | Path) -> Stats:
-    return Stats(Path(path), _read_info(path))
-
-
-def norm4_sums(x: np.ndarray, blocks: list[tuple[int, int]]) -> np.ndarray:
-    """Per column range [start, stop): the sum over rows of ||x_row[start:stop]||^4 (float64), the one extra
-    statistic the Ledoit-Wolf shrinkage (`shrinkage_damping`) needs beyond R itself."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.array([float(np.sum(np.sum(x[:, a:b].astype(np.float64) ** 2, axis=1) ** 2)) for a, b in blocks])
-
-
-def shrinkage_damping(e: np.ndarray, scale: float, norm4: float, n: int) -> float:
-    """Damping eta (R + eta * mean(eig) I) from the Ledoit-Wolf (2004) shrinkage of R = (1/n) sum g g^T towards
-    mean(eig) I: rho = b^2 / d^2 with d^2 = ||R - mean(eig) I||_F^2 (the spread of the spectrum) and
-    b^2 = (mean ||g||^4 - ||R||_F^2) / n (the sampling error of R, from the same rows); eta = rho / (1 - rho).
-    Nothing is tuned: the fewer rows (n << d) and the heavier-tailed their norms, the stronger the damping.
-    `e`: R / scale's eigenvalues; `norm4`: mean over rows of ||g||^4."""
-    lam = np.asarray(e, dtype=np.float64) * scale
-    mu = float(lam.mean())
-    fro2 = float(np.sum(lam ** 2))
-    d2 = fro2 - len(lam) * mu * mu
-    if d2 <= 0 or n < 1:
-        return 1e3  # a flat (or empty) spectrum: whitening would change nothing; damp fully
-    b2 = max(norm4 - fro2, 0.0) / n
-    rho = min(b2 / d2, 1.0)
-    return min(rho / max(1.0 - rho, 1e-3), 1e3)
-
+from trackstar import tensorfile
+from trackstar.hessian.blas import blas_for
+from trackstar.hessian.stats import shrinkage_damping
 
 def mix_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:
     """lambda with lambda * e_eval[k] = (1 - lambda) * e_train[k] (k 1-based, curves sorted descending)."""
@@ -217,7 +86,7 @@ def eigenbasis(r_train: Callable[[int], np.ndarray], blocks: list[tuple[int, int
     comes from one pass over the query rows; otherwise from R_eval's own float64 eigen-decomposition. Nothing
     here depends on lambda or damping, so a mix_k / lambda / damping edit reuses it (`mixed_whitening`,
     `train_whitening`)."""
-    with _blas_for(max(b - a for a, b in blocks)):
+    with blas_for(max(b - a for a, b in blocks)):
         return _eigenbasis(r_train, blocks, n_eval, query_chunks, r_eval)
 
 
@@ -258,7 +127,7 @@ def spectra(blocks: list[Block]) -> tuple[np.ndarray, np.ndarray]:
     """The eigenvalues of R_train and of R_eval (block-diagonal parts when there are several blocks),
     each sorted descending: the curves the eigen-crossing rule compares."""
     et, ee = [], []
-    with _blas_for(max(max(b.g.shape) for b in blocks)):
+    with blas_for(max(max(b.g.shape) for b in blocks)):
         for b in blocks:
             et.append(b.e * b.scale)
             g = b.g.astype(np.float64)
@@ -283,7 +152,7 @@ class Whitening:
         """Rows x -> rows (W x)^T, float32: per block one d_b x d_b product plus 2 d_b m for the update."""
         x = np.asarray(x, dtype=np.float32)
         out = np.empty(x.shape, dtype=np.float32)
-        with _blas_for(max(b - a for a, b in self.blocks)):
+        with blas_for(max(b - a for a, b in self.blocks)):
             for (start, stop), vt, s, left, right in zip(self.blocks, self.vt, self.s, self.left, self.right):
                 h = x[:, start:stop] @ vt.T
                 h *= s
@@ -335,7 +204,7 @@ def mixed_whitening(blocks: list[Block], lam: float, damping: float | list[float
     (float64), d_b m^2 flops instead of a d_b^3 eigensolve. `vt` may be unloaded (None): only s, L, R are
     computed here."""
     s, left, right = [], [], []
-    with _blas_for(max(max(b.g.shape) for b in blocks)):
+    with blas_for(max(max(b.g.shape) for b in blocks)):
         etas = damping if isinstance(damping, (list, tuple)) else [damping] * len(blocks)
         for b, eta in zip(blocks, etas):
             db = b.stop - b.start
@@ -360,16 +229,16 @@ def save_basis(path: str | Path, blocks: list[Block], meta: dict) -> None:
     info = {"blocks": [[b.start, b.stop] for b in blocks], "scale": [b.scale for b in blocks],
             "trace_train": [b.trace_train for b in blocks], "trace_eval": [b.trace_eval for b in blocks],
             "norm4": [b.norm4 if np.isfinite(b.norm4) else None for b in blocks], "meta": meta}
-    _save(path, tensors, info)
+    tensorfile.save(path, tensors, info)
 
 
 def load_basis(path: str | Path, vectors: bool = True) -> tuple[list[Block], dict]:
     """(blocks, meta) from `save_basis`; the eigenvectors only when `vectors` (`mixed_whitening` needs none of
     them, so a lambda edit reads a few MB, not the basis)."""
-    info = _read_info(path)
+    info = tensorfile.read_info(path)
     norm4 = [float("nan") if v is None else v for v in info.get("norm4", [None] * len(info["blocks"]))]
-    blocks = [Block(start, stop, _read_tensor(path, f"e.{i}"), info["scale"][i], _read_tensor(path, f"g.{i}"),
-                    info["trace_train"][i], info["trace_eval"][i], _read_tensor(path, f"vt.{i}") if vectors else None,
+    blocks = [Block(start, stop, tensorfile.read_tensor(path, f"e.{i}"), info["scale"][i], tensorfile.read_tensor(path, f"g.{i}"),
+                    info["trace_train"][i], info["trace_eval"][i], tensorfile.read_tensor(path, f"vt.{i}") if vectors else None,
                     norm4[i])
               for i, (start, stop) in enumerate(info["blocks"])]
     return blocks, info["meta"]
@@ -380,74 +249,20 @@ def save_whitening(path: str | Path, w: Whitening, meta: dict) -> None:
     tensors = {}
     for i in range(len(w.blocks)):
         tensors.update({f"s.{i}": w.s[i], f"left.{i}": w.left[i], f"right.{i}": w.right[i]})
-    _save(path, tensors, {"blocks": [list(b) for b in w.blocks], "meta": meta})
+    tensorfile.save(path, tensors, {"blocks": [list(b) for b in w.blocks], "meta": meta})
 
 
 def load_whitening(path: str | Path, basis_path: str | Path) -> tuple[Whitening, dict]:
     """The mixed whitening of `save_whitening` with its basis; refuses a basis it was not computed from."""
     from trackstar.errors import ArtifactMismatch
 
-    info = _read_info(path)
-    parts = {k: [_read_tensor(path, f"{k}.{i}") for i in range(len(info["blocks"]))] for k in ("s", "left", "right")}
+    info = tensorfile.read_info(path)
+    parts = {k: [tensorfile.read_tensor(path, f"{k}.{i}") for i in range(len(info["blocks"]))] for k in ("s", "left", "right")}
     blocks, basis_meta = load_basis(basis_path)
     if basis_meta["basis_id"] != info["meta"]["basis_id"]:
         raise ArtifactMismatch(f"{path}: computed from basis {info['meta']['basis_id']} but {basis_path} is "
                                f"{basis_meta['basis_id']}; run `dvc repro`")
     return Whitening([tuple(b) for b in info["blocks"]], [b.vt for b in blocks], **parts), info["meta"]
-
-
-# The files above are safetensors files (readable by `safetensors`), written and read here tensor by tensor:
-# safetensors.numpy.save_file first copies every array into bytes (twice the memory of a d x d basis), and
-# safe_open's arrays are read-only views that `eigh_scaled` would have to copy again.
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "U16": np.uint16}
-_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_SLAB_BYTES = 64 << 20
-
-
-def _save(path: str | Path, tensors: dict[str, np.ndarray], info: dict, dtype: type | None = None) -> None:
-    """Write `tensors` (each cast to `dtype` if given, a row slab at a time) with `info` as JSON metadata,
-    through a temp path + rename."""
-    path = Path(path)
-    header, offset = {"__metadata__": {"info": json.dumps(info)}}, 0
-    for name, a in tensors.items():
-        dt = np.dtype(dtype or a.dtype)
-        size = int(np.prod(a.shape)) * dt.itemsize
-        header[name] = {"dtype": _CODES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for a in tensors.values():
-            if a.size == 0:
-                continue
-            dt = np.dtype(dtype or a.dtype).newbyteorder("<")
-            a = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(1, -1)
-            rows = max(1, _SLAB_BYTES // max(1, a.shape[1] * dt.itemsize))
-            for i in range(0, len(a), rows):
-                f.write(np.ascontiguousarray(a[i:i + rows], dtype=dt).data)
-    os.replace(tmp, path)
-
-
-def _read_header(path: str | Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
-def _read_info(path: str | Path) -> dict:
-    return json.loads(_read_header(path)[0]["__metadata__"]["info"])
-
-
-def _read_tensor(path: str | Path, name: str) -> np.ndarray:
-    """One tensor as a fresh, writable array read straight from the file."""
-    header, base = _read_header(path)
-    t = header[name]
-    dt = np.dtype(_DTYPES[t["dtype"]]).newbyteorder("<")
-    start, stop = t["data_offsets"]
-    return np.fromfile(path, dtype=dt, count=(stop - start) // dt.itemsize, offset=base + start).reshape(t["shape"])
 
 
 def whiten(x: np.ndarray, w: Whitening | None, normalize: bool) -> np.ndarray:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trackstar.atomic import atomic_dir
+from trackstar.config import param_error
 from trackstar.errors import InputError
 
 OPT_TENSORS = "optimizer_state.safetensors"
@@ -49,10 +48,7 @@ def save_checkpoint(model, tokenizer, optimizer, out_dir) -> Path:
     """Atomically write model, tokenizer and (when given) AdamW second moments to out_dir."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         with _quiet_hf():
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -60,18 +56,7 @@ def save_checkpoint(model, tokenizer, optimizer, out_dir) -> Path:
             tensors, meta = _adam_state(model, optimizer)
             save_file(tensors, str(tmp / OPT_TENSORS))
             (tmp / OPT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _adam_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -223,6 +208,19 @@ def load_checkpoint(d, device="cpu", dtype=torch.float32):
     model.to(device)
     model.eval()
     return model, tok
+
+
+def load_for_gradients(d, device: str, max_length: int, params_file: str | Path = "params.yaml"
+                       ) -> tuple[torch.nn.Module, object, torch.device]:
+    """(model, tokenizer, device) of the checkpoint in `d` on `encode.device`, in its weights dtype; refuses a
+    gradients.max_length beyond the model's context (named in `params_file`)."""
+    dev = pick_device(device)
+    model, tok = load_checkpoint(d, dev, weights_dtype(checkpoint_dtype(d), dev))
+    ctx = context_length(model)
+    if ctx is not None and max_length > ctx:
+        raise param_error("gradients.max_length", f"{max_length} exceeds the context of the model in {d} "
+                          f"({ctx} positions)", params_file)
+    return model, tok, dev
 
 
 def load_second_moments(d) -> tuple[dict[str, torch.Tensor], dict] | None:

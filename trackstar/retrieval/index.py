@@ -15,7 +15,6 @@ when present.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from trackstar.atomic import atomic_path, atomic_write_text
 from trackstar.errors import ArtifactMismatch
 from trackstar.store import StoreReader
 
@@ -168,14 +168,11 @@ def _build_on_disk(trained, store: StoreReader, out: Path, block_rows: int, bar)
 
 
 def save_index(index, path: str | Path, meta: dict) -> None:
-    """Index file + meta json, each written to a temp name then renamed."""
+    """Index file + meta json, each written atomically."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path / "index.faiss")
-    (path / "meta.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(path / "meta.json.tmp", path / "meta.json")
+    with atomic_path(path / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_text(path / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_index(path: str | Path, expect: dict | None = None):

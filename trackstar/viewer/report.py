@@ -20,24 +20,22 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from trackstar.atomic import atomic_open
+from trackstar import layout
+from trackstar.atomic import atomic_dir, atomic_open
 from trackstar.evaluation.breakdown import TOP, classify
 from trackstar.data.records import Query
 from trackstar.errors import InputError
+from trackstar.methods import LADDER_VIEW, VIEW_ORDER
 from trackstar.retrieval.results import QueryResult, iter_results
 
 ASSETS = Path(__file__).parent / "site"
 PAGE_SIZE = 25  # queries per data page
 # summary row of one query in data/index.js (a list per query, in this order)
 FIELDS = ("id", "prompt", "target", "entity", "prediction", "target_prob", "correct", "page", "first")
-# column order: TrackStar and BM25 first (where they disagree is the point), then the ladder rungs
-METHOD_ORDER = ("trackstar", "bm25", "dot", "cosine", "optimizer", "r_train")
-LADDER = ("dot", "cosine", "optimizer", "r_train", "trackstar")
 _CAT = {"relevant": "r", "both": "b", "one": "o", "neither": "n"}
 
 
@@ -51,12 +49,13 @@ class _Hits:
 
 
 def method_files(retrievals: str | os.PathLike) -> dict[str, Path]:
-    """The pipeline's result files by method name: trackstar, bm25, then the ladder rungs."""
+    """The pipeline's result files in the retrievals folder by method name: trackstar, bm25, then the ladder
+    rungs (any other ladder file last)."""
     root = Path(retrievals)
-    found = {"trackstar": root / "trackstar.jsonl", "bm25": root / "bm25.jsonl"}
-    found.update({p.stem: p for p in sorted((root / "ladder").glob("*.jsonl"))})
+    found = {"trackstar": root / layout.TRACKSTAR.name, "bm25": root / layout.BM25.name}
+    found.update({p.stem: p for p in sorted((root / layout.LADDER.name).glob("*.jsonl"))})
     found = {m: p for m, p in found.items() if p.exists()}
-    return {m: found[m] for m in sorted(found, key=lambda m: (METHOD_ORDER + (m,)).index(m))}
+    return {m: found[m] for m in sorted(found, key=lambda m: (VIEW_ORDER + (m,)).index(m))}
 
 
 def _keep(r: QueryResult, q: Query | None, top: int, texts: dict[str, str]) -> _Hits:
@@ -137,7 +136,7 @@ def build_data(summaries: list[dict[str, Any]], hits: Mapping[str, Mapping[str, 
             rows.append([s["id"], s["prompt"], s["target"], s["entity"], p.get("prediction"),
                          _round(p["target_prob"]) if "target_prob" in p else None, p.get("correct"), n,
                          [hits[s["id"]][m].first for m in methods]])
-    index = {"title": title, "methods": list(methods), "ladder": [m for m in LADDER if m in methods],
+    index = {"title": title, "methods": list(methods), "ladder": [m for m in LADDER_VIEW if m in methods],
              "metrics": dict(metrics or {}), "top": top, "page_size": page_size, "pages": len(pages),
              "fields": list(FIELDS), "queries": rows}
     yield "data/index.js", _jsonp("TRACKSTAR.index(%s);", index)
@@ -155,22 +154,13 @@ def build_data(summaries: list[dict[str, Any]], hits: Mapping[str, Mapping[str, 
 
 def write_site(out_dir: str | os.PathLike, files: Iterable[tuple[str, str]]) -> Path:
     """Write the assets and data files into a fresh folder beside ``out_dir``, then swap it into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for name in ("index.html", "viewer.js", "viewer.css"):
             shutil.copyfile(ASSETS / name, tmp / name)
         (tmp / "data").mkdir()
         for rel, text in files:
             (tmp / rel).write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def build_report(out_dir: str | os.PathLike, files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | None,
