@@ -6,23 +6,22 @@ A missing browser fails these tests (it never skips them): install it with
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import math
 import re
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.pipeline import run
 from tests.browser import Chromium, find_chromium
+from tests.test_serve import serving
 from trackstar.data.records import iter_corpus, read_queries
 from trackstar.errors import InputError
 from trackstar.viewer.report import build_report, method_files
 from trackstar.retrieval.results import make_result, read_results, write_results
+from trackstar.serve.app import create_app
 
 METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
 
@@ -35,18 +34,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(built_repo):
-    """The built repo's root over http (the report and the retrievals), on a free port."""
-    handler = functools.partial(_Quiet, directory=str(built_repo))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
-        t = threading.Thread(target=httpd.serve_forever, daemon=True)
-        t.start()
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        httpd.shutdown()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    """The report and the retrieval files over http as `trackstar view` serves them, on a free port."""
+    with serving(create_app(built_repo)) as base:
+        yield base
 
 
 def _words(s: str) -> list[str]:
@@ -217,7 +207,7 @@ def test_report_refuses_results_for_unknown_queries(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-def test_view_serves_the_pipeline_root_and_refuses_a_missing_report(built_repo, tmp_path):
+def test_view_serves_the_report_and_retrievals_only_and_refuses_a_missing_report(built_repo, tmp_path):
     import os
     import signal
     import subprocess
@@ -235,6 +225,9 @@ def test_view_serves_the_pipeline_root_and_refuses_a_missing_report(built_repo, 
         assert b"TRACKSTAR.start()" in urllib.request.urlopen(url, timeout=10).read()
         jsonl = urllib.request.urlopen(url.replace("report/index.html", "retrievals/bm25.jsonl"), timeout=10).read()
         assert jsonl == (built_repo / "retrievals/bm25.jsonl").read_bytes()
+        for path in ("params.yaml", ".dvc/config", ".git/config", "data/corpus.jsonl", "report/../params.yaml"):
+            with pytest.raises(urllib.error.HTTPError, match="404"):  # tests/test_serve.py tries every trick
+                urllib.request.urlopen(url.replace("report/index.html", path), timeout=10)
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(10)

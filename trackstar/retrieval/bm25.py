@@ -52,6 +52,61 @@ def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
     return cand[order[:k]]
 
 
+class BM25Index:
+    """A BM25 index over passages, built once and searched per query (the stage, the trace CLI, the server)."""
+
+    def __init__(self, passages: Iterable[tuple[str, str]], k1: float = 1.5, b: float = 0.75,
+                 method: str = "lucene", dtype: str = "float32", show_progress: bool = False):
+        """passages: iterable of (passage_id, text); it is consumed once, streaming: only the ids and the
+        token-id lists are kept (plus bm25s' sparse score matrix), never a second copy of the texts."""
+        import bm25s
+        from bm25s.tokenization import Tokenizer
+
+        if k1 < 0:
+            raise ValueError(f"k1 must be >= 0, got {k1}")
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"b must be in [0, 1], got {b}")
+        if method not in METHODS:
+            raise ValueError(f"unknown BM25 method {method!r}; choose from {', '.join(METHODS)}")
+
+        self.ids: list[str] = []
+        seen: set[str] = set()
+
+        def texts():
+            for pid, text in passages:
+                pid = str(pid)
+                if pid in seen:
+                    raise ValueError(f"duplicate passage id {pid!r}")
+                seen.add(pid)
+                self.ids.append(pid)
+                yield text
+
+        self.tokenizer = Tokenizer(lower=True, stopwords="en", stemmer=None)
+        # allow_empty=False: an all-stopword passage gets length 0 instead of bm25s' artificial
+        # one-token "" document (which would distort avgdl and match empty queries).
+        corpus_tokens = list(self.tokenizer.streaming_tokenize(texts(), update_vocab=True, allow_empty=False))
+        seen.clear()
+        if not corpus_tokens:
+            raise ValueError("empty corpus")
+        self.vocab = self.tokenizer.get_vocab_dict()
+        self.retriever = bm25s.BM25(k1=k1, b=b, method=method, dtype=dtype)
+        if self.vocab:
+            tokenized = bm25s.tokenization.Tokenized(ids=corpus_tokens, vocab=self.vocab)
+            self.retriever.index(tokenized, create_empty_token=False, show_progress=show_progress)
+
+    def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores as float64) of the top min(k, N) passages for one query text, ties in corpus order."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q_ids = next(iter(self.tokenizer.streaming_tokenize([text], update_vocab=False, allow_empty=False)))
+        if q_ids and self.vocab:
+            scores = np.asarray(self.retriever.get_scores_from_ids(q_ids), dtype=np.float64)
+        else:
+            scores = np.zeros(len(self.ids), dtype=np.float64)
+        top = _top_k_stable(scores, k)
+        return top, scores[top]
+
+
 def bm25_search(
     passages: Iterable[tuple[str, str]],
     queries: Iterable[tuple[str, str]],
@@ -62,62 +117,17 @@ def bm25_search(
     dtype: str = "float32",
     show_progress: bool = False,
 ) -> list[tuple[list[str], list[float]]]:
-    """Top-k passages for each query by BM25.
+    """Top-k passages for each query by BM25 (one :class:`BM25Index`, searched per query).
 
-    passages: iterable of (passage_id, text); it is consumed once, streaming: only the
-      ids and the token-id lists are kept (plus bm25s' sparse score matrix), never a
-      second copy of the texts.
     queries: iterable of (query_id, query_text).
     Returns, per query in input order, (passage_ids, scores): best first, ties in
     corpus order, min(k, N) entries, scores as Python floats.
     """
-    import bm25s
-    from bm25s.tokenization import Tokenizer
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if k1 < 0:
-        raise ValueError(f"k1 must be >= 0, got {k1}")
-    if not 0.0 <= b <= 1.0:
-        raise ValueError(f"b must be in [0, 1], got {b}")
-    if method not in METHODS:
-        raise ValueError(f"unknown BM25 method {method!r}; choose from {', '.join(METHODS)}")
-
-    ids: list[str] = []
-    seen: set[str] = set()
-
-    def texts():
-        for pid, text in passages:
-            pid = str(pid)
-            if pid in seen:
-                raise ValueError(f"duplicate passage id {pid!r}")
-            seen.add(pid)
-            ids.append(pid)
-            yield text
-
-    tokenizer = Tokenizer(lower=True, stopwords="en", stemmer=None)
-    # allow_empty=False: an all-stopword passage gets length 0 instead of bm25s' artificial
-    # one-token "" document (which would distort avgdl and match empty queries).
-    corpus_tokens = list(tokenizer.streaming_tokenize(texts(), update_vocab=True, allow_empty=False))
-    seen.clear()
-    if not corpus_tokens:
-        raise ValueError("empty corpus")
-    vocab = tokenizer.get_vocab_dict()
-    n_docs = len(corpus_tokens)
-
-    retriever = bm25s.BM25(k1=k1, b=b, method=method, dtype=dtype)
-    if vocab:
-        tokenized = bm25s.tokenization.Tokenized(ids=corpus_tokens, vocab=vocab)
-        retriever.index(tokenized, create_empty_token=False, show_progress=show_progress)
-    del corpus_tokens
-
+    index = BM25Index(passages, k1, b, method, dtype, show_progress)
     out: list[tuple[list[str], list[float]]] = []
     for _qid, qtext in queries:
-        q_ids = next(iter(tokenizer.streaming_tokenize([qtext], update_vocab=False, allow_empty=False)))
-        if q_ids and vocab:
-            scores = np.asarray(retriever.get_scores_from_ids(q_ids), dtype=np.float64)
-        else:
-            scores = np.zeros(n_docs, dtype=np.float64)
-        top = _top_k_stable(scores, k)
-        out.append(([ids[i] for i in top], [float(scores[i]) for i in top]))
+        rows, scores = index.search(qtext, k)
+        out.append(([index.ids[i] for i in rows], [float(s) for s in scores]))
     return out

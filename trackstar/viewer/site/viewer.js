@@ -291,22 +291,23 @@
   }
 
   // ------------------------------------------------------------------ the per-query panel
-  function renderPanel(s, d) {
+  function renderPanel(s, d, methods) {
+    methods = methods || store.methods;
     const panel = $('panel');
     const rel = new Set(d.relevant || []);
     const pred = s.prediction == null ? null : el('span', {}, [el('span', {text: JSON.stringify(s.prediction) + ' '}),
-      el('span', {cls: 'flag ' + (s.correct ? 'ok' : 'bad'), text: s.correct ? 'correct' : 'wrong'})]);
+      s.correct == null ? null : el('span', {cls: 'flag ' + (s.correct ? 'ok' : 'bad'), text: s.correct ? 'correct' : 'wrong'})]);
     const facts = [['target', el('span', {}, highlight(s.target, null, s.target))], ['entity', s.entity ? el('mark', {cls: 'ent', text: s.entity}) : null],
       ['greedy prediction', pred], ['p(target | prompt)', s.target_prob == null ? null : (s.target_prob < 1e-3 ? Number(s.target_prob).toExponential(2) : fmt(s.target_prob, 4))],
       ['relevant passages', rel.size ? String(rel.size) : null]].filter(function (f) { return f[1] != null; });
     const head = el('div', {cls: 'qhead'}, [
-      el('h2', {}, [el('span', {cls: 'muted', text: 'Query '}), s.id]),
+      el('h2', {}, [el('span', {cls: 'muted', text: s.live ? 'Live trace ' : 'Query '}), s.id]),
       el('p', {cls: 'prompt'}, highlight(s.prompt, s.entity, null).concat([el('mark', {cls: 'tgt', text: s.target})])),
       el('dl', {}, facts.map(function (f) { return el('div', {cls: 'pair'}, [el('dt', {text: f[0]}), el('dd', {}, [f[1]])]); })),
     ]);
-    const ref = store.methods.includes('trackstar') ? 'trackstar' : store.methods[0];
+    const ref = methods.includes('trackstar') ? 'trackstar' : methods[0];
     const refTop = new Set((d.methods[ref] ? d.methods[ref].p : []).slice(0, 10).map(function (h) { return h[0]; }));
-    const cols = store.methods.map(function (m) {
+    const cols = methods.map(function (m) {
       const md = d.methods[m] || {p: [], o: []};
       const counts = {relevant: 0, both: 0, one: 0, neither: 0};
       md.p.slice(0, 10).forEach(function (h) { counts[CAT_CODE[h[2]]] += 1; });
@@ -391,9 +392,113 @@
     return show(st, exampleId);
   }
 
+  // ------------------------------------------------------------------ "trace your own prompt" (trackstar serve)
+  const LIVE_METHODS = ['trackstar', 'bm25'];
+  const live = {n: 0, info: null};
+  function liveStatus(msg, isError) {
+    const p = $('live-status');
+    p.replaceChildren.apply(p, Array.isArray(msg) ? msg : [msg || '']);
+    p.className = isError ? 'error' : 'muted';
+  }
+  function howToServe(why) {
+    return [why + ' To trace your own prompt, run ', el('code', {text: 'trackstar serve'}),
+      ' in the pipeline folder and open the address it prints.'];
+  }
+  function apiUrl(path) { return new URL('../api/' + path, location.href).href; }
+  function apiHeaders(json) {
+    const h = json ? {'Content-Type': 'application/json'} : {};
+    const token = $('live-token').value || sessionStorage.getItem('trackstar-token');
+    if (token) h.Authorization = 'Bearer ' + token;
+    return h;
+  }
+  function liveEnable(on) {
+    for (const e of $('live-form').elements) e.disabled = !on;
+    if (on) $('live-target').disabled = $('live-greedy').checked;
+  }
+  function liveInit() {
+    liveEnable(false);
+    $('live-form').addEventListener('submit', function (e) { e.preventDefault(); T.traced = liveTrace(); });
+    $('live-greedy').addEventListener('change', function (e) { $('live-target').disabled = e.target.checked; });
+    if (location.protocol === 'file:') { liveStatus(howToServe('This page was opened from a file.')); return Promise.resolve(false); }
+    return fetch(apiUrl('info'), {headers: apiHeaders(false)}).then(function (r) {
+      if (r.status === 401) {
+        $('live-token-row').hidden = false;
+        liveEnable(true);
+        liveStatus('This server needs its token (ask whoever started it).');
+        return true;
+      }
+      if (!r.ok) { liveStatus(howToServe('This server has no trace API.')); return false; }
+      return r.json().then(function (info) {
+        if (!info.trace) { liveStatus(howToServe('This server (trackstar view) has no trace API.')); return false; }
+        live.info = info;
+        $('live-k').max = info.max_k;
+        liveEnable(true);
+        $('live').open = true;
+        liveStatus('Traces over ' + info.passages + ' passages with ' + LIVE_METHODS.map(name).join(' and ') + '.');
+        return true;
+      });
+    }).catch(function () { liveStatus(howToServe('No trace server answers here.')); return false; });
+  }
+  async function postTrace(body) {
+    const r = await fetch(apiUrl('trace'), {method: 'POST', headers: apiHeaders(true), body: JSON.stringify(body)});
+    let data;
+    try { data = await r.json(); } catch (e) { data = {error: 'HTTP ' + r.status}; }
+    if (!r.ok) { const err = new Error(data.error || ('HTTP ' + r.status)); err.field = data.field; err.status = r.status; throw err; }
+    return data;
+  }
+  async function liveTrace() {
+    for (const id of ['live-prompt', 'live-target', 'live-k', 'live-token']) $(id).classList.remove('bad');
+    const greedy = $('live-greedy').checked;
+    const body = {prompt: $('live-prompt').value, target: greedy ? null : $('live-target').value,
+                  k: Number($('live-k').value)};
+    if ($('live-token').value) sessionStorage.setItem('trackstar-token', $('live-token').value);
+    $('live-go').disabled = true;
+    liveStatus('tracing …');
+    try {
+      const records = {};
+      for (const m of LIVE_METHODS) {  // TrackStar first: it settles the greedy answer BM25 then uses
+        records[m] = await postTrace(Object.assign({}, body, {method: m}));
+        body.target = records[m].targets_plaintext;
+      }
+      renderLive(body, records, greedy ? records.trackstar.prediction : null);
+      liveStatus('');
+      return true;
+    } catch (e) {
+      const input = {prompt: 'live-prompt', target: 'live-target', k: 'live-k', token: 'live-token'}[e.field];
+      if (input) $(input).classList.add('bad');
+      if (e.field === 'token') $('live-token-row').hidden = false;
+      liveStatus((e.field ? e.field + ': ' : '') + e.message, true);
+      return false;
+    } finally {
+      $('live-go').disabled = false;
+    }
+  }
+  function renderLive(body, records, prediction) {
+    live.n += 1;
+    const entity = $('live-entity').value.trim() || null;
+    const s = {id: 'live-' + live.n, live: true, prompt: body.prompt, target: body.target, entity: entity,
+               prediction: prediction, target_prob: null, correct: null, first: {}};
+    const d = {relevant: [], methods: {}, passages: {}};
+    for (const m of LIVE_METHODS) {
+      const r = records[m];
+      const hits = function (ids, scores, texts) {
+        return ids.map(function (pid, i) {
+          d.passages[pid] = texts[i];
+          return [pid, scores[i], classify(texts[i], s.target, entity, false)[0]];
+        });
+      };
+      d.methods[m] = {p: hits(r.proponent_ids, r.proponent_scores, r.proponents), o: hits(r.opponent_ids, r.opponent_scores, r.opponents)};
+    }
+    state.selected = null;
+    document.querySelectorAll('#qlist li.sel').forEach(function (li) { li.classList.remove('sel'); });
+    renderPanel(s, d, LIVE_METHODS);
+    $('panel').scrollIntoView({block: 'start'});
+  }
+
   // ------------------------------------------------------------------ start, and a small API for tests
   T.start = function () {
     bind();
+    T.live = liveInit();
     const params = new URLSearchParams(location.search);
     const paths = [params.get('jsonl_path'), params.get('sxs_jsonl_path')].filter(Boolean);
     let ready;
