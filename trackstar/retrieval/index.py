@@ -27,6 +27,7 @@ from trackstar.errors import ArtifactMismatch
 from trackstar.store import StoreReader
 
 ON_DISK_LISTS = "lists.ivfdata"
+RERANK_BUDGET = 256 << 20  # bytes of candidate rows `_rerank` reads at once
 
 
 def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool, on_disk: bool = False) -> str:
@@ -219,15 +220,14 @@ def _on_disk(index) -> bool:
         return False
 
 
-def _rerank(q: np.ndarray, top: np.ndarray, bottom: np.ndarray, store: StoreReader, k: int, batch: int = 0,
-            budget_bytes: int = 256 << 20):
+def _rerank(q: np.ndarray, top: np.ndarray, bottom: np.ndarray, store: StoreReader, k: int, batch: int = 0):
     """Exact scores of the proponent and opponent candidate rows; the best k (largest / most negative) of
     each kept. Per batch of queries one grouped read of the distinct rows of both candidate sets (by chunk,
-    never one read per row); the batch is sized so that those rows stay under `budget_bytes` (or is
-    `batch` queries), so memory does not grow with queries or rerank depth."""
+    never one read per row); the batch is sized so that those rows stay under RERANK_BUDGET (or is `batch`
+    queries), so memory does not grow with queries or rerank depth."""
     cand = np.concatenate([top, bottom], axis=1)
     scores = np.full(cand.shape, np.nan, dtype=np.float32)
-    batch = batch or max(1, min(64, budget_bytes // max(1, cand.shape[1] * store.d * 4)))
+    batch = batch or max(1, min(64, RERANK_BUDGET // max(1, cand.shape[1] * store.d * 4)))
     for b in range(0, len(q), batch):
         c = cand[b:b + batch]
         uniq, inv = np.unique(c[c >= 0], return_inverse=True)

@@ -48,6 +48,24 @@ class _Hits:
     first: int = 0  # 1-based rank of the first relevant proponent in the whole list, 0 if none
 
 
+@dataclass(frozen=True)
+class Pages:
+    """How a site is cut: queries per data page, hits kept per method and query, and its title."""
+
+    page_size: int = PAGE_SIZE
+    top: int = TOP
+    title: str = "TrackStar report"
+
+
+@dataclass
+class Collected:
+    """What `collect` kept: per-query summaries, hits[query id][method] and the kept passages' texts."""
+
+    summaries: list[dict[str, Any]]
+    hits: Mapping[str, Mapping[str, _Hits]]
+    texts: Mapping[str, str]
+
+
 def method_files(retrievals: str | os.PathLike) -> dict[str, Path]:
     """The pipeline's result files in the retrievals folder by method name: trackstar, bm25, then the ladder
     rungs (any other ladder file last)."""
@@ -80,9 +98,8 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else 0.0
 
 
-def collect(files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | None, top: int = TOP
-            ) -> tuple[list[dict[str, Any]], dict[str, dict[str, _Hits]], dict[str, str]]:
-    """Stream every method's results once and keep the top hits: (summaries, hits[qid][method], texts).
+def collect(files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | None, top: int = TOP) -> Collected:
+    """Stream every method's results once and keep the top hits: summaries, hits[qid][method], texts.
 
     Query order is the queries file's when given (each must have a result in every file), else the
     first file's. Memory holds ``top`` hits per query and method, never whole result files.
@@ -113,7 +130,7 @@ def collect(files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | N
                           "target": q.target if q else h.targets_plaintext,
                           "entity": q.entity if q else h.extra.get("entity"),
                           "relevant": list(q.relevant_ids or []) if q else []})
-    return summaries, hits, texts
+    return Collected(summaries, hits, texts)
 
 
 def _jsonp(call: str, obj: Any) -> str:
@@ -122,11 +139,11 @@ def _jsonp(call: str, obj: Any) -> str:
                         .replace("</", "<\\/")) + "\n"
 
 
-def build_data(summaries: list[dict[str, Any]], hits: Mapping[str, Mapping[str, _Hits]], texts: Mapping[str, str],
-               methods: Sequence[str], predictions: Mapping[str, Mapping[str, Any]] | None = None,
-               metrics: Mapping[str, Any] | None = None, page_size: int = PAGE_SIZE, top: int = TOP,
-               title: str = "TrackStar report") -> Iterable[tuple[str, str]]:
+def build_data(kept: Collected, methods: Sequence[str], predictions: Mapping[str, Mapping[str, Any]] | None = None,
+               metrics: Mapping[str, Any] | None = None, cut: Pages = Pages()) -> Iterable[tuple[str, str]]:
     """Yield (relative path, text) of every data file: data/index.js, then one data/page-N.js per page."""
+    summaries, hits, texts = kept.summaries, kept.hits, kept.texts
+    page_size, top, title = cut.page_size, cut.top, cut.title
     predictions = predictions or {}
     rows = []
     pages: list[list[dict[str, Any]]] = [summaries[i: i + page_size] for i in range(0, len(summaries), page_size)]
@@ -165,11 +182,12 @@ def write_site(out_dir: str | os.PathLike, files: Iterable[tuple[str, str]]) -> 
 
 def build_report(out_dir: str | os.PathLike, files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | None,
                  predictions: Mapping[str, Mapping[str, Any]] | None = None, metrics: Mapping[str, Any] | None = None,
-                 page_size: int = PAGE_SIZE, top: int = TOP) -> dict[str, int]:
+                 cut: Pages = Pages()) -> dict[str, int]:
     """The whole site from result files (method -> path); returns counts for the log."""
-    summaries, hits, texts = collect(files, queries, top)
-    written = {"queries": len(summaries), "passages": 0, "pages": 0, "bytes": 0}
-    out = write_site(out_dir, build_data(summaries, hits, texts, list(files), predictions, metrics, page_size, top))
+    kept = collect(files, queries, cut.top)
+    texts = kept.texts
+    written = {"queries": len(kept.summaries), "passages": 0, "pages": 0, "bytes": 0}
+    out = write_site(out_dir, build_data(kept, list(files), predictions, metrics, cut))
     for p in out.rglob("*"):
         if p.is_file():
             written["bytes"] += p.stat().st_size
@@ -185,8 +203,8 @@ def single_page_html(record: QueryResult, method: str, entity: str | None = None
               max(len(record.proponent_ids), len(record.opponent_ids)), texts)
     summaries = [{"id": record.example_id, "prompt": record.inputs_plaintext, "target": record.targets_plaintext,
                   "entity": entity, "relevant": []}]
-    data = "".join(text for _, text in build_data(summaries, {record.example_id: {method: h}}, texts, [method],
-                                                 page_size=1, top=len(h.proponents), title=title))
+    kept = Collected(summaries, {record.example_id: {method: h}}, texts)
+    data = "".join(text for _, text in build_data(kept, [method], cut=Pages(1, len(h.proponents), title)))
     html = (ASSETS / "index.html").read_text(encoding="utf-8")
     css = (ASSETS / "viewer.css").read_text(encoding="utf-8")
     js = (ASSETS / "viewer.js").read_text(encoding="utf-8").replace("</", "<\\/")
