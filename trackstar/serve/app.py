@@ -219,7 +219,7 @@ def _static(shelf: Shelf):
         path = resolve(shelf, request.path_params["path"])
         if path is None:
             return JSONResponse({"error": "not found", "field": None}, 404, headers=HEADERS)
-        return FileResponse(path, headers={**HEADERS, "Cache-Control": "no-cache"}, content_disposition_type="inline")
+        return FileResponse(path, headers={**HEADERS, "Cache-Control": "no-cache"})
     return endpoint
 
 
@@ -236,7 +236,7 @@ async def _no_api(request: Request) -> Response:
     return _error(Refused(404, "no trace API here: start one with `trackstar serve`"))
 
 
-async def _not_found(request: Request, exc: HTTPException) -> Response:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error(Refused(exc.status_code, exc.detail))
 
 
@@ -253,7 +253,7 @@ def create_app(root: str | Path, tracer: "Tracer | None" = None, access: Access 
     else:
         routes += [Route("/api/info", _no_api_info, methods=["GET"]),
                    Route("/api/{rest:path}", _no_api, methods=["GET", "POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _not_found},
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error},
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(access.hosts))])
     app.state.api = api if tracer is not None else None
     return app

@@ -9,7 +9,6 @@ naming the file and the attribute, as the pipeline's stages refuse them.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from trackstar.errors import ArtifactMismatch, InputError
 from trackstar.methods import RUNGS
 from trackstar.retrieval.results import make_result, valid_hits
 from trackstar.serve.passages import PassageText
-
-log = logging.getLogger(__name__)
 
 BASE_METHODS = ("trackstar", "bm25")
 MAX_ANSWER_TOKENS = 16  # a greedy answer stops at end-of-text, a newline or this many tokens
@@ -154,8 +151,8 @@ class Tracer:
             if n_target == 0:
                 raise InputError(REQUEST, "tokenizes to nothing", field="target")
             if bos + n_target + 1 > self.max_length:
-                raise InputError(REQUEST, f"{n_target} tokens: more than gradients.max_length={self.max_length} "
-                                 "leaves room for with a prompt token", field="target")
+                raise InputError(REQUEST, f"{n_target} tokens: gradients.max_length={self.max_length} leaves no "
+                                 "room for a prompt token beside them", field="target")
         if bos + n_prompt + n_target > self.max_length:
             raise InputError(REQUEST, f"{n_prompt} tokens with the target's {n_target}: more than "
                              f"gradients.max_length={self.max_length} (shorten it; it is never cut here)", field="prompt")
