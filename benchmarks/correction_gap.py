@@ -16,17 +16,20 @@ import numpy as np
 import torch
 import yaml
 
-from trackstar.model.checkpoint import load_checkpoint, load_second_moments
-from trackstar.config import load_params
-from trackstar.encode.correction import build_correction
+from trackstar.config import Params, load_params
 from trackstar.data.records import iter_corpus, read_queries
-from trackstar.encode.writer import encode_chunk
 from trackstar.data.examples import passage_example, query_example
-from trackstar.encode.gradients import HookProjector, reference_encode
-from trackstar.encode.layers import find_layers
+from trackstar.encode.encoder import Encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+
+
+def encoder(p: Params, kind: str) -> Encoder:
+    """The pipeline's encoder with correction.kind `kind`: corrected rows only, 32 examples a batch."""
+    return Encoder.from_params(p.model_copy(update={
+        "correction": p.correction.model_copy(update={"kind": kind}),
+        "encode": p.encode.model_copy(update={"save_plain": False, "batch_size": 32})}))
 
 
 def main() -> None:
@@ -36,34 +39,27 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params()
     torch.manual_seed(0)
-    model, tok = load_checkpoint("model")
-    pad = tok.pad_token_id
-    layers = find_layers(model, p.gradients.include, p.gradients.exclude, p.gradients.include_lm_head)
-    moments, _ = load_second_moments("model")
-    k, seed, L = p.projection.k, p.projection.seed, p.gradients.max_length
+    exact, rank1 = encoder(p, "adam"), encoder(p, "adam_rank1")  # element-wise (reference path), rank-1 hooks
+    tok, L = exact.tok, p.gradients.max_length
     passages = [x for _, x in zip(range(args.passages), iter_corpus("data/corpus.jsonl"))]
     queries = read_queries("data/queries.jsonl")[: args.queries]
     pex = [passage_example(tok, x.text, L) for x in passages]
     qex = [query_example(tok, q.prompt, q.target, L) for q in queries]
-    exact = build_correction("adam", layers, moments, p.correction.eps)
-    rank1 = build_correction("adam_rank1", layers, moments, p.correction.eps)
 
     t0 = time.time()
-    ex_p, _ = reference_encode(model, layers, pex, pad, k, seed, exact)
-    ex_q, _ = reference_encode(model, layers, qex, pad, k, seed, exact)
+    ex_p, _ = exact.encode(pex)
+    ex_q, _ = exact.encode(qex)
     t_exact = time.time() - t0
-    proj = HookProjector(model, layers, k, seed, rank1, plain=False)
     t0 = time.time()
-    with proj.attached():
-        r1_p, _ = encode_chunk(model, pex, proj, layers, k, seed, rank1, 32, pad)
-        r1_q, _ = encode_chunk(model, qex, proj, layers, k, seed, rank1, 32, pad)
+    r1_p, _ = rank1.encode(pex)
+    r1_q, _ = rank1.encode(qex)
     t_rank1 = time.time() - t0
 
     def unit(x):
         x = np.asarray(x, dtype=np.float64)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    ex_p, ex_q, r1_p, r1_q = map(unit, (ex_p.numpy(), ex_q.numpy(), r1_p, r1_q))
+    ex_p, ex_q, r1_p, r1_q = map(unit, (ex_p, ex_q, r1_p, r1_q))
     cos_p = (ex_p * r1_p).sum(1)
     cos_q = (ex_q * r1_q).sum(1)
     top_ex = np.argsort(-(ex_q @ ex_p.T), axis=1)[:, :10]

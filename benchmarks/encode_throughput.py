@@ -6,7 +6,7 @@ identical) and the SAME device:
 
   training        forward + backward + torch.optim.AdamW step, batch by batch (the cost of one
                   epoch of pretraining on these passages: the yardstick);
-  ours            the encode stage's fast hook path (`HookProjector` + `encode_chunk`): per-example
+  ours            the encode stage's fast hook path (the stage's `Encoder`, `Encoder.encode`): per-example
                   loss gradients of every selected layer, rank-1 (Adafactor-style) Adam correction
                   when the checkpoint has optimizer state, Kronecker projection to k x k per layer;
                   corrected AND plain rows, as the stage computes with `encode.save_plain: true`;
@@ -20,9 +20,9 @@ cost" and "how does it compare with the reference implementation" are the two nu
 needs to budget a run. Both libraries compute the same per-layer two-sided projection
 P_out (sum_t delta_t a_t^T) P_in^T from forward/backward hooks, so the comparison is like for like.
 
-Projection size: ours is d = k^2 x (layers found); the library takes one k for every layer
-(`HookProjector(..., k, ...)`, `layout()`), so d = 2^14 can't be hit exactly: k is the integer
-whose k^2 x layers is closest to --target-d (default 2^14). bergson's `projection_dim` p gives a
+Projection size: ours is d = k^2 x (layers found); the library takes one k for every layer, so
+d = 2^14 can't be hit exactly: k is what `projection.d: --target-d` (default 2^14) gives, the largest
+k with k^2 x layers <= --target-d (`ProjectionParams.k_for`). bergson's `projection_dim` p gives a
 p x p block per module (`HookCollectorBase.shapes`), i.e. d = p^2 x modules; p is chosen the
 same way, and on the same module set (every nn.Linear incl. lm_head) it is p = k, d equal.
 
@@ -64,12 +64,6 @@ RESULT_TAG = "ENCODE_THROUGHPUT_RESULT "
 
 # --------------------------------------------------------------------------- shared setup
 
-def nearest_k(n_layers: int, target: int) -> int:
-    """The k >= 1 whose k^2 x n_layers is closest to target (the smaller k on a tie)."""
-    k = max(1, int((target / n_layers) ** 0.5))
-    return min((c for c in (k, k + 1) if c >= 1), key=lambda c: (abs(c * c * n_layers - target), c))
-
-
 def _sync(device) -> None:
     import torch
 
@@ -89,33 +83,44 @@ def _params():
     return GradientsParams(), CorrectionParams(), ProjectionParams()
 
 
-def _setup(args):
-    """Model, tokenizer, examples sorted by length, batches (index lists), pad id, device."""
+def _prepare(args) -> None:
+    """Torch as every pipeline stage sets it (trackstar.runner), the thread count asked for, a fixed seed."""
     import torch
 
-    from trackstar.model.checkpoint import load_checkpoint
-    from trackstar.data.records import iter_corpus
-    from trackstar.encode.encoder import pick_device
-    from trackstar.data.examples import pad_token_id, passage_example
-
-    torch.set_flush_denormal(True)  # as every pipeline stage does (trackstar.runner)
+    torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = pick_device(args.device)
-    model, tok = load_checkpoint(args.model)
-    model.to(device)
-    pad_id = pad_token_id(tok)
+
+
+def _examples(tok, args):
+    """The passages as examples sorted by length, and their batches (index lists)."""
+    from trackstar.data.records import iter_corpus
+    from trackstar.data.examples import passage_example
+
     texts = [p.text for _, p in zip(range(args.examples), iter_corpus(args.corpus))]
     if not texts:
         raise SystemExit(f"{args.corpus}: no passages")
     examples = [passage_example(tok, t, args.max_length) for t in texts]
-    # the encode stage sorts by length inside a chunk (trackstar.encode.encode_chunk); sorting here
+    # the encode stage sorts by length inside a chunk (trackstar.encode.encoder.Encoder.encode); sorting here
     # once (stable) gives every measurement the very same batches and padding
     examples.sort(key=lambda e: len(e.input_ids))
     batches = [list(range(i, min(i + args.batch_size, len(examples))))
                for i in range(0, len(examples), args.batch_size)]
-    return model, tok, examples, batches, pad_id, device
+    return examples, batches
+
+
+def _setup(args):
+    """Model, tokenizer, examples sorted by length, batches (index lists), pad id, device."""
+    from trackstar.model.checkpoint import load_checkpoint, pick_device
+    from trackstar.data.examples import pad_token_id
+
+    _prepare(args)
+    device = pick_device(args.device)
+    model, tok = load_checkpoint(args.model)
+    model.to(device)
+    examples, batches = _examples(tok, args)
+    return model, tok, examples, batches, pad_token_id(tok), device
 
 
 def _model_info(model, args) -> dict:
@@ -198,40 +203,34 @@ def measure_floor(args) -> dict:
 
 def measure_ours(args, plain: bool) -> dict:
     import numpy as np
-    import torch
 
+    from trackstar.config import EncodeParams, Params
+    from trackstar.encode.encoder import Encoder
     from trackstar.model.checkpoint import load_second_moments
-    from trackstar.encode.correction import build_correction
-    from trackstar.encode.writer import encode_chunk
-    from trackstar.encode.gradients import HookProjector
-    from trackstar.encode.layers import find_layers
 
+    _prepare(args)
     gp, cp, pp = _params()
-    model, _tok, examples, batches, pad_id, device = _setup(args)
-    layers = find_layers(model, gp.include, gp.exclude, gp.include_lm_head)
-    k = nearest_k(len(layers), args.target_d)
-    state = load_second_moments(args.model)
-    kind = "adam_rank1" if state else "none"
-    correction = build_correction(kind, layers, state[0] if state else None, cp.eps, checkpoint=str(args.model))
-    autocast = torch.bfloat16 if device.type == "cuda" else None  # as trackstar.encode.encoder.Encoder
-    projector = HookProjector(model, layers, k, pp.seed, correction, plain=plain, device=device)
-    bs = args.batch_size
+    kind = "adam_rank1" if load_second_moments(args.model) is not None else "none"
+    params = Params(gradients=gp.model_copy(update={"max_length": args.max_length}), correction=cp.model_copy(update={"kind": kind}),
+                    projection=pp.model_copy(update={"d": args.target_d}),
+                    encode=EncodeParams(device=args.device, batch_size=args.batch_size, save_plain=plain))
+    enc = Encoder(params, args.model, Path(args.model) / "no_moments_file")  # kind is never `estimated` here
+    model, device = enc.model, enc.device
+    examples, batches = _examples(enc.tok, args)
     # output rows go to buffers allocated (and faulted in) once, as the stage reuses one pair for all chunks
-    out = tuple(np.ones((len(examples), k * k * len(layers)), dtype=np.float32) for _ in range(2))
-    with projector.attached():
-        encode_chunk(model, [examples[i] for i in batches[0]], projector, layers, k, pp.seed, correction,
-                     bs, pad_id, autocast, out)  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        # examples are already sorted by length, so encode_chunk's own (stable) sort keeps these batches
-        cor, pl = encode_chunk(model, examples, projector, layers, k, pp.seed, correction, bs, pad_id, autocast, out)
-        _sync(device)
-        seconds = time.perf_counter() - t0
+    out = tuple(np.ones((len(examples), enc.d), dtype=np.float32) for _ in range(2))
+    enc.encode([examples[i] for i in batches[0]], out)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    # examples are already sorted by length, so the encoder's own (stable) sort keeps these batches
+    cor, pl = enc.encode(examples, out)
+    _sync(device)
+    seconds = time.perf_counter() - t0
     out = _common(examples, batches, seconds, device)
-    out.update(d=int(cor.shape[1]), k=k, n_layers=len(layers), k_choice="one k for all layers (closest k^2 x layers "
-               f"to {args.target_d}; the library has no per-layer k)", correction=kind, plain_rows=plain,
-               autocast=str(autocast) if autocast else None, model=_model_info(model, args),
-               layers=[l.name for l in layers])
+    out.update(d=enc.d, k=enc.k, n_layers=len(enc.layers), k_choice="one k for all layers (the largest with "
+               f"k^2 x layers <= {args.target_d}; the library has no per-layer k)", correction=kind, plain_rows=plain,
+               autocast=str(enc.autocast) if enc.autocast else None, weights=str(next(model.parameters()).dtype),
+               model=_model_info(model, args), layers=[l.name for l in enc.layers])
     return out
 
 
@@ -268,7 +267,7 @@ def measure_bergson(args) -> dict:
     # encode the same nn.Linear set, and bergson's discovery (every LayerAdapter.supported_modules)
     # finds exactly ours.
     targets = HookCollectorBase.discover_targets(model)
-    p = nearest_k(len(targets), args.target_d)
+    p = _params()[2].model_copy(update={"d": args.target_d}).k_for(len(targets))  # as ours: projection.d's k
 
     normalizers = {}
     state = load_second_moments(args.model)  # bias-corrected v-hat by parameter name

@@ -5,21 +5,16 @@ import json
 import time
 from pathlib import Path
 
-import trackstar.data.examples as examples_lib
-import trackstar.evaluation.tailpatch as tailpatch_lib
 from trackstar.evaluation.breakdown import CATEGORIES, TOP, method_breakdown, metric_names, query_breakdown
-from trackstar.model.checkpoint import checkpoint_hash, load_checkpoint, load_second_moments
+from trackstar.model.checkpoint import load_checkpoint
 from trackstar.config import load_params
 from trackstar.data.records import corpus_files, iter_corpus, read_queries, write_jsonl
 from trackstar.evaluation.metrics import METHODS, dev_test_split, metrics_table, plot_methods, random_ranking, split_metrics
 from trackstar.data.examples import pad_token_id, passage_example, query_example
-from trackstar.fingerprint import file_sha256
-from trackstar.memo import Memo, code_hash, memo_key
-from trackstar.encode.moments import MOMENTS_FILE, tail_patch_moments
 from trackstar.evaluation.predict import predict
 from trackstar.retrieval.results import read_results
 from trackstar.runner import run_main
-from trackstar.evaluation.tailpatch import tail_patch
+from trackstar.evaluation.influence import pipeline_tail_patch
 
 
 def main() -> None:
@@ -55,27 +50,10 @@ def main() -> None:
     side = dev_test_split(queries, e.dev_fraction)
     write_jsonl("eval/predictions.jsonl", ({**p, "split": side[p["id"]]} for p in preds))
     if e.tail_patch_queries:
-        # the step's v-hat: the checkpoint's Adam state; without one, the `moments` stage's estimate
-        # (correction.kind: estimated, its rank-1 fit); else a plain gradient step (v = 1)
-        state = load_second_moments("model")
-        v_hat, v_key = (state[0], "optimizer_state") if state else (None, "none")
-        ck = checkpoint_hash("model")
-        if v_hat is None and (est := tail_patch_moments(MOMENTS_FILE, model, ck)):
-            v_hat, v_key = est, "estimated:" + file_sha256(MOMENTS_FILE)
-        tp_v = v_key.split(":")[0]
         props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
                      for q in sample] for m in ranked}
         qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
-        # each (query, passage) step depends on the model (and its optimizer state), lr and this code only:
-        # memoized per pair, so an edit that changes some rankings computes just the pairs not seen before
-        memo = Memo(".work/tailpatch", keep=8)
-        key = memo_key(model=ck, v=v_key, lr=e.tail_patch_lr, code=code_hash(tailpatch_lib, examples_lib))
-        cache = memo.load_json("pairs", key) or {}
-        seen = len(cache)
-        tp = tail_patch(model, qex, props, pad, v_hat, e.tail_patch_lr, e.tail_patch_ks,
-                        cache=cache)
-        if len(cache) > seen:
-            memo.save_json("pairs", key, cache)
+        tp, tp_v = pipeline_tail_patch(model, qex, props, pad, e)
         for m in metrics:
             metrics[m].update(tp[m])
             metrics[m]["tail_patch_queries"] = len(sample)

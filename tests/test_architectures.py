@@ -19,6 +19,7 @@ from trackstar.encode.correction import build_correction
 from trackstar.data.examples import collate
 from trackstar.encode.gradients import HookProjector, estimate_second_moments, per_example_grads, reference_encode
 from trackstar.encode.layers import find_layers
+from trackstar.encode.projection import Projection
 
 V = 50  # vocabulary of the random examples (ids 1..49)
 
@@ -73,7 +74,7 @@ def build(name: str):
 
 
 def hook_encode(model, layers, examples, correction, batch_size):
-    proj = HookProjector(model, layers, 4, 3, correction, plain=True)
+    proj = HookProjector(model, Projection(layers, 4, 3), correction, plain=True)
     rows, plain = [], []
     with proj.attached():
         for i in range(0, len(examples), batch_size):
@@ -91,7 +92,7 @@ def test_hook_path_equals_dense_reference(name, kind):
     assert ({l.kind for l in layers} == {"conv1d", "linear"}) == (name == "gpt2")  # the head is an nn.Linear
     corr = build_correction(kind, layers, random_moments(model), 1e-8)
     ex = random_examples(5) + random_examples(2, seed=1, query=True)
-    ref_c, ref_p = reference_encode(model, layers, ex, PAD, k=4, seed=3, correction=corr, rank1=True)
+    ref_c, ref_p = reference_encode(model, Projection(layers, 4, 3), ex, PAD, corr)
     assert ref_c.abs().max() > 0
     for bs in (1, 3):  # padded batches too
         got_c, got_p = hook_encode(model, layers, ex, corr, bs)

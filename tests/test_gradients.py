@@ -8,11 +8,11 @@ from trackstar.encode.correction import apply_exact, build_correction, rank1_sca
 from trackstar.data.examples import collate
 from trackstar.encode.gradients import HookProjector, reference_encode
 from trackstar.encode.layers import find_layers
-from trackstar.encode.projection import projection_matrix
+from trackstar.encode.projection import Projection, projection_matrix
 
 
 def hook_encode(model, layers, examples, k, seed, correction, batch_size):
-    proj = HookProjector(model, layers, k, seed, correction, plain=True)
+    proj = HookProjector(model, Projection(layers, k, seed), correction, plain=True)
     rows, plain = [], []
     with proj.attached():
         for i in range(0, len(examples), batch_size):
@@ -39,7 +39,7 @@ def test_hook_path_equals_dense_reference(name, kind, query):
     assert ("conv1d" in kinds) == (name == "gpt2_conv1d")
     corr = build_correction(kind, layers, random_moments(model), 1e-8)
     ex = random_examples(7, query=query)
-    ref_c, ref_p = reference_encode(model, layers, ex, 0, k=4, seed=3, correction=corr, rank1=True)
+    ref_c, ref_p = reference_encode(model, Projection(layers, 4, 3), ex, 0, corr)
     for bs in (1, 3, 7):  # batch-size invariance, padding included
         got_c, got_p = hook_encode(model, layers, ex, 4, 3, corr, bs)
         torch.testing.assert_close(got_c, ref_c, rtol=1e-4, atol=1e-5 * ref_c.abs().max().item())
@@ -91,7 +91,7 @@ def test_exact_correction_matches_elementwise_division():
     eps, k, seed = 1e-8, 4, 3
     corr = build_correction("adam", layers, mom, eps)
     ex = random_examples(3)
-    exact, plain = reference_encode(model, layers, ex, 0, k, seed, corr)
+    exact, plain = reference_encode(model, Projection(layers, k, seed), ex, 0, corr)
     params = dict(model.named_parameters())
     for row, e in enumerate(ex):
         ids = torch.tensor([e.input_ids])

@@ -13,14 +13,15 @@ import yaml
 
 from tests.pipeline import ROOT, run
 from trackstar.model.checkpoint import checkpoint_hash, save_checkpoint
-from trackstar.config import CorrectionParams, EncodeParams, GradientsParams, ProjectionParams
+from trackstar import layout
+from trackstar.config import Params
 from trackstar.encode.correction import rank1_scales
 from trackstar.encode.encoder import Encoder
-from trackstar.errors import ArtifactMismatch, ConfigError, InputError
+from trackstar.errors import ArtifactMismatch, ConfigError, InputError, TrackStarError
 from trackstar.data.examples import pad_token_id
 from trackstar.encode.gradients import per_example_grads
 from trackstar.encode.layers import find_layers
-from trackstar.encode.moments import MOMENTS_FILE, read_moments, sample_passages, write_moments
+from trackstar.encode.moments import read_moments, sample_passages, second_moments, write_moments
 from trackstar.model.train import train_tokenizer
 
 TEXTS = [f"Entity {i} was born in city {i % 5} and works for company {i % 3}." for i in range(12)]
@@ -51,9 +52,9 @@ def moments_stage(d: Path, correction: dict):
 
 
 def encoder(d: Path, kind: str, max_length: int = 24) -> Encoder:
-    return Encoder(d / "model", GradientsParams(max_length=max_length), CorrectionParams(kind=kind, eps=1e-8),
-                   ProjectionParams(k=4), EncodeParams(device="cpu"), moments=d / MOMENTS_FILE,
-                   params_file=d / "params.yaml")
+    params = Params(gradients={"max_length": max_length}, correction={"kind": kind, "eps": 1e-8},
+                    projection={"k": 4}, encode={"device": "cpu"})
+    return Encoder.from_params(params, d)
 
 
 def test_stage_estimates_the_mean_squared_per_example_gradient(workdir):
@@ -61,7 +62,7 @@ def test_stage_estimates_the_mean_squared_per_example_gradient(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["samples"] == 8
     enc = encoder(workdir, "estimated")
-    got = read_moments(workdir / MOMENTS_FILE, checkpoint_hash(workdir / "model"))
+    got = read_moments(workdir / layout.MOMENTS, checkpoint_hash(workdir / "model"))
     # independent: the same seeded sample, plain autograd one example at a time
     layers = find_layers(enc.model, include_lm_head=True)
     sample = sample_passages(enc.tok, workdir / "data/corpus.jsonl", 8, 3, 24)
@@ -82,7 +83,7 @@ def test_stage_estimates_the_mean_squared_per_example_gradient(workdir):
 
 
 def test_other_kinds_write_the_same_empty_file(workdir):
-    out = workdir / MOMENTS_FILE
+    out = workdir / layout.MOMENTS
     blobs = []
     for kind, seed in (("adam_rank1", 0), ("adam_rank1", 1), ("none", 0)):
         proc = moments_stage(workdir, {"kind": kind, "seed": seed})
@@ -117,13 +118,13 @@ def test_max_length_beyond_the_model_context_is_refused(workdir):
         encoder(workdir, "none", max_length=64)
     proc = moments_stage(workdir, {"kind": "estimated"})
     assert proc.returncode == 0  # 24 fits
-    (workdir / MOMENTS_FILE).unlink()
+    (workdir / layout.MOMENTS).unlink()
     (workdir / "params.yaml").write_text(yaml.safe_dump({"correction": {"kind": "estimated"},
                                                          "gradients": {"max_length": 64}}))
     proc = run(workdir, sys.executable, str(ROOT / "stages/moments.py"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "field 'gradients.max_length': 64 exceeds the context of the model in model (32 positions)" in proc.stderr
-    assert not (workdir / MOMENTS_FILE).exists()
+    assert not (workdir / layout.MOMENTS).exists()
 
 
 
@@ -133,15 +134,16 @@ def test_tail_patch_without_optimizer_state_steps_with_the_estimated_moments(wor
     of each weight, by plain autograd), and the step it takes is theta - lr g / sqrt(v-hat + eps)."""
     from trackstar.model.checkpoint import load_checkpoint
     from trackstar.data.examples import collate, per_example_loss, query_example
-    from trackstar.encode.moments import tail_patch_moments
-    from trackstar.evaluation.tailpatch import batched_deltas
+    from trackstar.evaluation.tailpatch import Step, batched_deltas
 
     proc = moments_stage(workdir, {"kind": "estimated", "estimate_samples": 8, "seed": 3})
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, tok = load_checkpoint(workdir / "model")
     model = model.double()
     pad = pad_token_id(tok)
-    got = tail_patch_moments(workdir / MOMENTS_FILE, model, checkpoint_hash(workdir / "model"))
+    moments = second_moments(workdir / "model", workdir / layout.MOMENTS, checkpoint_hash(workdir / "model"))
+    assert moments.source == "estimated"
+    got = moments.v_hat(model)
     # independent reference: per-example loss gradients of the whole model, one at a time, in each
     # parameter's own orientation (Conv1D (in, out) included): the fit is orientation-free
     sample = sample_passages(tok, workdir / "data/corpus.jsonl", 8, 3, 24)
@@ -186,11 +188,46 @@ def test_tail_patch_without_optimizer_state_steps_with_the_estimated_moments(wor
         return -float(per_example_loss(logits, c["input_ids"], c["loss_mask"]).sum())
 
     want_delta = logprob(new) - logprob(params)
-    (got_delta,) = batched_deltas(model, [q], [(0, p)], pad, got, lr, eps, progress=False)
+    (got_delta,) = batched_deltas(model, [q], [(0, p)], Step(lr, got, pad, eps, progress=False))
     assert abs(want_delta) > 1e-4
     assert got_delta == pytest.approx(want_delta, rel=1e-6)
     # another correction kind (an empty file) or no file: no estimate, a plain step
     proc = moments_stage(workdir, {"kind": "none"})
     assert proc.returncode == 0
-    assert tail_patch_moments(workdir / MOMENTS_FILE, model, checkpoint_hash(workdir / "model")) is None
-    assert tail_patch_moments(workdir / "absent.safetensors", model, "x") is None
+    for file in (workdir / layout.MOMENTS, workdir / "absent.safetensors"):
+        none = second_moments(workdir / "model", file, checkpoint_hash(workdir / "model"))
+        assert (none.source, none.key, none.v_hat(model)) == ("none", "none", None)
+
+
+def test_one_resolver_picks_the_moments_of_the_correction_and_of_the_tail_patch_step(workdir, tmp_path):
+    """correction.kind names the moments the encoder divides by; a tail-patch step takes the checkpoint's
+    Adam state whenever it has one, and the estimate only without it."""
+    from trackstar.fingerprint import file_sha256
+    from trackstar.model.checkpoint import load_checkpoint, load_second_moments
+
+    proc = moments_stage(workdir, {"kind": "estimated", "estimate_samples": 4})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, tok = load_checkpoint(workdir / "model")
+    opt = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.square().mean().backward()  # every parameter stepped
+    opt.step()
+    with_state = tmp_path / "model"
+    save_checkpoint(model, tok, opt, with_state)
+    plain = workdir / "model"
+    ck = {m: checkpoint_hash(m) for m in (with_state, plain)}
+    files = {plain: workdir / layout.MOMENTS, with_state: tmp_path / "moments.safetensors"}
+    est = read_moments(files[plain], ck[plain])  # the same estimate, recorded for the checkpoint with state
+    write_moments(files[with_state], {f"{n}@{side}": t for n, rc in est.items() for side, t in zip(("row", "col"), rc)},
+                  {"kind": "estimated", "checkpoint_hash": ck[with_state]})
+    picked = {(m.name if m == plain else "state", kind): second_moments(m, files[m], ck[m], kind).source
+              for m in (with_state, plain) for kind in (None, "adam_rank1", "estimated", "none")}
+    assert picked == {("state", None): "optimizer_state", ("state", "adam_rank1"): "optimizer_state",
+                      ("state", "estimated"): "estimated", ("state", "none"): "none",
+                      ("model", None): "estimated", ("model", "adam_rank1"): "none",
+                      ("model", "estimated"): "estimated", ("model", "none"): "none"}
+    adam = second_moments(with_state, files[with_state], ck[with_state])
+    assert adam.key == "optimizer_state" and adam.v_hat(model) is adam.tensors
+    assert adam.tensors.keys() == load_second_moments(with_state)[0].keys()
+    assert second_moments(plain, files[plain], ck[plain]).key == "estimated:" + file_sha256(files[plain])
+    with pytest.raises(TrackStarError, match="has no optimizer_state.safetensors"):
+        encoder(workdir, "adam_rank1")

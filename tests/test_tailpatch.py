@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from tests.tiny import random_examples, random_moments, tiny_gpt2, tiny_llama
 from trackstar.data.examples import collate, per_example_loss
-from trackstar.evaluation.tailpatch import batched_deltas, pair_key, tail_patch
+from trackstar.evaluation.tailpatch import Step, batched_deltas, pair_key, tail_patch
 
 
 def logprob(model, query, params=None) -> float:
@@ -42,7 +42,7 @@ def test_batched_deltas_equal_the_autograd_reference(make, with_v):
     qs = random_examples(3, seed=1, query=True)
     ps = random_examples(5, seed=2)  # lengths 4..10: every batch is padded
     pairs = [(i, p) for i in range(3) for p in ps[i:i + 3]]
-    got = batched_deltas(model, qs, pairs, 0, v, 1e-3, batch=4, progress=False)
+    got = batched_deltas(model, qs, pairs, Step(1e-3, v, 0, batch=4, progress=False))
     want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
     assert max(abs(w) for w in want) > 1e-4  # the steps move the targets
     for g, w in zip(got, want):
@@ -64,13 +64,13 @@ def test_small_lr_matches_first_order_prediction_and_is_linear():
     u = [g / (v[n] + 1e-8).sqrt() for n, g in zip(params, grads(passage))]
     first_order = sum((gq * un).sum() for gq, un in zip(grads(query), u)).item()
     # (Llama's RMSNorm computes in float32 even in a float64 model: ~1e-9 absolute noise, so lr >= 1e-6)
-    d1, d2, d3 = batched_deltas(model, [query], [(0, passage)] * 3, 0, v, 0.0, progress=False)
+    d1, d2, d3 = batched_deltas(model, [query], [(0, passage)] * 3, Step(0.0, v, 0, progress=False))
     assert d1 == d2 == d3 == 0.0
     for lr in (1e-6, 3e-6):
-        (got,) = batched_deltas(model, [query], [(0, passage)], 0, v, lr, progress=False)
+        (got,) = batched_deltas(model, [query], [(0, passage)], Step(lr, v, 0, progress=False))
         assert abs(got - lr * first_order) <= 1e-2 * abs(lr * first_order)
-    (a,) = batched_deltas(model, [query], [(0, passage)], 0, v, 1e-6, progress=False)
-    (b,) = batched_deltas(model, [query], [(0, passage)], 0, v, 2e-6, progress=False)
+    (a,) = batched_deltas(model, [query], [(0, passage)], Step(1e-6, v, 0, progress=False))
+    (b,) = batched_deltas(model, [query], [(0, passage)], Step(2e-6, v, 0, progress=False))
     assert abs(b / a - 2.0) < 2e-2
 
 
@@ -79,7 +79,7 @@ def test_tail_patch_averages_over_top_k_and_queries():
     qs = random_examples(2, seed=1, query=True)
     ps = random_examples(3, seed=2)
     props = {"a": [[ps[0], ps[1]], [ps[2], ps[0]]], "b": [[ps[1], ps[0]], [ps[2], ps[1]]]}
-    out = tail_patch(model, qs, props, 0, None, 1e-4, [1, 2], progress=False, batch=3)
+    out = tail_patch(model, qs, props, Step(1e-4, None, 0, batch=3, progress=False), [1, 2])
     for m, lists in props.items():
         d = [[reference_delta(model, q, p, None, 1e-4) for p in lists[i]] for i, q in enumerate(qs)]
         base = [logprob(model, q) for q in qs]
@@ -94,12 +94,12 @@ def test_cache_reuses_known_pairs_and_adds_new_ones():
     qs = random_examples(2, seed=1, query=True)
     ps = random_examples(4, seed=2)
     cache = {}
-    first = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]]}, 0, None, 1e-4, [1], progress=False, cache=cache)
+    first = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]]}, Step(1e-4, None, 0, progress=False), [1], cache)
     assert set(cache) == {pair_key(qs[0], ps[0]), pair_key(qs[1], ps[1])}
     assert pair_key(qs[0], ps[0]) != pair_key(qs[1], ps[0]) != pair_key(qs[0], ps[1])
     cache[pair_key(qs[0], ps[0])] = 1.0  # a known pair is read from the cache, not recomputed
-    again = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]], "b": [[ps[2]], [ps[1]]]}, 0, None, 1e-4, [1],
-                       progress=False, cache=cache)
+    again = tail_patch(model, qs, {"a": [[ps[0]], [ps[1]]], "b": [[ps[2]], [ps[1]]]},
+                       Step(1e-4, None, 0, progress=False), [1], cache)
     assert len(cache) == 3  # only (q0, p2) was new
     assert again["a"]["tail_patch@1"] == pytest.approx((1.0 + cache[pair_key(qs[1], ps[1])]) / 2)
     assert first["a"]["tail_patch@1"] == pytest.approx((reference_delta(model, qs[0], ps[0], None, 1e-4)
@@ -116,7 +116,7 @@ def test_grouped_by_passage_equals_the_per_pair_loop_and_leaves_the_model_untouc
     ps = random_examples(7, seed=4)
     pairs = [(i, ps[0]) for i in range(18)] + [(i, ps[1 + i % 6]) for i in range(0, 18, 2)] + [(5, ps[3]), (5, ps[3])]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    got = batched_deltas(model, qs, pairs, 0, v, 1e-3, batch=4, progress=False)
+    got = batched_deltas(model, qs, pairs, Step(1e-3, v, 0, batch=4, progress=False))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
     assert len({round(w, 12) for w in want}) > 20  # the pairs differ
@@ -131,17 +131,17 @@ def test_a_tokenizer_without_pad_token_gives_the_same_accuracy_and_tail_patch():
     from trackstar.data.examples import pad_token_id, passage_example, query_example
     from trackstar.model.train import ModelConfig, accuracy, build_model, train_tokenizer
 
-    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2, contradicted=0.0))
     tok = train_tokenizer([p.text for p in passages], 300)
     model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok).double()
     qex = [query_example(tok, q.prompt, q.target, 48) for q in queries[:3]]
     props = {"m": [[passage_example(tok, passages[i].text, 48) for i in (j, j + 5)] for j in range(3)]}
-    with_pad = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props, pad_token_id(tok), None, 1e-3, [2],
-                                                              progress=False))
+    with_pad = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props,
+                                                              Step(1e-3, None, pad_token_id(tok), progress=False), [2]))
     tok.pad_token = None
     assert tok.pad_token_id is None and pad_token_id(tok) == tok.eos_token_id
-    without = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props, pad_token_id(tok), None, 1e-3, [2],
-                                                             progress=False))
+    without = (accuracy(model, tok, queries, 48), tail_patch(model, qex, props,
+                                                             Step(1e-3, None, pad_token_id(tok), progress=False), [2]))
     assert without[0] == with_pad[0]
     assert without[1]["m"]["tail_patch@2"] == pytest.approx(with_pad[1]["m"]["tail_patch@2"], rel=1e-9)
     assert abs(with_pad[1]["m"]["tail_patch@2"]) > 1e-6

@@ -19,7 +19,7 @@ from torch import nn
 from trackstar.encode.correction import Correction, apply_exact, apply_rank1
 from trackstar.data.examples import Example, collate, per_example_loss
 from trackstar.encode.layers import Layer, output_head_name
-from trackstar.encode.projection import project_dense, projection_matrix
+from trackstar.encode.projection import Projection, project_dense
 
 
 @contextmanager
@@ -41,15 +41,15 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 class HookProjector:
     """Computes [B, d] projected (corrected and optionally plain) gradients for a batch."""
 
-    def __init__(self, model: nn.Module, layers: list[Layer], k: int, seed: int,
-                 correction: Correction | None, plain: bool, device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, projection: Projection, correction: Correction | None, plain: bool):
         if correction is not None and correction.exact:
             raise ValueError("correction.kind: adam is element-wise and cannot run on the hook path; "
                              "use the reference encoder, or adam_rank1")
-        self.model, self.layers, self.k, self.plain = model, layers, k, plain
-        dev = torch.device(device)
-        self.p_out = {l.name: projection_matrix(seed, l.name, "out", k, l.n_out).to(dev) for l in layers}
-        self.p_in = {l.name: projection_matrix(seed, l.name, "in", k, l.n_in).to(dev) for l in layers}
+        self.model, self.layers, self.k, self.plain = model, projection.layers, projection.k, plain
+        dev = next(model.parameters()).device  # projections and corrections live with the model
+        mats = projection.matrices(dev)
+        self.p_out = {name: p_out for name, (p_out, _) in mats.items()}
+        self.p_in = {name: p_in for name, (_, p_in) in mats.items()}
         self.scaled = correction is not None and correction.scales is not None
         if self.scaled:
             # fold the rank-1 scales into the projections: P diag(s) x = (P * s) x
@@ -156,16 +156,15 @@ def per_example_grads(model: nn.Module, layers: list[Layer], examples: list[Exam
                             torch.zeros(l.n_out, l.n_in, device=dev)) for l, g in zip(layers, grads)}
 
 
-def reference_encode(model: nn.Module, layers: list[Layer], examples: list[Example], pad_id: int,
-                     k: int, seed: int, correction: Correction | None, rank1: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-example gradients, corrected (element-wise, or rank-1 scales if `rank1`) and densely
-    projected with the same seeded matrices as the hook path: (corrected [N, d], plain [N, d])."""
+def reference_encode(model: nn.Module, projection: Projection, examples: list[Example], pad_id: int,
+                     correction: Correction | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-example gradients, corrected (element-wise for correction.kind adam, else by the rank-1
+    scales) and densely projected with the same seeded matrices as the hook path: (corrected [N, d], plain [N, d])."""
     dev = next(model.parameters()).device  # inputs, projections and corrections live with the model
-    p = {l.name: (projection_matrix(seed, l.name, "out", k, l.n_out).to(dev),
-                  projection_matrix(seed, l.name, "in", k, l.n_in).to(dev)) for l in layers}
+    layers, p = projection.layers, projection.matrices(dev)
     on_dev = correction is not None and correction.kind != "none"
-    scales = {n: (a.to(dev), b.to(dev)) for n, (a, b) in correction.scales.items()} if on_dev and rank1 else None
+    rank1 = on_dev and not correction.exact
+    scales = {n: (a.to(dev), b.to(dev)) for n, (a, b) in correction.scales.items()} if rank1 else None
     rows, plain_rows = [], []
     for g in per_example_grads(model, layers, examples, pad_id):
         cor, pl = [], []

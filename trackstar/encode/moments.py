@@ -7,25 +7,29 @@ row and column means of the mean squared per-example gradient v in (out, in) ori
 (`<parameter>@row`, `<parameter>@col`): the factored (Adafactor-style) form, which is all the
 rank-1 correction reads, at n_out + n_in numbers a weight instead of n_out x n_in. Its metadata records the checkpoint
 hash and the sample it was estimated from; for any other correction kind the file holds no tensors.
+`second_moments` is the one place that decides which moments the correction and tail-patch divide by.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from trackstar import layout
+from trackstar.atomic import atomic_path
+from trackstar.config import Params
 from trackstar.data.records import iter_corpus
 from trackstar.errors import ArtifactMismatch, InputError
 from trackstar.data.examples import Example, pad_token_id, passage_example
 from trackstar.encode.gradients import estimate_second_moments
 from trackstar.encode.layers import find_layers
-
-MOMENTS_FILE = "model_moments/second_moments.safetensors"
+from trackstar.fingerprint import file_sha256
+from trackstar.model.checkpoint import checkpoint_hash, load_for_gradients, load_second_moments
 
 
 def sample_passages(tok, corpus, n: int, seed: int, max_length: int) -> list[Example]:
@@ -42,31 +46,36 @@ def sample_passages(tok, corpus, n: int, seed: int, max_length: int) -> list[Exa
     return [passage_example(tok, t, max_length) for t in res]
 
 
-def estimate_for_model(model, tok, corpus, samples: int, seed: int, max_length: int, batch_size: int,
-                       progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
-    """(row/column means of the moments of every Linear/Conv1D weight as `@row` / `@col` tensors, number
-    of passages used), estimated on the model's device."""
-    layers = find_layers(model, ".*", "^$", include_lm_head=True)
-    sample = sample_passages(tok, corpus, samples, seed, max_length)
-    means = estimate_second_moments(model, layers, sample, pad_token_id(tok), batch_size, progress=progress)
-    return {f"{name}@{side}": t for name, rc in means.items() for side, t in zip(("row", "col"), rc)}, len(sample)
-
-
 def write_moments(path, moments: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically write the moments (possibly none) with `meta` (JSON-encoded values) as metadata."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in moments.items()}, tmp,
                   metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def estimate_moments(params: Params, root: Path = Path(".")) -> dict:
+    """The `moments` stage: for correction.kind estimated, estimate the moments of root's model on a seeded
+    sample of its corpus and write them to root's moments file; for any other kind write a file with no
+    tensors (nothing to estimate). Returns the stage's summary."""
+    c, g = params.correction, params.gradients
+    out = root / layout.MOMENTS
+    if c.kind != "estimated":
+        write_moments(out, {}, {"kind": c.kind})
+        return {"kind": c.kind, "estimated": False}
+    model, tok, device = load_for_gradients(root / layout.MODEL, params.encode.device, g.max_length,
+                                            root / "params.yaml")
+    t0 = time.time()
+    layers = find_layers(model, ".*", "^$", include_lm_head=True)  # every weight: the selection can change freely
+    sample = sample_passages(tok, root / layout.CORPUS, c.estimate_samples, c.seed, g.max_length)
+    means = estimate_second_moments(model, layers, sample, pad_token_id(tok), params.encode.batch_size, progress=True)
+    moments = {f"{name}@{side}": t for name, rc in means.items() for side, t in zip(("row", "col"), rc)}
+    meta = {"kind": "estimated", "checkpoint_hash": checkpoint_hash(root / layout.MODEL), "samples": len(sample),
+            "seed": c.seed, "max_length": g.max_length}
+    write_moments(out, moments, meta)
+    return {"kind": "estimated", "samples": len(sample), "parameters": len(moments) // 2, "device": str(device),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def read_moments(path, checkpoint_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -125,10 +134,39 @@ def rank1_v(model, factored: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     return out
 
 
-def tail_patch_moments(path, model, checkpoint_hash: str) -> dict[str, torch.Tensor] | None:
-    """The estimated v-hat for tail-patch steps on a checkpoint without optimizer state: `rank1_v` of the
-    `moments` stage's file when it holds estimated moments (correction.kind: estimated), else None (no
-    file, or another kind: a plain gradient step)."""
-    if moments_kind(path) != "estimated":
-        return None
-    return rank1_v(model, read_moments(path, checkpoint_hash))
+@dataclass(frozen=True)
+class SecondMoments:
+    """The second moments v to divide gradients by, where they come from, and a stable key for memos."""
+
+    source: str  # optimizer_state | estimated | none
+    origin: Path  # the checkpoint directory or the moments file: named in errors, hashed into the key
+    tensors: dict | None = None  # optimizer_state: v-hat by parameter; estimated: (row, column) means by parameter
+
+    @property
+    def key(self) -> str:
+        """`optimizer_state`, `none`, or `estimated:<sha256 of the moments file>`."""
+        return f"estimated:{file_sha256(self.origin)}" if self.source == "estimated" else self.source
+
+    def v_hat(self, model) -> dict[str, torch.Tensor] | None:
+        """Full-shape v-hat by parameter name, what an optimizer step divides by: Adam's own, the estimate's
+        rank-1 fit (`rank1_v`), or None (a plain gradient step)."""
+        return rank1_v(model, self.tensors) if self.source == "estimated" else self.tensors
+
+
+def second_moments(model_dir, moments_file, checkpoint_hash: str, kind: str | None = None) -> SecondMoments:
+    """Which second moments to use, shared by the encoder's correction and tail-patch.
+
+    For the correction (`kind` = correction.kind): adam / adam_rank1 the checkpoint's Adam state (none when it
+    has none, which the correction refuses), estimated the `moments` stage's file, none nothing. For an
+    optimizer step (`kind` None, tail-patch): the checkpoint's Adam state when it has one, else the stage's
+    estimate when its file holds one, else none."""
+    model_dir, moments_file = Path(model_dir), Path(moments_file)
+    if kind in (None, "adam", "adam_rank1"):
+        state = load_second_moments(model_dir)
+        if state:
+            return SecondMoments("optimizer_state", model_dir, state[0])
+        if kind is None and moments_kind(moments_file) == "estimated":
+            kind = "estimated"
+    if kind == "estimated":
+        return SecondMoments("estimated", moments_file, read_moments(moments_file, checkpoint_hash))
+    return SecondMoments("none", model_dir)

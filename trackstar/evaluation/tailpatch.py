@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Sequence
 
 import torch
@@ -25,6 +26,19 @@ warnings.filterwarnings("ignore", message="There is a performance drop", categor
 
 # queries re-scored per forward under one stepped model (bounds the [queries, length, vocab] logits)
 _QUERY_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tail-patch step theta - lr * g / sqrt(v_hat + eps) (v_hat None: a plain gradient step), on examples
+    padded with `pad_id`; `batch` proponents per vmapped backward (None: by the model's size)."""
+
+    lr: float
+    v_hat: Mapping[str, torch.Tensor] | None
+    pad_id: int
+    eps: float = 1e-8
+    batch: int | None = None
+    progress: bool = True
 
 
 def _batch_size(model: torch.nn.Module, budget_bytes: int = 1 << 29) -> int:
@@ -79,9 +93,7 @@ def target_logprobs(model: torch.nn.Module, queries: Sequence[Example], pad_id: 
 
 
 def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Sequence[tuple[int, Example]],
-                   pad_id: int, v_hat: Mapping[str, torch.Tensor] | None, lr: float, eps: float = 1e-8,
-                   batch: int | None = None, progress: bool = True, base: Sequence[float] | None = None
-                   ) -> list[float]:
+                   step: Step, base: Sequence[float] | None = None) -> list[float]:
     """Change in log p(target) of query i after one step theta - lr * g / sqrt(v_hat + eps) on the
     passage, for every (query index i, passage) pair.
 
@@ -91,10 +103,10 @@ def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Se
     are processed in order of their query count so a chunk pads few query slots. `base`: the queries'
     `target_logprobs`, when the caller has them.
     """
-    batch = batch or _batch_size(model)
+    batch, pad_id, lr = step.batch or _batch_size(model), step.pad_id, step.lr
     device = next(model.parameters()).device
     params = {n: p.detach() for n, p in model.named_parameters()}
-    inv = inverse_sqrt_moments(model, v_hat, eps)
+    inv = inverse_sqrt_moments(model, step.v_hat, step.eps)
     base_t = torch.tensor(target_logprobs(model, queries, pad_id) if base is None else list(base),
                           dtype=torch.float64)
     groups: dict[tuple, tuple[Example, list[int]]] = {}
@@ -104,7 +116,8 @@ def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Se
     step_grads = vmap(grad(lambda pr, ids, mask: _target_loss(model, pr, ids, mask)), in_dims=(None, 0, 0))
     score = vmap(lambda pr, ids, mask: _losses(model, pr, ids, mask))
     out = [0.0] * len(pairs)
-    bar = tqdm(total=len(order), desc="tail-patch", unit="passage", disable=not progress or None, mininterval=2.0)
+    bar = tqdm(total=len(order), desc="tail-patch", unit="passage", disable=not step.progress or None,
+               mininterval=2.0)
     for s in range(0, len(order), batch):
         chunk = order[s:s + batch]
         b = collate([ex for ex, _ in chunk], pad_id)
@@ -137,15 +150,14 @@ def pair_key(query: Example, passage: Example) -> str:
 
 
 def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: Mapping[str, Sequence[Sequence[Example]]],
-               pad_id: int, v_hat: Mapping[str, torch.Tensor] | None, lr: float, ks: Sequence[int],
-               eps: float = 1e-8, progress: bool = True, batch: int | None = None,
-               cache: MutableMapping[str, float] | None = None) -> dict[str, dict[str, float]]:
+               step: Step, ks: Sequence[int], cache: MutableMapping[str, float] | None = None
+               ) -> dict[str, dict[str, float]]:
     """Mean change in target log-prob / prob over the top-k proponents of each query, per method.
 
     `proponents[method][i]` lists query i's proponents, best first (their passage examples).
     Each distinct (query, passage) pair is computed once and shared between methods, and each distinct
     passage's step once for all its queries (`batched_deltas`); with `cache`
-    (pair_key -> log-prob change, for this model, v_hat, lr and eps) known steps are reused and new
+    (pair_key -> log-prob change, for this model and step) known steps are reused and new
     ones added, so a rerun after a ranking change computes only the pairs it has not seen.
     """
     kmax = max(ks)
@@ -157,9 +169,9 @@ def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: M
                 key = pair_key(q, ex)
                 if key not in cache:
                     todo.setdefault(key, (i, ex))
-    base = target_logprobs(model, queries, pad_id)
+    base = target_logprobs(model, queries, step.pad_id)
     if todo:
-        fresh = batched_deltas(model, queries, list(todo.values()), pad_id, v_hat, lr, eps, batch, progress, base)
+        fresh = batched_deltas(model, queries, list(todo.values()), step, base)
         cache.update(zip(todo, fresh))
     n = max(1, len(queries))
     out = {}
