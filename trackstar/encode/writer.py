@@ -24,8 +24,8 @@ class StoreJob:
 
 def pending_chunks(writer: StoreWriter, examples: Iterable[Example], rank: int, world: int
                    ) -> Iterator[tuple[int, list[Example]]]:
-    """(chunk, its examples) for each chunk this rank still owes, in order; every example is still drawn (the
-    count is checked against the store's rows, and readers validate every row)."""
+    """(chunk, its examples) for each chunk this rank still owes, in order. Every example is still drawn, so
+    every input line is validated and the count is checked against the store's rows."""
     pending = set(writer.pending(rank, world))
     c, buf = 0, []
     for ex in examples:
