@@ -19,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from trackstar.config import IndexParams
 from trackstar.data.records import iter_corpus, read_queries
 from trackstar.evaluation.metrics import mrr, recall_at_k
 from trackstar.retrieval.index import build_index, factory_string, search
@@ -78,7 +79,7 @@ def main() -> None:
 
     def run(build: dict, nprobe: int, rerank: int) -> dict:
         t = time.perf_counter()
-        index = build_index(store, progress=False, **build)
+        index = build_index(store, IndexParams(**build), progress=False)
         built = time.perf_counter() - t
         t = time.perf_counter()
         _, rows, _, _ = search(index, q, args.k, nprobe, rerank, store)
@@ -101,7 +102,7 @@ def main() -> None:
         vs_exact = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(res["rows"], flat["rows"])]))
         pca = c.get("pca", 0)
         row = {"factory": (f"pca={pca} → " if pca else "")
-                          + factory_string(c["kind"], pca or store.d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"]),
+                          + factory_string(IndexParams(**c), pca or store.d),
                "index_bytes_per_row": index_bytes(res["index"]) / store.n,
                "nprobe": nprobe, "rerank": rerank, "mrr": mrr(ranked, relevant),
                "recall@10": recall_at_k(ranked, relevant, 10), "recall_at_10_vs_exact": vs_exact,

@@ -119,7 +119,7 @@ def run_exact(args) -> dict:
     for qset in QUERY_SETS:
         q = np.load(query_file(work, qset))
         sec, (ts, ti, bs, bi) = timed(args.repeats, lambda: exact_search(q, store.iter_chunks(), args.k,
-                                                                          query_batch=len(q), total_rows=store.n))
+                                                                          query_batch=len(q)))
         np.save(work / f"exact_top_{qset}.npy", ti)
         np.save(work / f"exact_bottom_{qset}.npy", bi)
         out[qset] = {"search_s": sec, "qps": len(q) / sec, "top1_score_mean": float(ts[:, 0].mean()),
@@ -131,6 +131,7 @@ def run_exact(args) -> dict:
 def run_config(args, name: str) -> list[dict]:
     """Build one index from the store, then per search setting: search all queries (both
     directions) and compare with the exact ground truth."""
+    from trackstar.config import IndexParams
     from trackstar.retrieval.index import build_index, load_index, save_index, search
     from trackstar.store import StoreReader
 
@@ -139,8 +140,7 @@ def run_config(args, name: str) -> list[dict]:
     store = StoreReader(work / "train.zarr")
     out = work / f"index_{name}"
     t = time.perf_counter()
-    index = build_index(store, c["kind"], c["nlist"], c["pq_m"], c["pq_bits"], c["opq"], args.train_sample, 0,
-                        on_disk=out if c["on_disk"] else None, progress=False)
+    index = build_index(store, IndexParams(**c, train_sample=args.train_sample), out, progress=False)
     save_index(index, out, {"on_disk": c["on_disk"]})
     build_s = time.perf_counter() - t
     index_bytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".faiss", ".ivfdata"))
@@ -164,9 +164,10 @@ def run_config(args, name: str) -> list[dict]:
 
 
 def _factory(c: dict, d: int) -> str:
+    from trackstar.config import IndexParams
     from trackstar.retrieval.index import factory_string
 
-    return factory_string(c["kind"], d, c["nlist"], c["pq_m"], c["pq_bits"], c["opq"], c["on_disk"])
+    return factory_string(IndexParams(**c), d)
 
 
 def child(args, what: str) -> dict:

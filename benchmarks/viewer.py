@@ -40,7 +40,7 @@ from pathlib import Path
 
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.viewer.report import build_report, method_files
-from trackstar.retrieval.results import make_result, write_results
+from trackstar.retrieval.results import Hits, make_result, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.*
 from tests import harness  # noqa: E402
@@ -84,8 +84,8 @@ def synthetic(root: Path, entities: int, n_queries: int, k: int, seed: int = 0) 
             top = list(dict.fromkeys(top))
             scores = sorted((rng.random() for _ in top), reverse=True)
             bottom = [] if m == "bm25" else rng.sample(ids, k)
-            res.append(make_result(q.id, q.prompt, q.target, top, scores, text, bottom,
-                                   sorted(-rng.random() for _ in bottom), query_set=m))
+            res.append(make_result(q, Hits(top, scores), text, Hits(bottom, sorted(-rng.random() for _ in bottom)),
+                                   query_set=m))
         path = root / "retrievals" / ("ladder/" if m not in ("trackstar", "bm25") else "") / f"{m}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_results(path, res)

@@ -6,7 +6,7 @@ from trackstar import layout
 from trackstar.config import load_params
 from trackstar.data.records import corpus_files, iter_corpus, read_queries
 from trackstar.retrieval.bm25 import bm25_search
-from trackstar.retrieval.results import make_result, write_results
+from trackstar.retrieval.results import Hits, make_result, write_results
 from trackstar.runner import run_main
 
 
@@ -17,7 +17,7 @@ def main() -> None:
                        ((q.id, q.prompt + q.target) for q in queries), p.k, p.k1, p.b)
     need = {i for ids, _ in hits for i in ids}
     text = {x.id: x.text for x in iter_corpus(corpus_files()) if x.id in need}
-    write_results(layout.BM25, (make_result(q.id, q.prompt, q.target, ids, scores, text, query_set="bm25")
+    write_results(layout.BM25, (make_result(q, Hits(ids, scores), text, query_set="bm25")
                                 for q, (ids, scores) in zip(queries, hits)))
     print(json.dumps({"queries": len(queries)}))
 

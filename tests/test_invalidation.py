@@ -106,7 +106,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "index.on_disk": (True, {"index"}),
     "retrieve.k": (8, {"retrieve", "ladder"}),
     "retrieve.methods": (["dot", "cosine"], {"ladder"}),
-    "retrieve.query_batch": (3, {"ladder"}),
+    "retrieve.query_batch": (3, {"retrieve", "ladder"}),
     "bm25.k": (8, {"bm25"}),
     "bm25.k1": (1.2, {"bm25"}),
     "bm25.b": (0.5, {"bm25"}),

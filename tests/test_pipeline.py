@@ -27,10 +27,11 @@ def test_full_run_produces_every_artifact(repo):
     assert json.loads((repo / "metrics/model.json").read_text())["queries"] > 0
     for path in ["model/config.json", "model/optimizer_state.safetensors", "encodings/raw/train.zarr/zarr.json",
                  "encodings/final/query.zarr/zarr.json", "hessian/stats.safetensors", "hessian/w_mix.safetensors",
-                 "hessian/eigen.safetensors", "index/index.faiss",
+                 "hessian/eigen.safetensors", "index/meta.json",
                  "retrievals/trackstar.jsonl", "retrievals/bm25.jsonl", "retrievals/ladder/dot.jsonl",
                  "metrics/methods.png", "hessian/eigen_crossing.png"]:
         assert (repo / path).exists(), path
+    assert sorted(p.name for p in (repo / "index").iterdir()) == ["meta.json"]  # flat: the final store, searched in place
     line = json.loads((repo / "retrievals/trackstar.jsonl").read_text().splitlines()[0])
     assert len(line["proponent_ids"]) == len(line["proponents"]) == len(line["proponent_scores"]) == 10
     assert line["proponent_scores"] == sorted(line["proponent_scores"], reverse=True)

@@ -14,7 +14,7 @@ from tests.pipeline import dvc, free_port, git, repro
 
 METRICS = ["metrics/metrics.json", "metrics/model.json", "metrics/hessian.json"]
 PULLED = ["model/config.json", "encodings/raw/train.zarr/zarr.json", "encodings/final/query.zarr/zarr.json",
-          "hessian/w_mix.safetensors", "index/index.faiss", "retrievals/trackstar.jsonl", "data/corpus.jsonl"]
+          "hessian/w_mix.safetensors", "index/meta.json", "retrievals/trackstar.jsonl", "data/corpus.jsonl"]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from trackstar.data.records import Query
 from trackstar.errors import InputError
-from trackstar.retrieval.results import CORE_FIELDS, QueryResult, make_result, read_results, write_results
+from trackstar.retrieval.results import CORE_FIELDS, Hits, QueryResult, make_result, read_results, write_results
 
 
 def sample() -> list[QueryResult]:
@@ -63,10 +64,11 @@ def test_reads_published_bm25_style_record_without_opponents(tmp_path):
 
 def test_make_result_looks_up_texts():
     texts = {"a": "alpha", "b": "beta"}
-    r = make_result("q", "p", "t", ["b", "a"], [2.0, 1.0], texts, ["a"], [-1.0], query_set="x")
+    r = make_result(Query("q", "p", "t"), Hits(["b", "a"], [2.0, 1.0]), texts, Hits(["a"], [-1.0]), query_set="x")
     assert r.proponents == ["beta", "alpha"] and r.opponents == ["alpha"]
+    assert (r.example_id, r.inputs_plaintext, r.targets_plaintext) == ("q", "p", "t")
     assert r.extra == {"query_set": "x"}
-    r2 = make_result("q", "p", "t", ["a"], [1.0], texts.get)
+    r2 = make_result(Query("q", "p", "t"), Hits(["a"], [1.0]), texts.get)
     assert r2.proponents == ["alpha"] and r2.opponent_ids == []
 
 

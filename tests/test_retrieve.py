@@ -1,22 +1,35 @@
-"""Streaming exact search equals brute force; FAISS flat and IVF with rerank agree with it."""
+"""Streaming exact search equals brute force (also over query blocks, and as the pipeline's flat index, with a
+bounded working set); FAISS flat and IVF with rerank agree with it."""
+
+import json
+import tracemalloc
 
 import numpy as np
 import pytest
 
+from trackstar import layout
+from trackstar.config import IndexParams, Params, RetrieveParams
+from trackstar.errors import ArtifactMismatch
+from trackstar.retrieval.exact import exact_search, search_blocks
 from trackstar.retrieval.index import _rerank, build_index, factory_string, load_index, save_index, search
 from trackstar.retrieval.results import valid_hits
-from trackstar.retrieval.exact import exact_search
-from trackstar.store import StoreReader, StoreWriter, StoreSpec
+from trackstar.retrieval.searcher import trackstar_search, write_index
+from trackstar.store import ConcatReader, StoreReader, StoreSpec, StoreWriter
 
 
-def _store(tmp_path, x, chunk_mb=0.002):
-    w = StoreWriter(tmp_path / "s.zarr", tmp_path / "work", StoreSpec(len(x), x.shape[1], ["g"], chunk_mb=chunk_mb))
+def _build(store, out=None, block_rows=262_144, **params):
+    return build_index(store, IndexParams(**params), out, progress=False, block_rows=block_rows)
+
+
+def _store(tmp_path, x, chunk_mb=0.002, name="s.zarr", attrs=None):
+    spec = StoreSpec(len(x), x.shape[1], ["g"], chunk_mb=chunk_mb, attrs=attrs or {})
+    w = StoreWriter(tmp_path / name, tmp_path / f"work-{name}", spec)
     w.prepare()
     for c in w.pending():
         a, b = w.chunk_range(c)
         w.write_chunk(c, {"g": x[a:b]})
     w.finalize()
-    return StoreReader(tmp_path / "s.zarr")
+    return StoreReader(tmp_path / name)
 
 
 def test_exact_search_matches_brute_force(tmp_path):
@@ -55,11 +68,11 @@ def test_faiss_flat_and_ivf_rerank_match_exact(tmp_path):
     q = x[:20] + 0.05 * rng.normal(size=(20, 32)).astype(np.float32)
     store = _store(tmp_path, x)
     _, want, _, want_bot = exact_search(q, store.iter_chunks(), 5)
-    flat = build_index(store, "flat", progress=False)
+    flat = _build(store, kind="flat")
     _, got, _, got_bot = search(flat, q, 5)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_bot, want_bot)
-    ivf = build_index(store, "ivf_pq", nlist=8, pq_m=8, pq_bits=6, progress=False)
+    ivf = _build(store, kind="ivf_pq", nlist=8, pq_m=8, pq_bits=6)
     ts, ti, _, _ = search(ivf, q, 5, nprobe=8, rerank=50, store=store)
     assert (ti[:, 0] == want[:, 0]).mean() == 1.0
     np.testing.assert_allclose(ts, np.take_along_axis(q @ x.T, ti, 1), rtol=1e-5)  # exact rescored
@@ -75,11 +88,12 @@ def test_pq_scan_with_full_rerank_is_exact(tmp_path, bits, factory):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q = rng.normal(size=(11, 32)).astype(np.float32)  # not near any row: TrackStar's case
     store = _store(tmp_path, x)
-    assert factory_string("pq", 32, 0, 8, bits, False) == factory
+    assert factory_string(IndexParams(kind="pq", pq_m=8, pq_bits=bits), 32) == factory
     # IVF lists in fast-scan layout too, except on disk (FAISS cannot merge blocked lists into a file)
-    assert factory_string("ivf_pq", 32, 8, 8, bits, True) == f"OPQ8,IVF8,{factory}"
-    assert factory_string("ivf_pq", 32, 8, 8, bits, False, on_disk=True) == f"IVF8,PQ8x{bits}"
-    index = build_index(store, "pq", pq_m=8, pq_bits=bits, train_sample=300, progress=False)
+    ivf = dict(kind="ivf_pq", nlist=8, pq_m=8, pq_bits=bits)
+    assert factory_string(IndexParams(**ivf, opq=True), 32) == f"OPQ8,IVF8,{factory}"
+    assert factory_string(IndexParams(**ivf, on_disk=True), 32) == f"IVF8,PQ8x{bits}"
+    index = _build(store, kind="pq", pq_m=8, pq_bits=bits, train_sample=300)
     ts, ti, bs, bi = search(index, q, 6, rerank=300, store=store)
     want = exact_search(q, store.iter_chunks(), 6)
     for got, exp in zip((ti, bi), (want[1], want[3])):
@@ -105,7 +119,7 @@ def test_underfilled_ivf_search_pads_with_marked_rows(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(64, 8)).astype(np.float32)
     store = _store(tmp_path, x)
-    ivf = build_index(store, "ivf_flat", nlist=16, progress=False)
+    ivf = _build(store, kind="ivf_flat", nlist=16)
     ts, ti, bs, bi = search(ivf, x[:4], 30, nprobe=1)
     assert (ti < 0).any()  # 64 rows / 16 lists: one probed list holds < 30 rows
     assert np.isnan(ts[ti < 0]).all() and not np.isnan(ts[ti >= 0]).any()
@@ -124,9 +138,8 @@ def test_on_disk_ivf_equals_in_memory_and_survives_a_move(tmp_path, pca):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(700, 16)).astype(np.float32)
     store = _store(tmp_path, x)
-    mem = build_index(store, "ivf_pq", nlist=8, pq_m=4, pq_bits=6, progress=False, pca=pca)
-    disk = build_index(store, "ivf_pq", nlist=8, pq_m=4, pq_bits=6, progress=False,
-                       on_disk=tmp_path / "ix", block_rows=150, pca=pca)
+    mem = _build(store, kind="ivf_pq", nlist=8, pq_m=4, pq_bits=6, pca=pca)
+    disk = _build(store, tmp_path / "ix", 150, kind="ivf_pq", nlist=8, pq_m=4, pq_bits=6, on_disk=True, pca=pca)
     assert _on_disk(disk) and not _on_disk(mem) and disk.ntotal == 700
     save_index(disk, tmp_path / "ix", {"on_disk": True})
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["index.faiss", "lists.ivfdata", "meta.json"]
@@ -152,14 +165,14 @@ def test_pca_to_the_passage_span_keeps_scores_exact_and_codes_better(tmp_path):
     store = _store(tmp_path, x)
     exact = q @ x.T
     with pytest.raises(ValueError, match="index.pq_m=24 must divide index.pca=64"):
-        build_index(store, "pq", pq_m=24, pq_bits=4, pca=rank, progress=False)
+        _build(store, kind="pq", pq_m=24, pq_bits=4, pca=rank)
     with pytest.raises(ValueError, match=r"index.pca=200 must be 0 \(off\) or at most d=128"):
-        build_index(store, "flat", pca=200, progress=False)
+        _build(store, kind="flat", pca=200)
     with pytest.raises(ValueError, match=r"index.pca=64 .* training rows \(50: index.train_sample=50"):
-        build_index(store, "flat", pca=rank, train_sample=50, progress=False)
+        _build(store, kind="flat", pca=rank, train_sample=50)
     with pytest.raises(ValueError, match=r"index.pca=65 exceeds the rank of the 100 training rows \(64\)"):
-        build_index(store, "flat", pca=rank + 1, train_sample=100, progress=False)
-    flat = build_index(store, "flat", pca=rank, progress=False)
+        _build(store, kind="flat", pca=rank + 1, train_sample=100)
+    flat = _build(store, kind="flat", pca=rank)
     ts, ti, bs, bi = search(flat, q, 10)
     want = exact_search(q, store.iter_chunks(), 10)
     np.testing.assert_array_equal(ti, want[1])
@@ -172,6 +185,93 @@ def test_pca_to_the_passage_span_keeps_scores_exact_and_codes_better(tmp_path):
         est, ids = index.search(q, n)
         return np.mean([np.corrcoef(e, s[i])[0, 1] for e, s, i in zip(est, exact, ids)])
 
-    with_pca = corr(build_index(store, "pq", pq_m=16, pq_bits=4, pca=rank, progress=False))  # 8 bytes a row
-    without = corr(build_index(store, "pq", pq_m=32, pq_bits=4, progress=False))  # 16 bytes a row
+    with_pca = corr(_build(store, kind="pq", pq_m=16, pq_bits=4, pca=rank))  # 8 bytes a row
+    without = corr(_build(store, kind="pq", pq_m=32, pq_bits=4))  # 16 bytes a row
     assert with_pca > 0.75 and without < 0.5, (with_pca, without)
+
+
+def _in_ram(q, x, k):
+    """The reference: every score in RAM (numpy), ranked by a stable sort, so equal scores keep the lower row first."""
+    s = q @ x.T
+    top, bottom = np.argsort(-s, axis=1, kind="stable")[:, :k], np.argsort(s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, top, 1), top, np.take_along_axis(s, bottom, 1), bottom
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_query_blocks_streamed_over_store_chunks_equal_an_in_ram_search(tmp_path, ties):
+    """Query blocks that cut across the query store's chunks, each one pass over a store of many chunks: the
+    same top and bottom rows as an in-RAM search (exact ties: lowest row first), the same scores to float
+    tolerance."""
+    rng = np.random.default_rng(11)
+    draw = (lambda n: rng.integers(-1, 2, size=(n, 4))) if ties else (lambda n: rng.normal(size=(n, 24)))
+    x, q = draw(500).astype(np.float32), draw(23).astype(np.float32)
+    row_mb = x.shape[1] * 4 / 2**20
+    store = _store(tmp_path, x, chunk_mb=40 * row_mb)
+    queries = ConcatReader([_store(tmp_path, q, chunk_mb=5 * row_mb, name="q.zarr").path])
+    assert (store.chunk_rows, queries.parts[0].chunk_rows) == (40, 5)  # blocks of 7 queries cut across chunks
+    for k in (1, 9, 60):
+        got = search_blocks(queries, 7, lambda b: exact_search(b, store.iter_chunks(), k, query_batch=3))
+        want = _in_ram(q, x, k)
+        for g, w in zip(got[1::2], want[1::2]):
+            np.testing.assert_array_equal(g, w)
+        for g, w in zip(got[::2], want[::2]):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _final_stores(root, x, q, chunk_mb=0.002):
+    """Final train and query stores under a pipeline root, as precondition@{train,query} leave them."""
+    attrs = {"whitening_id": "w1", "checkpoint_hash": "c1", "config": {"d": x.shape[1]}}
+    for split, rows in (("train", x), ("query", q)):
+        path = layout.final_store(split, root)
+        _store(path.parent, rows, chunk_mb, name=path.name, attrs=attrs)
+
+
+def test_flat_index_is_the_final_store_searched_in_place(tmp_path):
+    """`index.kind: flat` writes only index/meta.json naming the final store; `retrieve` streams that store and
+    gets the in-RAM search's rows; a full-probe IVF index (FAISS) agrees; a meta that disagrees is refused."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    q = rng.normal(size=(10, 16)).astype(np.float32)
+    _final_stores(tmp_path, x, q)
+    params = Params(retrieve=RetrieveParams(k=6, query_batch=4))
+    meta = write_index(params.index, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["meta.json"]
+    assert meta["store"] == "encodings/final/train.zarr" and meta["rows"] == 300 and meta["whitening_id"] == "w1"
+    got, want = trackstar_search(params, tmp_path), _in_ram(q, x, 6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[3], want[3])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    ivf = Params(index=IndexParams(kind="ivf_flat", nlist=4, nprobe=4), retrieve=params.retrieve)
+    assert "factory" in write_index(ivf.index, tmp_path) and (tmp_path / "index/index.faiss").exists()
+    for a, b in zip(trackstar_search(ivf, tmp_path)[1::2], got[1::2]):
+        np.testing.assert_array_equal(a, b)
+    meta_path = tmp_path / "index/meta.json"
+    meta_path.write_text(json.dumps({**meta, "rows": 299}))
+    with pytest.raises(ArtifactMismatch, match=r"index: index meta 'rows' is 299, expected 300"):
+        trackstar_search(params, tmp_path)
+
+
+def test_streamed_retrieve_holds_one_chunk_and_one_query_block_not_the_stores(tmp_path, monkeypatch):
+    """The working set of `retrieve` over a flat index is bounded by a chunk, a query block and the n × k
+    results, whatever the stores' size: numpy's allocations (traced) peak at about 0.3 MiB for train stores of
+    1 to 16 MiB in 64 KiB chunks; here under an eighth of an 8 MiB store, and neither store is read whole."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(16_384, 128)).astype(np.float32)  # 8 MiB in 64 KiB chunks
+    q = rng.normal(size=(200, 128)).astype(np.float32)
+    _final_stores(tmp_path, x, q, chunk_mb=1 / 16)
+    params = Params(retrieve=RetrieveParams(k=5, query_batch=100))
+    write_index(params.index, tmp_path)
+
+    def refuse(self):
+        raise AssertionError(f"{self.path} read whole")
+
+    monkeypatch.setattr(StoreReader, "read_all", refuse)
+    monkeypatch.setattr(ConcatReader, "read_all", refuse)
+    tracemalloc.start()
+    try:
+        got = trackstar_search(params, tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 8, f"peak {peak} bytes against a {x.nbytes}-byte store"
+    np.testing.assert_array_equal(got[1], _in_ram(q, x, 5)[1])

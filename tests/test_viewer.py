@@ -20,7 +20,7 @@ from tests.test_serve import serving
 from trackstar.data.records import iter_corpus, read_queries
 from trackstar.errors import InputError
 from trackstar.viewer.report import build_report, method_files
-from trackstar.retrieval.results import make_result, read_results, write_results
+from trackstar.retrieval.results import Hits, make_result, read_results, write_results
 from trackstar.serve.app import create_app
 
 METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
@@ -201,7 +201,7 @@ def test_report_refuses_results_for_unknown_queries(tmp_path):
     from trackstar.data.records import Query
 
     qs = [Query("a", "Q: x? A:", " y", ["p1"])]
-    write_results(tmp_path / "m.jsonl", [make_result("b", "Q: x? A:", " y", ["p1"], [1.0], {"p1": "y"})])
+    write_results(tmp_path / "m.jsonl", [make_result(Query("b", "Q: x? A:", " y"), Hits(["p1"], [1.0]), {"p1": "y"})])
     with pytest.raises(InputError, match=r"m.jsonl: field 'example_id': 'b' is not a query"):
         build_report(tmp_path / "report", {"m": tmp_path / "m.jsonl"}, qs)
     assert not (tmp_path / "report").exists()

@@ -23,11 +23,12 @@ def _trace(args: argparse.Namespace) -> None:
     top = list(zip(r["proponent_ids"], r["proponent_scores"], r["proponents"]))
     bottom = list(zip(r["opponent_ids"], r["opponent_scores"], r["opponents"]))
     if args.html:
+        from trackstar.data.records import Query
+        from trackstar.retrieval.results import Hits, make_result
         from trackstar.viewer.report import write_single_page
-        from trackstar.retrieval.results import make_result
         texts = {i: t for i, _, t in top + bottom}
-        record = make_result("trace", args.prompt, args.target, [i for i, _, _ in top], [s for _, s, _ in top], texts,
-                             [i for i, _, _ in bottom], [s for _, s, _ in bottom])
+        record = make_result(Query("trace", args.prompt, args.target), Hits([i for i, _, _ in top], [s for _, s, _ in top]),
+                             texts, Hits([i for i, _, _ in bottom], [s for _, s, _ in bottom]))
         write_single_page(args.html, record, args.method, args.entity)
         print(f"wrote {args.html}")
     if args.json:

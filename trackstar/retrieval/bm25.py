@@ -55,8 +55,7 @@ def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
 class BM25Index:
     """A BM25 index over passages, built once and searched per query (the stage, the trace CLI, the server)."""
 
-    def __init__(self, passages: Iterable[tuple[str, str]], k1: float = 1.5, b: float = 0.75,
-                 method: str = "lucene", dtype: str = "float32", show_progress: bool = False):
+    def __init__(self, passages: Iterable[tuple[str, str]], k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
         """passages: iterable of (passage_id, text); it is consumed once, streaming: only the ids and the
         token-id lists are kept (plus bm25s' sparse score matrix), never a second copy of the texts."""
         import bm25s
@@ -89,10 +88,10 @@ class BM25Index:
         if not corpus_tokens:
             raise ValueError("empty corpus")
         self.vocab = self.tokenizer.get_vocab_dict()
-        self.retriever = bm25s.BM25(k1=k1, b=b, method=method, dtype=dtype)
+        self.retriever = bm25s.BM25(k1=k1, b=b, method=method)
         if self.vocab:
             tokenized = bm25s.tokenization.Tokenized(ids=corpus_tokens, vocab=self.vocab)
-            self.retriever.index(tokenized, create_empty_token=False, show_progress=show_progress)
+            self.retriever.index(tokenized, create_empty_token=False, show_progress=False)
 
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores as float64) of the top min(k, N) passages for one query text, ties in corpus order."""
@@ -107,16 +106,8 @@ class BM25Index:
         return top, scores[top]
 
 
-def bm25_search(
-    passages: Iterable[tuple[str, str]],
-    queries: Iterable[tuple[str, str]],
-    k: int,
-    k1: float = 1.5,
-    b: float = 0.75,
-    method: str = "lucene",
-    dtype: str = "float32",
-    show_progress: bool = False,
-) -> list[tuple[list[str], list[float]]]:
+def bm25_search(passages: Iterable[tuple[str, str]], queries: Iterable[tuple[str, str]], k: int, k1: float = 1.5,
+                b: float = 0.75, method: str = "lucene") -> list[tuple[list[str], list[float]]]:
     """Top-k passages for each query by BM25 (one :class:`BM25Index`, searched per query).
 
     queries: iterable of (query_id, query_text).
@@ -125,7 +116,7 @@ def bm25_search(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    index = BM25Index(passages, k1, b, method, dtype, show_progress)
+    index = BM25Index(passages, k1, b, method)
     out: list[tuple[list[str], list[float]]] = []
     for _qid, qtext in queries:
         rows, scores = index.search(qtext, k)

@@ -1,7 +1,8 @@
 """Exact top-k / bottom-k inner-product search streamed over a store larger than RAM.
 
 One pass over the store, chunk by chunk; every query keeps a running top-k (proponents) and
-bottom-k (opponents). Also the ground truth for ANN recall.
+bottom-k (opponents). `search_blocks` runs one such pass per block of query rows read from a query
+store, so neither side is ever read whole. Also the ground truth for ANN recall.
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from trackstar.store import ConcatReader
+
+Found = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # top scores, top rows, bottom scores, bottom rows
 
 
 def exact_search(queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int,
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None, query_batch: int = 1024,
-                 total_rows: int | None = None, progress: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None, query_batch: int = 1024) -> Found:
     """(top scores, top rows, bottom scores, bottom rows), each [Q, k], best first / most negative first.
-    Ties break toward the lower row index."""
+    Ties break toward the lower row index. `transform` maps each chunk before scoring (the ladder's
+    whitening); the scores of `query_batch` queries against one chunk are one matrix product."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     nq = q.shape[0]
     top_s = torch.full((nq, 0), -np.inf)
     top_i = torch.zeros((nq, 0), dtype=torch.long)
     bot_s, bot_i = torch.full((nq, 0), np.inf), torch.zeros((nq, 0), dtype=torch.long)
-    bar = tqdm(total=total_rows, desc="exact search", unit="row", disable=not progress or None, mininterval=2.0)
     for start, x in chunks:
         if transform is not None:
             x = transform(x)
@@ -40,9 +42,16 @@ def exact_search(queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], 
             else:
                 new = [torch.cat([a, c]) for a, c in zip(new, [top_s_b, top_i_b, bot_s_b, bot_i_b])]
         top_s, top_i, bot_s, bot_i = new
-        bar.update(len(x))
-    bar.close()
     return top_s.numpy(), top_i.numpy(), bot_s.numpy(), bot_i.numpy()
+
+
+def search_blocks(queries: ConcatReader, rows: int, search: Callable[[np.ndarray], Found]) -> Found:
+    """`search` run on each block of `rows` query rows in turn, the results stacked in query order: the query
+    store is read one block at a time (each block one pass over the searched store), never whole."""
+    parts = [search(q) for _, q in queries.iter_blocks(rows)]
+    if not parts:
+        raise ValueError(f"{queries.path}: no query rows to search")
+    return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
 def _block_best(s: torch.Tensor, start: int, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,4 +81,3 @@ def _merge(best_s, best_i, s, ids, k, largest: bool):
     key, cat_s, cat_i = key.gather(1, o1), cat_s.gather(1, o1), cat_i.gather(1, o1)
     o2 = torch.argsort(key, dim=1, stable=True)[:, :k]
     return cat_s.gather(1, o2), cat_i.gather(1, o2)
-

@@ -9,7 +9,8 @@ depend on that geometry (benchmarks/retrieval.py). An optional projection onto t
 principal directions (uncentered, so inner products are kept) goes in front: lossless when it keeps
 their whole span (N < d passages span N dimensions), and then a code spends its bits where scores are
 decided, not on directions only the queries occupy (benchmarks/pipeline_ann.py). GPU FAISS is used
-when present.
+when present. The pipeline's `flat` kind without pca builds no FAISS copy of the store: it is searched
+in place (`trackstar.retrieval.searcher`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trackstar.atomic import atomic_path, atomic_write_text
+from trackstar.config import IndexParams
 from trackstar.errors import ArtifactMismatch
 from trackstar.store import StoreReader
 
@@ -30,19 +32,17 @@ ON_DISK_LISTS = "lists.ivfdata"
 RERANK_BUDGET = 256 << 20  # bytes of candidate rows `_rerank` reads at once
 
 
-def factory_string(kind: str, d: int, nlist: int, pq_m: int, pq_bits: int, opq: bool, on_disk: bool = False) -> str:
-    """The FAISS factory string of an index config. 4-bit PQ codes use the SIMD fast-scan layout,
-    except with on-disk lists, which FAISS cannot merge in that (blocked) layout."""
-    if kind == "flat":
+def factory_string(p: IndexParams, d: int) -> str:
+    """The FAISS factory string of an index config over d dimensions. 4-bit PQ codes use the SIMD fast-scan
+    layout, except with on-disk lists, which FAISS cannot merge in that (blocked) layout."""
+    if p.kind == "flat":
         return "Flat"
-    if kind == "ivf_flat":
-        return f"IVF{nlist},Flat"
-    if kind in ("ivf_pq", "pq"):
-        if d % pq_m:
-            raise ValueError(f"index.pq_m={pq_m} must divide d={d}")
-        pq = f"PQ{pq_m}x{pq_bits}" + ("fs" if pq_bits == 4 and not on_disk else "")
-        return (f"OPQ{pq_m}," if opq else "") + (pq if kind == "pq" else f"IVF{nlist},{pq}")
-    raise ValueError(f"unknown index kind {kind!r}")
+    if p.kind == "ivf_flat":
+        return f"IVF{p.nlist},Flat"
+    if d % p.pq_m:
+        raise ValueError(f"index.pq_m={p.pq_m} must divide d={d}")
+    pq = f"PQ{p.pq_m}x{p.pq_bits}" + ("fs" if p.pq_bits == 4 and not p.on_disk else "")
+    return (f"OPQ{p.pq_m}," if p.opq else "") + (pq if p.kind == "pq" else f"IVF{p.nlist},{pq}")
 
 
 def principal_directions(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,40 +89,40 @@ def _training_sample(store: StoreReader, n: int, seed: int) -> np.ndarray:
     return store.read_rows(rows)
 
 
-def build_index(store: StoreReader, kind: str = "flat", nlist: int = 64, pq_m: int = 64, pq_bits: int = 8,
-                opq: bool = False, train_sample: int = 100_000, seed: int = 0, progress: bool = True,
-                on_disk: str | Path | None = None, block_rows: int = 262_144, pca: int = 0):
+def build_index(store: StoreReader, p: IndexParams, out: str | Path | None = None, progress: bool = True,
+                block_rows: int = 262_144):
     """Train (if needed) on a row sample, then add the store chunk by chunk (bounded memory).
 
-    With `on_disk` (a directory; IVF kinds only) the inverted lists go to `on_disk/lists.ivfdata`
-    (FAISS OnDiskInvertedLists, memory-mapped at search time), so the index may exceed RAM: rows
-    are added in blocks of `block_rows` to temporary shard indexes that are then merged on disk.
-    `pca` > 0: `span_transform` of the training sample to that many dimensions in front."""
-    if on_disk is not None and not kind.startswith("ivf"):
-        raise ValueError(f"index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not {kind}")
-    if not 0 <= pca <= min(store.d, train_sample, store.n):
-        raise ValueError(f"index.pca={pca} must be 0 (off) or at most d={store.d} and the training rows "
-                         f"({min(train_sample, store.n)}: index.train_sample={train_sample}, {store.n} rows)")
-    if pca and kind in ("ivf_pq", "pq") and pca % pq_m:
-        raise ValueError(f"index.pq_m={pq_m} must divide index.pca={pca}")
-    dim = pca or store.d
-    index = faiss.index_factory(dim, factory_string(kind, dim, nlist, pq_m, pq_bits, opq, on_disk is not None),
-                                faiss.METRIC_INNER_PRODUCT)
-    if pca or not index.is_trained:
-        faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
-        sample = _training_sample(store, train_sample, seed)
-        if pca:
-            index = faiss.IndexPreTransform(span_transform(sample, pca), index)
+    With `p.on_disk` (IVF kinds only) the inverted lists go to `out/lists.ivfdata` (FAISS
+    OnDiskInvertedLists, memory-mapped at search time), so the index may exceed RAM: rows are added in
+    blocks of `block_rows` to temporary shard indexes that are then merged on disk.
+    `p.pca` > 0: `span_transform` of the training sample to that many dimensions in front."""
+    if p.on_disk and not p.kind.startswith("ivf"):
+        raise ValueError(f"index.on_disk needs an IVF kind (ivf_flat or ivf_pq), not {p.kind}")
+    if p.on_disk and out is None:
+        raise ValueError("index.on_disk needs the index directory to write its lists to")
+    if not 0 <= p.pca <= min(store.d, p.train_sample, store.n):
+        raise ValueError(f"index.pca={p.pca} must be 0 (off) or at most d={store.d} and the training rows "
+                         f"({min(p.train_sample, store.n)}: index.train_sample={p.train_sample}, {store.n} rows)")
+    if p.pca and p.kind in ("ivf_pq", "pq") and p.pca % p.pq_m:
+        raise ValueError(f"index.pq_m={p.pq_m} must divide index.pca={p.pca}")
+    dim = p.pca or store.d
+    index = faiss.index_factory(dim, factory_string(p, dim), faiss.METRIC_INNER_PRODUCT)
+    if p.pca or not index.is_trained:
+        faiss.seed_global_rng(p.seed) if hasattr(faiss, "seed_global_rng") else None
+        sample = _training_sample(store, p.train_sample, p.seed)
+        if p.pca:
+            index = faiss.IndexPreTransform(span_transform(sample, p.pca), index)
         if not index.is_trained:
             index.train(sample)
     bar = tqdm(total=store.n, desc="index add", unit="row", disable=not progress or None, mininterval=2.0)
-    if on_disk is None:
+    if not p.on_disk:
         for _, x in store.iter_chunks():
             index.add(np.ascontiguousarray(x, dtype=np.float32))
             bar.update(len(x))
         bar.close()
         return index
-    return _build_on_disk(index, store, Path(on_disk), block_rows, bar)
+    return _build_on_disk(index, store, Path(out), block_rows, bar)
 
 
 def _build_on_disk(trained, store: StoreReader, out: Path, block_rows: int, bar):
@@ -176,15 +176,21 @@ def save_index(index, path: str | Path, meta: dict) -> None:
     atomic_write_text(path / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
-def load_index(path: str | Path, expect: dict | None = None):
-    """(index, meta); refuses an index whose meta disagrees with `expect`, naming the field."""
+def read_meta(path: str | Path, expect: dict | None = None) -> dict:
+    """An index directory's meta.json; refuses one that disagrees with `expect`, naming the field."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ArtifactMismatch(f"{path}: index meta '{key}' is {meta.get(key)!r}, expected {want!r}")
+    return meta
+
+
+def load_index(path: str | Path, expect: dict | None = None):
+    """(FAISS index, meta); refuses an index whose meta disagrees with `expect`, naming the field."""
+    meta = read_meta(path, expect)
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("on_disk") else 0  # lists memory-mapped from path
-    return faiss.read_index(str(path / "index.faiss"), flags), meta
+    return faiss.read_index(str(Path(path) / "index.faiss"), flags), meta
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
@@ -192,7 +198,7 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 8, rerank: int = 0,
     """(top scores, top rows, bottom scores, bottom rows), each [Q, k]. Bottom-k = top-k of -q.
     With rerank > k, the top `rerank` ANN candidates are rescored exactly from the store.
     An IVF search whose probed lists hold fewer than k rows pads with row -1 (score NaN):
-    consumers drop those (`trackstar.results.valid_hits`); raise `nprobe` to fill them."""
+    consumers drop those (`trackstar.retrieval.results.valid_hits`); raise `nprobe` to fill them."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe

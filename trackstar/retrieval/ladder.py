@@ -1,6 +1,6 @@
 """The ablation-ladder rungs (docs/method.md, `trackstar.methods`): which raw array each scores, whether R_train
 whitens it and whether rows are unit-normalized; searched exactly by one streaming pass over the raw corpus
-store."""
+store per block of retrieve.query_batch query rows (read from the raw query store, never whole)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ from trackstar import layout
 from trackstar.config import Params
 from trackstar.hessian.whitening import Whitening, block_dampings, load_basis, train_whitening, whiten
 from trackstar.methods import RUNGS
-from trackstar.retrieval.exact import exact_search
-from trackstar.store import ConcatReader, StoreReader
-
-Found = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+from trackstar.retrieval.exact import Found, exact_search, search_blocks
+from trackstar.store import ConcatReader
 
 
 def rung_search(rung: str, queries: np.ndarray, train: ConcatReader, w_train: Whitening | None, k: int,
@@ -26,7 +24,7 @@ def rung_search(rung: str, queries: np.ndarray, train: ConcatReader, w_train: Wh
     r = RUNGS[rung]
     w = w_train if r.whitened else None
     return exact_search(whiten(queries, w, r.normalize), train.iter_chunks(), min(k, train.n),
-                        transform=lambda x: whiten(x, w, r.normalize), query_batch=query_batch, total_rows=train.n)
+                        transform=lambda x: whiten(x, w, r.normalize), query_batch=query_batch)
 
 
 def train_whitening_of(params: Params, root: str | Path = ".") -> Whitening:
@@ -43,6 +41,6 @@ def ladder_search(params: Params, root: str | Path = ".") -> Iterator[tuple[str,
     for method in r.methods:
         array = RUNGS[method].array
         train = ConcatReader(layout.corpus_stores(params.data.shards, root), array)
-        query = StoreReader(layout.raw_store("query", root), array=array,
-                            expect={"checkpoint_hash": train.attrs["checkpoint_hash"]})
-        yield method, rung_search(method, query.read_all(), train, w_train, r.k, r.query_batch)
+        query = ConcatReader([layout.raw_store("query", root)], array, {"checkpoint_hash": train.attrs["checkpoint_hash"]})
+        yield method, search_blocks(query, r.query_batch,
+                                    lambda q: rung_search(method, q, train, w_train, r.k, r.query_batch))

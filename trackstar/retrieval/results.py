@@ -245,29 +245,29 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON (the viewer's JSON.parse rejects it)")
 
 
-def make_result(
-    example_id: str,
-    prompt: str,
-    target: str,
-    proponent_ids: Sequence[str],
-    proponent_scores: Sequence[float],
-    text_of: Callable[[str], str] | Mapping[str, str],
-    opponent_ids: Sequence[str] = (),
-    opponent_scores: Sequence[float] = (),
-    **extra: Any,
-) -> QueryResult:
-    """Build a QueryResult, looking passage texts up by id (``text_of`` is a mapping or a function)."""
+@dataclass(frozen=True)
+class Hits:
+    """Ranked passages of one query: ids and their scores, best first (opponents: most negative first)."""
+
+    ids: Sequence[str] = ()
+    scores: Sequence[float] = ()
+
+
+def make_result(query: Query, proponents: Hits, text_of: Callable[[str], str] | Mapping[str, str],
+                opponents: Hits = Hits(), **extra: Any) -> QueryResult:
+    """Build a QueryResult of `query` (its id, prompt and target), looking passage texts up by id
+    (``text_of`` is a mapping or a function)."""
     look = text_of.__getitem__ if isinstance(text_of, Mapping) else text_of
     return QueryResult(
-        example_id=str(example_id),
-        inputs_plaintext=prompt,
-        targets_plaintext=target,
-        proponent_ids=[str(i) for i in proponent_ids],
-        proponent_scores=[float(s) for s in proponent_scores],
-        proponents=[look(i) for i in proponent_ids],
-        opponent_ids=[str(i) for i in opponent_ids],
-        opponent_scores=[float(s) for s in opponent_scores],
-        opponents=[look(i) for i in opponent_ids],
+        example_id=str(query.id),
+        inputs_plaintext=query.prompt,
+        targets_plaintext=query.target,
+        proponent_ids=[str(i) for i in proponents.ids],
+        proponent_scores=[float(s) for s in proponents.scores],
+        proponents=[look(i) for i in proponents.ids],
+        opponent_ids=[str(i) for i in opponents.ids],
+        opponent_scores=[float(s) for s in opponents.scores],
+        opponents=[look(i) for i in opponents.ids],
         extra=dict(extra),
     )
 
@@ -289,6 +289,6 @@ def write_retrievals(path: str | os.PathLike, queries: Sequence[Query], found: t
     for qi, q in enumerate(queries):
         (ts, ti), (bs, bi) = valid_hits(top_s[qi], top_i[qi]), valid_hits(bot_s[qi], bot_i[qi])
         text = {lookup[r][0]: lookup[r][1] for r in np.concatenate([ti, bi])}
-        results.append(make_result(q.id, q.prompt, q.target, [lookup[r][0] for r in ti], ts, text,
-                                   [lookup[r][0] for r in bi], bs, query_set=query_set))
+        results.append(make_result(q, Hits([lookup[r][0] for r in ti], ts), text, Hits([lookup[r][0] for r in bi], bs),
+                                   query_set=query_set))
     write_results(path, results)

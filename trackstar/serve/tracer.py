@@ -1,5 +1,6 @@
-"""A loaded-once tracer: the pipeline's encoder, whitening, index, BM25 and passage lookup, kept in memory
-so that each trace costs one query encode and one search, not a reload of everything.
+"""A loaded-once tracer: the pipeline's encoder, whitening, index (for `flat`, the final store, streamed per
+trace), BM25 and passage lookup, kept in memory so that each trace costs one query encode and one search, not
+a reload of everything.
 
 `trackstar trace` builds one for a single answer and `trackstar serve` keeps one for its lifetime, so both
 give the same ids and scores. Artifacts that do not match params.yaml and model/ are refused at load,
@@ -18,10 +19,10 @@ import numpy as np
 
 from trackstar import layout
 from trackstar.config import Params, load_params
-from trackstar.data.records import corpus_files, iter_corpus
+from trackstar.data.records import Query, corpus_files, iter_corpus
 from trackstar.errors import ArtifactMismatch, InputError
 from trackstar.methods import RUNGS
-from trackstar.retrieval.results import make_result, valid_hits
+from trackstar.retrieval.results import Hits, make_result, valid_hits
 from trackstar.serve.passages import PassageText
 
 BASE_METHODS = ("trackstar", "bm25")
@@ -97,7 +98,7 @@ class Tracer:
 
     def _load_trackstar(self) -> None:
         from trackstar.hessian.whitening import load_whitening
-        from trackstar.retrieval.index import load_index
+        from trackstar.retrieval.searcher import Searcher
         from trackstar.store import StoreReader
 
         final = StoreReader(layout.final_store("train", self.root))
@@ -108,9 +109,7 @@ class Tracer:
         if wmeta["whitening_id"] != final.attrs["whitening_id"]:
             raise ArtifactMismatch(f"{w_path}: whitening {wmeta['whitening_id']} is not the one {final.path} was "
                                    "preconditioned with; run `dvc repro` first")
-        self.index, _ = load_index(layout.at(layout.INDEX, self.root),
-                                   expect={"whitening_id": final.attrs["whitening_id"], "rows": final.n})
-        self.final = final
+        self.searcher = Searcher(final, self.params, self.root)  # flat: the final store, streamed per trace
 
     def _load_rung(self, rung: str):
         """The raw corpus store of a rung's array (read per trace, never held) and W_train for r_train."""
@@ -178,8 +177,8 @@ class Tracer:
         t0 = time.perf_counter()
         found = self.passages.get(np.concatenate([top[0], bottom[0]]).tolist())
         texts = {p.id: p.text for p in found.values()}
-        record = make_result("trace", req.prompt, target, [found[int(r)].id for r in top[0]], top[1], texts,
-                             [found[int(r)].id for r in bottom[0]], bottom[1], **extra).to_json()
+        record = make_result(Query("trace", req.prompt, target), Hits([found[int(r)].id for r in top[0]], top[1]),
+                             texts, Hits([found[int(r)].id for r in bottom[0]], bottom[1]), **extra).to_json()
         seconds["text"] = time.perf_counter() - t0
         return Traced(record, seconds)
 
@@ -196,13 +195,10 @@ class Tracer:
         seconds["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if req.method == "trackstar":
-            from trackstar.retrieval.index import search
-
             q = whiten(g, self.w_mix, normalize=True)
             seconds["whiten"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            ix = self.params.index
-            ts, ti, bs, bi = search(self.index, q, req.k, ix.nprobe, ix.rerank, self.final)
+            ts, ti, bs, bi = self.searcher.search(q, req.k)
         else:
             from trackstar.retrieval.ladder import rung_search
 
