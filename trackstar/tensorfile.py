@@ -16,10 +16,13 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _SLAB_BYTES = 64 << 20
 
 
-def save(path: str | Path, tensors: dict[str, np.ndarray], info: dict, dtype: type | None = None) -> None:
-    """Write `tensors` (each cast to `dtype` if given, a row slab at a time) with `info` as JSON metadata,
-    atomically."""
-    header, offset = {"__metadata__": {"info": json.dumps(info)}}, 0
+def save(path: str | Path, tensors: dict[str, np.ndarray], info: dict | None = None, dtype: type | None = None,
+         metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (each cast to `dtype` if given, a row slab at a time) with `info` as JSON metadata (or
+    `metadata`'s string entries, in sorted order), atomically. The header's bytes depend only on the inputs:
+    safetensors' own writer orders metadata keys at random, so the same tensors gave different files."""
+    meta = {"info": json.dumps(info)} if metadata is None else dict(sorted(metadata.items()))
+    header, offset = {"__metadata__": meta}, 0
     for name, a in tensors.items():
         dt = np.dtype(dtype or a.dtype)
         size = int(np.prod(a.shape)) * dt.itemsize

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trackstar import layout
-from trackstar.atomic import atomic_path
+from trackstar import tensorfile
 from trackstar.config import Params
 from trackstar.data.records import iter_corpus
 from trackstar.errors import ArtifactMismatch, InputError
@@ -48,11 +48,8 @@ def sample_passages(tok, corpus, n: int, seed: int, max_length: int) -> list[Exa
 
 def write_moments(path, moments: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically write the moments (possibly none) with `meta` (JSON-encoded values) as metadata."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in moments.items()}, tmp,
-                  metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
+    tensorfile.save(path, {k: v.detach().cpu().numpy() for k, v in moments.items()},
+                    metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
 
 
 def estimate_moments(params: Params, root: Path = Path(".")) -> dict:
