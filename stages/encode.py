@@ -1,18 +1,16 @@
 """DVC stage `encode@{train,query}` and `encode_shard@<name>`: projected, corrected per-example gradients into
 a chunked Zarr store.
 
-Resumable: chunks finished before a crash are kept in .work/ and skipped. Under torchrun each
-rank writes its own whole chunks (rank 0 creates the store, then a barrier). `encode.py shards` encodes
-every shard whose store is missing, ranks taking whole shards (docs/shards.md). Prints the memory plan of the
-Hessian stages first and refuses to start when no structure fits hessian.memory_gb: a check only (the hessian
-params are not this stage's DVC params, so editing them never re-encodes).
+Resumable: chunks finished before a crash are kept in .work/ and skipped. Under torchrun (one node or many) each
+rank encodes on its own device (cuda:LOCAL_RANK, or the CPU) and writes its own whole chunks (rank 0 creates the
+store, then a barrier). `encode.py shards` encodes every shard whose store is missing, ranks taking whole shards
+(docs/shards.md). Prints the memory plan of the Hessian stages first and refuses to start when no structure fits
+hessian.memory_gb: a check only (the hessian params are not this stage's DVC params, so editing them never
+re-encodes).
 """
 
 import json
-import os
 import sys
-
-import torch.distributed as dist
 
 from trackstar import layout
 from trackstar.config import load_params
@@ -28,9 +26,8 @@ INPUTS = {"train": layout.CORPUS, "query": layout.QUERIES}
 def main() -> None:
     split = sys.argv[1]
     params = load_params()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    enc = Encoder.from_params(params)
+    enc = Encoder.from_params(params)  # on this rank's device (trackstar.distributed)
+    rank, world = enc.ranks.rank, enc.ranks.world
     n_train = sum(count_lines(f) for f in corpus_files())  # the corpus and its shards
     p = plan(enc.attrs["layout"], n_train, count_lines(layout.QUERIES), params.hessian, params.encode)
     if rank == 0:
@@ -50,14 +47,11 @@ def main() -> None:
                            layout.work_dir(f"encode-shard-{name}"))
             print(json.dumps(enc.encode_store(job)))
         return
-    if world > 1:
-        dist.init_process_group("nccl" if params.encode.device == "cuda" else "gloo")
     job = StoreJob(split, INPUTS[split], layout.raw_store(split), layout.work_dir(f"encode-{split}"))
-    summary = enc.encode_store(job, rank, world)
+    with enc.ranks.group():  # nccl on CUDA, gloo on the CPU; none with one process
+        summary = enc.encode_store(job, enc.ranks)
     if rank == 0:
         print(json.dumps(summary))
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class EncodeParams(_Section):
     chunk_mb: float = Field(32.0, gt=0)
     compressor: Literal["none", "zstd", "blosc"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: Literal["auto", "off", "bf16"] = "auto"  # the forward/backward in bf16 (auto: on CUDA only)
     save_plain: bool = True  # also store uncorrected projections (ladder rungs dot/cosine)
 
 

@@ -16,13 +16,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from trackstar import layout
 from trackstar.config import Params
 from trackstar.data.examples import Example, collate, pad_token_id, passage_example, query_example
 from trackstar.data.records import count_lines, iter_corpus, read_queries
+from trackstar.distributed import Ranks
 from trackstar.encode.correction import build_correction
 from trackstar.encode.gradients import HookProjector, reference_encode
 from trackstar.encode.layers import find_layers, layout as column_layout
@@ -36,20 +36,26 @@ from trackstar.store import StoreSpec, StoreWriter
 from trackstar.testhooks import crash_point
 
 
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `encode.autocast` on `device` (auto: bf16 on CUDA, none on the CPU); None: off."""
+    return torch.bfloat16 if setting == "bf16" or (setting == "auto" and device.type == "cuda") else None
+
+
 class Encoder:
     """Projected, corrected per-example gradients of one checkpoint, as the params configure them."""
 
     def __init__(self, params: Params, model_dir: str | Path, moments_file: str | Path,
                  params_file: str | Path = "params.yaml"):
         g, c = params.gradients, params.correction
-        self.model, self.tok, self.device = load_for_gradients(model_dir, params.encode.device, g.max_length,
+        self.ranks = Ranks.from_env(params.encode.device)  # this rank's device: cuda:LOCAL_RANK or the CPU
+        self.model, self.tok, self.device = load_for_gradients(model_dir, self.ranks.device, g.max_length,
                                                                params_file)
         self.pad_id = pad_token_id(self.tok)
         self.layers = find_layers(self.model, g.include, g.exclude, g.include_lm_head)
         k = params.projection.k_for(len(self.layers))  # projection.d -> k
         self.params = params.model_copy(update={"projection": params.projection.model_copy(update={"k": k})})
         self.ckpt_hash = checkpoint_hash(model_dir)
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast = autocast_dtype(params.encode.autocast, self.device)
         moments = second_moments(model_dir, moments_file, self.ckpt_hash, c.kind)
         self.correction = build_correction(c.kind, self.layers, moments.tensors, c.eps, str(moments.origin))
         # set up once; the exact element-wise correction has no hook path (reference encoder)
@@ -142,21 +148,22 @@ class Encoder:
             raise InputError("query", str(e), field="target") from None
         return self.encode([ex])[0]
 
-    def encode_store(self, job: StoreJob, rank: int = 0, world: int = 1) -> dict:
+    def encode_store(self, job: StoreJob, ranks: Ranks = Ranks()) -> dict:
         """Encode one input file into its store, resumably: the chunks this rank owes, skipping finished ones.
-        With world > 1 the ranks share its chunks (a process group is up; rank 0 creates and finalizes the
+        With world > 1 the ranks share its chunks (`ranks.group()` is up; rank 0 creates and finalizes the
         store). Returns rank 0's summary (rows, d, chunks, written, truncated)."""
         e = self.params.encode
+        rank, world = ranks.rank, ranks.world
         n = count_lines(job.src)
         arrays = ["g", "g_plain"] if e.save_plain else ["g"]
+        # how the rows were computed (device, batches, autocast) is not recorded: the attrs say what they are
         attrs = {**self.attrs, "split": job.split, "input_sha256": file_sha256(job.src),
-                 "encode": e.model_dump(exclude={"device", "batch_size"})}
+                 "encode": e.model_dump(exclude={"device", "batch_size", "autocast"})}
         writer = StoreWriter(job.out, job.work, StoreSpec(n, self.d, arrays, e.dtype, e.chunk_mb, e.compressor, attrs))
         self.truncated = 0
         if rank == 0 and writer.prepare():
             print(f"resuming: {len(writer.done_chunks())}/{writer.n_chunks} chunks already written", file=sys.stderr)
-        if world > 1:
-            dist.barrier()
+        ranks.barrier()
         ranges = [writer.chunk_range(c) for c in writer.pending(rank, world)]
         bar = tqdm(total=sum(b - a for a, b in ranges), desc=f"encode@{job.split}", unit="ex", disable=None,
                    mininterval=2.0, dynamic_ncols=True)
@@ -172,8 +179,7 @@ class Encoder:
             written += 1
             bar.update(len(chunk))
         bar.close()
-        if world > 1:
-            dist.barrier()
+        ranks.barrier()
         summary = {"split": job.split, "rows": n, "d": self.d, "chunks": writer.n_chunks, "written": written,
                    "truncated": self.truncated}
         if rank == 0:

@@ -3,7 +3,9 @@
 Fast path (`HookProjector`): forward hooks project each layer's input a_t (P_in s_in*a_t) and a
 tensor hook projects its output-gradient delta_t (P_out s_out*delta_t); the k x k block
 sum_t (P_out delta_t)(P_in a_t)^T is the projected per-example weight gradient, never forming
-the n_out x n_in matrix. Weight gradients themselves are not computed (parameters frozen).
+the n_out x n_in matrix. Weight gradients themselves are not computed (parameters frozen). Under bf16
+autocast the model's own forward and backward run in bf16; the projections and the k x k sums run in fp32 on
+the upcast activations and output-gradients.
 Reference path (`reference_encode`): full per-example gradients by autograd, one example at a
 time, corrected element-wise or by the rank-1 scales, then densely projected.
 """
@@ -36,6 +38,11 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
         handle.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(req[n])
+
+
+def fp32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on x's device: matmuls inside run in the dtype of their (upcast) operands, fp32."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class HookProjector:
@@ -73,18 +80,20 @@ class HookProjector:
                 return
             # no padding mask: with the loss masked to real tokens, the output-gradient of a padded
             # position is exactly zero (nothing downstream of it reaches the loss), so its term vanishes
-            a = inputs[0].float() @ self.w_in[name].T
+            with fp32(inputs[0]):  # under bf16 autocast too: the bf16 activations are upcast, projected in fp32
+                a = inputs[0].float() @ self.w_in[name].T
 
             def tensor_hook(grad: torch.Tensor):
-                go = grad.float() @ self.w_out[name].T
-                if self.fused:  # [B, T, 2k] -> [2B, k, T] x [2B, T, k]: the two k x k products only
-                    b, t = go.shape[0], go.shape[1]
-                    g2 = go.view(b, t, 2, k).permute(0, 2, 3, 1).reshape(2 * b, k, t)
-                    a2 = a.view(b, t, 2, k).transpose(1, 2).reshape(2 * b, t, k)
-                    blk = torch.bmm(g2, a2).view(b, 2, k * k)
-                    cor, pl = blk[:, 0], blk[:, 1]
-                else:
-                    cor = pl = torch.bmm(go.transpose(1, 2), a).flatten(1)  # no correction: plain == corrected
+                with fp32(grad):
+                    go = grad.float() @ self.w_out[name].T
+                    if self.fused:  # [B, T, 2k] -> [2B, k, T] x [2B, T, k]: the two k x k products only
+                        b, t = go.shape[0], go.shape[1]
+                        g2 = go.view(b, t, 2, k).permute(0, 2, 3, 1).reshape(2 * b, k, t)
+                        a2 = a.view(b, t, 2, k).transpose(1, 2).reshape(2 * b, t, k)
+                        blk = torch.bmm(g2, a2).view(b, 2, k * k)
+                        cor, pl = blk[:, 0], blk[:, 1]
+                    else:
+                        cor = pl = torch.bmm(go.transpose(1, 2), a).flatten(1)  # no correction: plain == corrected
                 self._blocks[name] = self._blocks.get(name, 0) + cor
                 if self.plain:
                     self._plain_blocks[name] = self._plain_blocks.get(name, 0) + pl

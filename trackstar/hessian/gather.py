@@ -5,7 +5,6 @@ shard (`shard_partial`); a partial made for other blocks is summed again from it
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,32 +14,11 @@ import numpy as np
 from trackstar import layout
 from trackstar.config import EncodeParams, Params
 from trackstar.data.records import corpus_files, count_lines
+from trackstar.distributed import Ranks
 from trackstar.hessian.partials import add_partial, partial_blocks, save_partial
 from trackstar.hessian.plan import plan
 from trackstar.hessian.stats import Sums, autocorrelation
 from trackstar.store import ConcatReader, StoreReader
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-
-    def reduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum over the processes (in place), or x itself without a job."""
-        if self.world == 1:
-            return x
-        import torch
-        import torch.distributed as dist
-
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.numpy()
 
 
 @dataclass
@@ -93,8 +71,8 @@ def _train_sums(train: ConcatReader, partials: list[Path] | None, blocks: list[t
 
 
 def gather_stats(params: Params, ranks: Ranks = Ranks(), root: str | Path = ".") -> Gathered | None:
-    """R_train's and R_eval's blocks with the meta `eigen` reads; None on ranks other than 0. With world > 1 a
-    process group (gloo) is up for the sums only."""
+    """R_train's and R_eval's blocks with the meta `eigen` reads; None on ranks other than 0. With world > 1 the
+    ranks' process group (nccl on CUDA, gloo on the CPU) is up for the sums only."""
     h, shards = params.hessian, sorted(params.data.shards)
     train = ConcatReader(layout.corpus_stores(shards, root))
     query = StoreReader(layout.raw_store("query", root),
@@ -105,18 +83,12 @@ def gather_stats(params: Params, ranks: Ranks = Ranks(), root: str | Path = ".")
     chosen = p.require()
     blocks = chosen.blocks
     eval_idx = [i for i, (a, b) in enumerate(blocks) if b - a <= query.n]  # the blocks eigen decomposes R_eval of
-    if ranks.world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
     partials = layout.shard_partials(shards, root) if shards and not h.train_sample else None
-    sums = _train_sums(train, partials, blocks, ranks, h.train_sample)
-    r_train, n_train = sums.normalized(), sums.n
-    reduce = ranks.reduce if ranks.world > 1 else None
-    r_eval, n_eval = ([], query.n) if not eval_idx else autocorrelation(
-        (x for _, x in query.iter_chunks(ranks.rank, ranks.world)), [blocks[i] for i in eval_idx], reduce)
-    if ranks.world > 1:
-        dist.destroy_process_group()
+    with ranks.group():
+        sums = _train_sums(train, partials, blocks, ranks, h.train_sample)
+        r_train, n_train = sums.normalized(), sums.n
+        r_eval, n_eval = ([], query.n) if not eval_idx else autocorrelation(
+            (x for _, x in query.iter_chunks(ranks.rank, ranks.world)), [blocks[i] for i in eval_idx], ranks.reduce)
     if ranks.rank != 0:
         return None
     meta = {"n_train": n_train, "n_eval": n_eval, "d": train.d, "train_sample": h.train_sample,
