@@ -86,6 +86,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "encode.chunk_mb": (1.0, E),
     "encode.compressor": ("zstd", E),
     "encode.device": ("cpu", EM),
+    "encode.autocast": ("bf16", E),
     "encode.save_plain": (False, E),
     "hessian.mix_k": (6, {"hessian"}),
     "hessian.lambda": (0.5, {"hessian"}),
