@@ -23,7 +23,6 @@ recall@10 = share of the top 10 of s inside the top R of s_hat (Monte Carlo, `--
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import recall_at_10, show  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RERANKS = (10, 100, 300, 500, 1000, 3000)
@@ -98,9 +98,7 @@ def check_routing(data, nlist: int = 256) -> list[dict]:
         _, ids = index.search(q, 10)
         _, probed = index.quantizer.search(q, nprobe)
         out.append({"nlist": nlist, "nprobe": nprobe, "rows_scanned_share": float(sizes[probed].sum(1).mean() / n),
-                    "recall_at_10": float(np.mean([len(set(t) & set(i)) / 10 for t, i in zip(top, ids)]))})
-        print(f"IVF{nlist},Flat nprobe {nprobe}: scans {out[-1]['rows_scanned_share']:.3f} of rows, "
-              f"recall@10 {out[-1]['recall_at_10']:.3f}", flush=True)
+                    "recall_at_10": recall_at_10(top, ids)})
     return out
 
 
@@ -116,7 +114,7 @@ def check_quantizers(data, seed: int, trials: int) -> list[dict]:
         index.train(x[: min(n, 65_536)])
         index.add(x)
         est, ids = index.search(q, max(RERANKS))
-        recall = {r: float(np.mean([len(set(t) & set(i[:r])) / 10 for t, i in zip(top, ids)])) for r in RERANKS}
+        recall = {r: recall_at_10(top, ids, r) for r in RERANKS}
         sample = q[:16]  # every row scored: the noise of all rows, not only of the candidates
         all_est, all_ids = index.search(sample, n)
         # 1 - corr^2 of estimated and exact scores: the backward channel's D, and comparable for codes whose
@@ -126,14 +124,12 @@ def check_quantizers(data, seed: int, trials: int) -> list[dict]:
         out.append({"factory": factory, "bits_per_dim": bits, "bytes_per_row": int(index.sa_code_size()),
                     "measured_D": distortion, "recall_at_10": recall,
                     "model_recall_at_10": model_recall(n, min(distortion, 0.99), trials=trials, seed=seed)})
-        print(f"{factory:10s} {bits:.1f} bits/dim  D {distortion:.3f}  recall@10 at R={list(RERANKS)}: "
-              f"measured {[round(recall[r], 3) for r in RERANKS]}  model "
-              f"{[round(v, 3) for v in out[-1]['model_recall_at_10'].values()]}", flush=True)
+        print(f"{factory}: D {distortion:.3f}", flush=True)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", default=".", help="a repo after `dvc repro` (its encodings/final stores)")
     ap.add_argument("--rows", type=int, default=1_000_000, help="corpus size of the ceiling")
     ap.add_argument("--n-check", type=int, default=200_000, help="rows of the quantizer check")
@@ -146,7 +142,6 @@ def main() -> None:
     result = {"model": __doc__.strip().splitlines()[-2:], "reranks": list(RERANKS)}
     if (Path(args.repo) / "encodings/final/train.zarr").exists():
         result["spectrum"] = spectrum(Path(args.repo))
-        print("spectrum:", json.dumps(result["spectrum"]), flush=True)
     data = isotropic(args.n_check, args.d, args.queries, args.seed)
     result["quantizers"] = {"rows": args.n_check, "d": args.d, "queries": args.queries,
                             "results": check_quantizers(data, args.seed, args.trials)}
@@ -157,9 +152,7 @@ def main() -> None:
         rec = model_recall(args.rows, distortion, trials=args.trials, seed=args.seed)
         result["ceiling"]["results"].append({"bits_per_dim": bits, "index_bytes_ratio": bits / 32,
                                              "shannon_D": distortion, "recall_at_10": rec})
-        print(f"Shannon bound at {bits} bits/dim ({bits / 32:.2%} of fp32), {args.rows} rows: D {distortion:.3f}  "
-              f"recall@10 at R={list(RERANKS)}: {[round(v, 3) for v in rec.values()]}", flush=True)
-    write_results(Path(args.out), vars(args), result)
+    show("ann_ceiling", write_results(Path(args.out), vars(args), result))
 
 
 if __name__ == "__main__":

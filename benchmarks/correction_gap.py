@@ -7,7 +7,6 @@ Run after `dvc repro` (needs model/ and data/). Writes benchmarks/results/correc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from trackstar.encode.encoder import Encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import recall_at_10, show  # noqa: E402
 
 
 def encoder(p: Params, kind: str) -> Encoder:
@@ -33,7 +33,7 @@ def encoder(p: Params, kind: str) -> Encoder:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--passages", type=int, default=600)
     ap.add_argument("--queries", type=int, default=100)
     args = ap.parse_args()
@@ -64,16 +64,15 @@ def main() -> None:
     cos_q = (ex_q * r1_q).sum(1)
     top_ex = np.argsort(-(ex_q @ ex_p.T), axis=1)[:, :10]
     top_r1 = np.argsort(-(r1_q @ r1_p.T), axis=1)[:, :10]
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_ex, top_r1)])
+    overlap = recall_at_10(top_ex, top_r1)
     out = {"passages": len(pex), "queries": len(qex), "d": int(ex_p.shape[1]),
            "cosine_passages_mean": float(cos_p.mean()), "cosine_passages_min": float(cos_p.min()),
            "cosine_queries_mean": float(cos_q.mean()), "cosine_queries_min": float(cos_q.min()),
            "top10_overlap_mean": float(overlap), "top10_changed_share": float(1 - overlap),
            "seconds_exact_reference": round(t_exact, 2), "seconds_rank1_hooks": round(t_rank1, 2),
            "speedup_rank1_vs_exact": round(t_exact / t_rank1, 2)}
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    write_results(Path("benchmarks/results/correction_gap.json"), {"params.yaml": yaml.safe_load(Path("params.yaml").read_text()), **vars(args)}, out)
-    print(json.dumps(out, indent=2))
+    show("correction_gap", write_results(Path("benchmarks/results/correction_gap.json"), {
+        "params.yaml": yaml.safe_load(Path("params.yaml").read_text()), **vars(args)}, out))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def read_metrics() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="4,8,12,16", help="projection.k values (d = k^2 x layers)")
     ap.add_argument("--out", default=str(HERE / "results/d_sweep"))
     args = ap.parse_args()

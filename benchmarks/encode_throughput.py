@@ -1,65 +1,42 @@
 """Gradient-encoding throughput next to plain training and next to EleutherAI bergson.
 
-What: tokens/s (non-pad tokens only) of, on the SAME checkpoint, the SAME tokenized passages,
-the SAME batches (passages sorted by length, then cut into --batch-size batches, so padding is
-identical) and the SAME device:
+Tokens/s (non-pad tokens) on the same checkpoint, passages, batches (sorted by length, so padding is identical)
+and device, each measurement in its own process (its own peak RSS), its batch loop timed after one warm-up batch:
 
-  training        forward + backward + torch.optim.AdamW step, batch by batch (the cost of one
-                  epoch of pretraining on these passages: the yardstick);
-  ours            the encode stage's fast hook path (the stage's `Encoder`, `Encoder.encode`): per-example
-                  loss gradients of every selected layer, rank-1 (Adafactor-style) Adam correction
-                  when the checkpoint has optimizer state, Kronecker projection to k x k per layer;
-                  corrected AND plain rows, as the stage computes with `encode.save_plain: true`;
-  ours_corrected  the same without the plain rows (what bergson computes: corrected rows only);
-  bergson         bergson 2.5.1's gradient build loop (`GradientCollector` + `CollectorComputer`,
-                  what `bergson build` / `collect_gradients` run), per-module projection, its
-                  AdafactorNormalizer built from the same second moments, writing its on-disk index.
+  training        forward + backward + AdamW step (the cost of one epoch of training on these passages)
+  floor           frozen forward + backward to the activations, no projection: what every hook-based encoder
+                  (ours, bergson) computes before it projects anything
+  ours            the encode stage's `Encoder.encode`: rank-1 Adam correction when the checkpoint has optimizer
+                  state, corrected AND plain rows (`encode.save_plain: true`)
+  ours_corrected  the same, corrected rows only (what bergson computes)
+  bergson         bergson 2.5.1's gradient build loop (GradientCollector + CollectorComputer) with its
+                  AdafactorNormalizer from the same second moments, writing its on-disk index
 
-Why: the encode stage is the expensive one; "how many training epochs does one encoding pass
-cost" and "how does it compare with the reference implementation" are the two numbers a user
-needs to budget a run. Both libraries compute the same per-layer two-sided projection
-P_out (sum_t delta_t a_t^T) P_in^T from forward/backward hooks, so the comparison is like for like.
+d: ours is k^2 x layers with the k of `projection.d: --target-d` (ProjectionParams.k_for); bergson's
+projection_dim p gives p^2 per module, chosen the same way on the same nn.Linear set, so d is equal.
 
-Projection size: ours is d = k^2 x (layers found); the library takes one k for every layer, so
-d = 2^14 can't be hit exactly: k is what `projection.d: --target-d` (default 2^14) gives, the largest
-k with k^2 x layers <= --target-d (`ProjectionParams.k_for`). bergson's `projection_dim` p gives a
-p x p block per module (`HookCollectorBase.shapes`), i.e. d = p^2 x modules; p is chosen the
-same way, and on the same module set (every nn.Linear incl. lm_head) it is p = k, d equal.
+    python benchmarks/encode_throughput.py [--model model] [--corpus data/corpus.jsonl] [--out ...]
 
-Each measurement runs in its own subprocess (so each peak RSS, ru_maxrss, is its own) and
-times only its batch loop, after one warm-up batch; model loading and tokenization are not
-timed. No network: everything loads from the local checkpoint directory.
-
-usage (after `dvc repro`; bergson needs its own venv, see below):
-    python benchmarks/encode_throughput.py [--model model] [--corpus data/corpus.jsonl]
-        [--examples 2048] [--batch-size 32] [--max-length 64]
-        [--out benchmarks/results/encode_throughput.json]
-bergson is optional: if it is not importable its entry is null, with the reason. Install it in
-a separate venv (it pins other versions than ours):
+bergson is optional (its entry is null, with the reason, when it cannot be imported). It pins other versions
+than ours: install it in its own venv and run this script with that venv's python:
     python3 -m venv /tmp/bvenv && . /tmp/bvenv/bin/activate && pip install torch==2.13.0 -e . &&
     pip install --no-deps bergson==2.5.1 && pip install accelerate jaxtyping ml_dtypes natsort \
         scipy peft petname simple-parsing torchopt
-and run the script with /tmp/bvenv/bin/python.
+A wider model for the same measurement: benchmarks/make_model.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
-from tests.harness import peak_rss_mb, write_results  # noqa: E402
-
-MEASUREMENTS = ("training", "floor", "ours", "ours_corrected", "bergson")
-RESULT_TAG = "ENCODE_THROUGHPUT_RESULT "
+from tests.harness import write_results  # noqa: E402
+import common  # noqa: E402
 
 
 # --------------------------------------------------------------------------- shared setup
@@ -131,9 +108,12 @@ def _model_info(model, args) -> dict:
 
 
 def _common(examples, batches, seconds: float, device) -> dict:
+    import torch
+
     tokens = sum(len(e.input_ids) for e in examples)  # non-pad tokens (bos/eos included)
     return {"examples": len(examples), "batches": len(batches), "tokens": tokens,
-            "seconds": round(seconds, 4), "tokens_per_s": tokens / seconds, "device": str(device)}
+            "seconds": round(seconds, 4), "tokens_per_s": tokens / seconds, "device": str(device),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _timed_loop(step, examples, batches, device) -> dict:
@@ -325,41 +305,22 @@ def measure_bergson(args) -> dict:
     return out
 
 
-def worker(args) -> None:
-    if args.worker == "training":
-        res = measure_training(args)
-    elif args.worker == "floor":
-        res = measure_floor(args)
-    elif args.worker == "ours":
-        res = measure_ours(args, plain=True)
-    elif args.worker == "ours_corrected":
-        res = measure_ours(args, plain=False)
-    else:
-        res = measure_bergson(args)
-    import torch
-
-    res["torch_threads"] = torch.get_num_threads()
-    res["torch"] = torch.__version__
-    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    print(RESULT_TAG + json.dumps(res), flush=True)
+WORKERS = {"training": measure_training, "floor": measure_floor, "ours": lambda a: measure_ours(a, plain=True),
+           "ours_corrected": lambda a: measure_ours(a, plain=False), "bergson": measure_bergson}
 
 
-# --------------------------------------------------------------------------- driver
-
-def run_child(name: str, argv: list[str]) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
+def run_child(name: str, args: argparse.Namespace) -> dict:
+    """One measurement in its own process (its own peak RSS); {"error": why} if it failed."""
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", name], env=env,
-                          capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+    try:
+        return common.run_worker(__file__, name, vars(args))
+    except RuntimeError as e:
+        return {"error": str(e)}
 
 
 def main() -> None:
+    if common.worker_mode(WORKERS):
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="model", help="checkpoint dir (HF model + tokenizer + optimizer state)")
@@ -373,39 +334,23 @@ def main() -> None:
     ap.add_argument("--bergson-normalizer", default="adafactor", choices=["adafactor", "adam", "none"],
                     help="adafactor = bergson's rank-1 fit (our adam_rank1's math); adam = its exact "
                          "element-wise normalizer, which forms each [out, in] gradient before projecting")
-    ap.add_argument("--measure", default=",".join(MEASUREMENTS),
-                    help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
+    ap.add_argument("--measure", default=",".join(WORKERS), help=f"comma-separated subset of {','.join(WORKERS)}")
     ap.add_argument("--out", default="benchmarks/results/encode_throughput.json")
-    ap.add_argument("--worker", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        worker(args)
-        return
-
     wanted = [m.strip() for m in args.measure.split(",") if m.strip()]
-    if unknown := set(wanted) - set(MEASUREMENTS):
-        ap.error(f"--measure: unknown {sorted(unknown)}; choose from {MEASUREMENTS}")
-    argv = ["--model", args.model, "--corpus", args.corpus, "--examples", str(args.examples),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--target-d", str(args.target_d), "--device", args.device, "--threads", str(args.threads),
-            "--bergson-normalizer", args.bergson_normalizer]
-    res = {m: (run_child(m, argv) if m in wanted else {"error": "not measured (--measure)"}) for m in MEASUREMENTS}
+    if unknown := set(wanted) - set(WORKERS):
+        ap.error(f"--measure: unknown {sorted(unknown)}; choose from {tuple(WORKERS)}")
+    res = {m: (run_child(m, args) if m in wanted else {"error": "not measured (--measure)"}) for m in WORKERS}
 
-    def ok(m):
-        return "error" not in res[m]
-
-    def tps(m):
-        return res[m]["tokens_per_s"] if ok(m) else None
-
-    def ratio(a, b):
-        return tps(a) / tps(b) if ok(a) and ok(b) else None
-
-    first = next((res[m] for m in MEASUREMENTS if ok(m)), {})
-    model_info = first.get("model")
+    ok = {m: "error" not in res[m] for m in WORKERS}
+    tps = {m: res[m]["tokens_per_s"] if ok[m] else None for m in WORKERS}
+    ratio = lambda a, b: tps[a] / tps[b] if ok[a] and ok[b] else None  # noqa: E731
+    first = next((res[m] for m in WORKERS if ok[m]), {})
+    bergson = res["bergson"] if ok["bergson"] else {}
     out = {
         "workers": {"torch": first.get("torch"), "torch_threads": first.get("torch_threads"),
                     "device": first.get("device")},
-        "model": model_info or {"name": Path(args.model).resolve().name},
+        "model": first.get("model") or {"name": Path(args.model).resolve().name},
         "model_dir": str(args.model),
         "corpus": args.corpus,
         "examples": first.get("examples"),
@@ -413,52 +358,25 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "target_d": args.target_d,
-        "d_ours": next((res[m]["d"] for m in ("ours", "ours_corrected") if ok(m)), None),
-        "k_ours": next((res[m]["k"] for m in ("ours", "ours_corrected") if ok(m)), None),
-        "d_bergson": res["bergson"].get("d") if ok("bergson") else None,
-        "projection_dim_bergson": res["bergson"].get("projection_dim") if ok("bergson") else None,
-        "tokens_per_s_training": tps("training"),
-        "tokens_per_s_floor": tps("floor"),
-        "tokens_per_s_ours": tps("ours"),
-        "tokens_per_s_ours_corrected_only": tps("ours_corrected"),
-        "tokens_per_s_bergson": tps("bergson"),
+        "d_ours": next((res[m]["d"] for m in ("ours", "ours_corrected") if ok[m]), None),
+        "k_ours": next((res[m]["k"] for m in ("ours", "ours_corrected") if ok[m]), None),
+        "d_bergson": bergson.get("d"),
+        "projection_dim_bergson": bergson.get("projection_dim"),
+        **{f"tokens_per_s_{m.replace('corrected', 'corrected_only')}": tps[m] for m in WORKERS},
         "ratio_vs_training": ratio("ours", "training"),
         "ratio_vs_bergson": ratio("ours", "bergson"),
         "ratio_corrected_only_vs_bergson": ratio("ours_corrected", "bergson"),
         "ratio_floor_vs_bergson": ratio("floor", "bergson"),
         "ratio_corrected_only_vs_floor": ratio("ours_corrected", "floor"),
-        "bergson": None if not ok("bergson") else {k: res["bergson"][k] for k in
-                                                   ("version", "normalizer", "entry", "n_modules", "precision")},
-        "bergson_null_reason": None if ok("bergson") else res["bergson"]["error"],
-        "peak_rss_mb": {m: res[m].get("peak_rss_mb") for m in MEASUREMENTS},
-        "seconds": {m: res[m].get("seconds") for m in MEASUREMENTS},
+        "bergson": {k: bergson[k] for k in ("version", "normalizer", "entry", "n_modules", "precision")}
+        if bergson else None,
+        "bergson_null_reason": res["bergson"].get("error"),
+        "peak_rss_mb": {m: res[m].get("peak_rss_mb") for m in WORKERS},
+        "seconds": {m: res[m].get("seconds") for m in WORKERS},
         "details": res,
     }
-    out = write_results(Path(args.out), {k: v for k, v in vars(args).items() if k != "worker"}, out)
-
-    rows = [("training (fwd+bwd+AdamW)", "training", "-"), ("floor (frozen fwd+bwd)", "floor", "-"), ("ours (corrected + plain)", "ours", out["d_ours"]),
-            ("ours (corrected only)", "ours_corrected", out["d_ours"]), ("bergson build", "bergson", out["d_bergson"])]
-    print(f"model {out['model'].get('name')} ({out['model'].get('params')} params), {out['examples']} passages, "
-          f"{out['tokens']} tokens, batch {args.batch_size}, {out['machine']['cpus']} cpus, "
-          f"{out['workers']['torch_threads']} torch threads")
-    print(f"{'measurement':<28}{'d':>8}{'tokens/s':>12}{'seconds':>10}{'peak RSS MB':>13}")
-    for label, m, d in rows:
-        if ok(m):
-            print(f"{label:<28}{d!s:>8}{tps(m):>12.0f}{res[m]['seconds']:>10.2f}{res[m]['peak_rss_mb']:>13.0f}")
-        else:
-            print(f"{label:<28}{d!s:>8}{'null':>12}   ({res[m]['error'][:200]})")
-    fmt = lambda x: f"{x:.3f}" if x is not None else "null"  # noqa: E731
-    print(f"ours / training = {fmt(out['ratio_vs_training'])}   ours / bergson = {fmt(out['ratio_vs_bergson'])}   "
-          f"ours corrected-only / bergson = {fmt(out['ratio_corrected_only_vs_bergson'])}   "
-          f"floor / bergson = {fmt(out['ratio_floor_vs_bergson'])}")
-    print(f"wrote {args.out}")
+    common.show("encode_throughput", write_results(Path(args.out), vars(args), out))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit:
-        raise
-    except Exception:  # a worker's traceback goes to its stderr, which the driver reports
-        traceback.print_exc()
-        sys.exit(1)
+    main()

@@ -1,13 +1,9 @@
 """Peak RSS and time of the `autocorrelation` and `eigen` stages for the full, per-layer and per-module Hessian
 at SmolLM2-135M's layout (211 linear modules x k^2 columns), against the memory plan's estimates.
 
-Random encoding stores (a few hundred rows, no model) are written at each k; the real stage scripts run on
-them, each in its own process, with hessian.structure fixed; peak RSS per run comes from os.wait4 (ru_maxrss)
-and the plan's estimate for the same structure is printed next to it. A structure whose estimate exceeds
---limit-gb (default 6: this machine is shared) is not run, only estimated. A bare interpreter that imports
-what the stages import gives the fixed overhead (`trackstar.hessian.plan.BASE_BYTES`). Baseline, same run and
-stores: the stages as they were before the structure choice (commit BASELINE: the full d x d statistics
-always, `hessian.block_diagonal` only splitting them in `eigen`), where their d x d fits (--baseline-ks).
+The real stage scripts, each in its own process, on random stores at each k; a structure whose estimate exceeds
+--limit-gb is only estimated. Baseline, same run and stores: the stages at commit BASELINE (the full d x d
+statistics always), where their d x d fits (--baseline-ks).
 
     python benchmarks/hessian_memory.py            # k = 4 (d = 3,376) and k = 16 (d = 54,016), ~3 min on 2 CPUs
 """
@@ -30,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from trackstar.config import EncodeParams, HessianParams  # noqa: E402
 from trackstar.hessian.plan import BASE_BYTES, GIB, plan  # noqa: E402
-from trackstar.store import StoreSpec, StoreWriter  # noqa: E402
+from trackstar.store import StoreSpec  # noqa: E402
 from tests.harness import measured, write_results  # noqa: E402
+from common import show, write_store  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/hessian_memory.json"
 BASELINE = "0b33863"  # the last commit before hessian.structure
@@ -67,17 +64,13 @@ def write_stores(repo: Path, layout: list[dict], n_train: int, n_query: int, see
         attrs = {"k": round((layout[0]["stop"]) ** 0.5), "projection_seed": 0, "correction": "none",
                  "checkpoint_hash": "synthetic", "layout": layout, "config": {"synthetic": True}, "split": split,
                  "input_sha256": f"synthetic-{split}", "encode": enc.model_dump(exclude={"device", "batch_size"})}
-        w = StoreWriter(repo / f"encodings/raw/{split}.zarr", repo / f".work/{split}",
-                        StoreSpec(n, d, ["g"], enc.dtype, enc.chunk_mb, enc.compressor, attrs))
-        w.prepare()
-        for c in range(w.n_chunks):
-            a, b = w.chunk_range(c)
-            w.write_chunk(c, {"g": (rng.standard_normal((b - a, d), dtype=np.float32) * scale)})
-        w.finalize()
+        write_store(repo / f"encodings/raw/{split}.zarr", StoreSpec(n, d, ["g"], enc.dtype, enc.chunk_mb,
+                                                                   enc.compressor, attrs),
+                    lambda c, a, b: rng.standard_normal((b - a, d), dtype=np.float32) * scale)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="4,16", help="projection k values (d = 211 k^2)")
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--queries", type=int, default=300)
@@ -89,8 +82,6 @@ def main() -> None:
     subprocess.run(f"git -C {ROOT} archive {BASELINE} trackstar stages | tar -x -C {base_code}", shell=True, check=True)
     base_env = {**os.environ, "PYTHONPATH": str(base_code)}
     bare = cost([py, "-c", BARE], ROOT)
-    print(f"bare interpreter with the stages' imports: {bare['peak_rss_mb']:.0f} MB peak RSS "
-          f"(plan.BASE_BYTES = {BASE_BYTES / 2**20:.0f} MiB)")
     runs = []
     for k in (int(x) for x in args.ks.split(",")):
         layout = smol_layout(k)
@@ -107,7 +98,6 @@ def main() -> None:
                                         "eigen": round(c.eigen / 2**20, 1)}}
                 if c.peak > args.limit_gb * GIB:
                     row["skipped"] = f"estimated peak {c.peak / GIB:.1f} GiB > --limit-gb {args.limit_gb:g}"
-                    print(f"k={k} d={d:,} {structure}: not run, {row['skipped']}")
                     runs.append(row)
                     continue
                 (repo / "params.yaml").write_text(yaml.safe_dump({"hessian": {"structure": structure,
@@ -116,10 +106,7 @@ def main() -> None:
                 for stage in ("autocorrelation", "eigen"):
                     row[stage] = cost([py, str(ROOT / f"stages/{stage}.py")], repo)
                 runs.append(row)
-                print(f"k={k} d={d:,} {structure}: {len(c.blocks)} blocks (largest {max(c.sizes):,}); "
-                      + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
-                                  f"{row[s]['peak_rss_mb']:.0f} MB "
-                                  f"(estimated {row['estimated_mb'][s]:.0f} MB)" for s in ("autocorrelation", "eigen")))
+                print(f"k={k} {structure}: done", flush=True)
             if str(k) not in args.baseline_ks.split(","):
                 continue
             for structure, diagonal in (("full", False), ("module", True)):
@@ -131,15 +118,12 @@ def main() -> None:
                 for stage in ("autocorrelation", "eigen"):
                     row[stage] = cost([py, str(base_code / f"stages/{stage}.py")], repo, base_env)
                 runs.append(row)
-                print(f"k={k} d={d:,} {structure} (baseline {BASELINE}, block_diagonal={diagonal}): "
-                      + "; ".join(f"{s} {row[s]['seconds']:.1f} s ({row[s]['cpu_seconds']:.1f} s CPU), "
-                                  f"{row[s]['peak_rss_mb']:.0f} MB" for s in ("autocorrelation", "eigen")))
+                print(f"k={k} {structure} (baseline {BASELINE}): done", flush=True)
     result = {"rows": {"train": args.train, "queries": args.queries}, "layout": "SmolLM2-135M: 30 x 7 modules + lm_head",
               "bare_interpreter_rss_mb": bare["peak_rss_mb"], "base_bytes_mb": BASE_BYTES / 2**20,
               "baseline": f"commit {BASELINE}: full d x d statistics, block_diagonal split only in eigen", "runs": runs}
     shutil.rmtree(base_code, ignore_errors=True)
-    write_results(OUT, vars(args), result)
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    show("hessian_memory", write_results(OUT, vars(args), result))
 
 
 if __name__ == "__main__":

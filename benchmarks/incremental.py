@@ -1,27 +1,16 @@
 """A corpus that grows: time to add a shard of 10 % of the corpus against a full rebuild, with a fixed
-checkpoint (`model.source: checkpoint`), and DVC's own costs at >= 100 shards.
+checkpoint (`model.source: checkpoint`), and DVC's own costs at >= 100 shards (benchmarks/README.md,
+"Incremental corpus", says what each scenario is).
 
-Scenarios (each in fresh clones of this repo under --work, the current Python environment):
-  default  the embedded fact world (2.8k passages, the default model size and params) cut into the corpus
-           (50 %) + shards s1..s4 (10 % each); then s5 (10 %) is added. A fixed checkpoint: the default model
-           size after a few AdamW steps (so it has second moments).
-  large    the same on a larger generated world (>= 50k short passages) and a wider model (hidden 256) at
-           projection.k 8, so that encoding is the bulk of the work as it is at scale.
-  large_wide  large at hidden --wide-hidden (384): encoding an even larger share, as at scale.
-  scale    --scale-shards tiny shards (tiny model): `dvc status`, a no-op `dvc repro` and `dvc push` to a
-           local-directory remote, files per shard.
-For default / large: a full build from scratch of the corpus + s1..s5; in another clone the base build (corpus +
-s1..s4, sharing the first clone's DVC cache, so its encodings come from the run-cache); then s5 is added and
-`dvc repro --no-run-cache` timed per stage (s5 encoded, everything after it recomputed, nothing restored). The
-add's retrievals (trackstar and every ladder rung) must equal the full build's row for row (ids and float
-scores). eval.tail_patch_queries is 0 in both builds (the same in both; tail-patch costs nothing shard-specific).
+For default / large / large_wide: a full build from scratch of the corpus + s1..s5; in another clone the base
+build (corpus + s1..s4, sharing the first clone's DVC cache, so its encodings come from the run-cache); then s5
+is added and `dvc repro --no-run-cache` timed per stage. The add's retrievals (trackstar and every ladder rung)
+must equal the full build's row for row. `scale`: --scale-shards tiny shards, `dvc status`, a no-op
+`dvc repro` and `dvc push` to a local-directory remote.
 
     nice -n 10 python benchmarks/incremental.py [--scenarios large,large_wide,default,scale] [--note TEXT]
 
-Updates benchmarks/results/incremental.json (each scenario's key is replaced, the others kept; each scenario
-records its commit and machine): add_shard_vs_full is the large scenario's ratio, add_shard_vs_full_wide
-large_wide's; scores_equal_from_scratch is true only if every compared scenario matched row for row; note: the
-run's conditions (--note, else the command line, torch threads and load average).
+Updates results/incremental.json: each scenario's key replaced (with its commit and machine), the others kept.
 """
 
 from __future__ import annotations
@@ -42,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from tests import harness  # noqa: E402
 from tests.harness import ROOT, child_env, git, set_params  # noqa: E402
 from tests.pipeline import run as run_checked  # noqa: E402
+from common import small_checkpoint  # noqa: E402
 
 HERE = ROOT / "benchmarks"
 ENCODE = ("encode@", "encode_shard@")
@@ -85,25 +75,13 @@ class Scenario:
     params: dict = field(default_factory=dict)
 
 
-def checkpoint(out: Path, texts: list[str], sc: Scenario, steps: int = 3) -> None:
-    """A fixed checkpoint: BPE tokenizer on the texts, a seeded Llama, a few AdamW steps (second moments)."""
-    hidden, layers, vocab = sc.hidden, sc.layers, sc.vocab
-    import torch
+def checkpoint(out: Path, texts: list[str], sc: Scenario) -> None:
+    """A fixed checkpoint: BPE tokenizer on the texts, a seeded Llama of the scenario's shape, a few AdamW steps."""
+    from trackstar.model.train import ModelConfig, train_tokenizer
 
-    from trackstar.model.checkpoint import save_checkpoint
-    from trackstar.data.examples import collate, passage_example
-    from trackstar.model.train import ModelConfig, build_model, train_tokenizer
-
-    tok = train_tokenizer(texts[:20000], vocab)
-    model = build_model(ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
-                                    intermediate_size=4 * hidden), tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for s in range(steps):
-        b = collate([passage_example(tok, t, 64) for t in texts[32 * s: 32 * (s + 1)]], tok.pad_token_id)
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["input_ids"]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(model, tok, opt, out)
+    cfg = ModelConfig(hidden_size=sc.hidden, num_layers=sc.layers, num_heads=max(1, sc.hidden // 32),
+                      intermediate_size=4 * sc.hidden)
+    small_checkpoint(train_tokenizer(texts[:20000], sc.vocab), cfg, texts, out)
 
 
 def make_repo(dest: Path, ckpt: Path, parts: dict, queries, shards: list[str], params: dict) -> Path:
@@ -318,7 +296,7 @@ def summary(res: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-incremental")
     ap.add_argument("--scenarios", default="large,default,scale", help="of default, large, large_wide, scale")
     ap.add_argument("--large-entities", type=int, default=3200, help="18 passages each with the current generator: 57.6k")

@@ -1,39 +1,15 @@
 """Randomized kill soak: SIGKILL `dvc repro` (its whole process group) at random moments while it
 builds `encode@*`, `autocorrelation`, `precondition@*` or `index`, then `dvc repro` to completion,
-and check the artifacts against an uninterrupted build byte for byte.
+and check the artifacts against an uninterrupted build byte for byte (benchmarks/README.md, "Kill soak").
 
-Not part of the test suite (it takes tens of minutes). On the tiny params of tests/pipeline.py (plus
-`encode.chunk_mb` small enough that the training store spans several chunks, so kills land between
-and inside chunk writes):
+Each round makes one stage a fresh build (outputs, dvc.lock entry, cache objects, run-cache removed) and
+kills at a moment of one kind: `command` (inside the stage script), `commit` (DVC hashing, caching and
+writing dvc.lock after the script exited) or `any`. A refusal of DVC's own bookkeeping files left cut short
+(`.dvc/tmp/rwlock`, treeverse/dvc#7615; `dvc.lock`) is recovered as docs/pipeline.md says and counted apart
+(`dvc_own_failures`); any other problem is a failure, its repo kept as WORK-failed-N. Exit status 0 when no
+stage failed and the final state is identical; `complete: true` once --kills kills landed.
 
-1. the soak repo runs `dvc repro` uninterrupted; its artifacts and dvc.lock are the expectation
-   (kept as a pristine copy to restart from after a failure);
-2. each round picks a stage S and makes S a fresh build: S's outputs, its dvc.lock entry, its objects in `.dvc/cache` and the run-cache are
-   removed, as before S's first run. `dvc repro` then runs S's command and commits its outputs;
-3. the round kills that `dvc repro` with SIGKILL to its process group at one of three kinds of moment:
-   `command` (uniform over the stage script's run), `commit` (after the script exited, while DVC
-   hashes, caches and links the outputs and writes dvc.lock) or `any` (uniform from the launch);
-   what was running at the kill is recorded from the process tree (a kill that lands after DVC
-   exited is a miss and is not counted);
-4. plain `dvc repro` runs to completion; then every artifact file must equal the reference's bytes
-   (the wall-clock fields of metrics/hessian.json and metrics/model.json aside: a stage that DVC
-   reruns writes new timings), dvc.lock must equal the reference's (as YAML: DVC may order its
-   entries differently; those two files' hashes masked), `dvc status` must be clean (every 6th round
-   and at the end) and every output in dvc.lock must be in the DVC cache with the right bytes (what
-   `dvc push` would send). The stages the rerun ran are recorded.
-
-DVC's own bookkeeping files, which it rewrites in place, can be left cut short by a kill: an empty
-`.dvc/tmp/rwlock` (upstream treeverse/dvc#7615) or `dvc.lock`. Then `dvc repro` refuses to run; the
-soak recovers as docs/pipeline.md says and counts it under `dvc_own_failures`, apart from the stages'
-own crash safety (`failures`: any other problem, or one left after the recovery; its repo is kept
-for a post-mortem as WORK-failed-N and the soak goes on from the uninterrupted build). The soak runs
-to the end in one process: `complete: true` once --kills kills landed and the final check ran; exit
-status 0 when no stage failed and the final state is identical.
-
-    nice -n 10 python benchmarks/kill_soak.py --kills 56     # writes benchmarks/results/kill_soak.json
-
-About 45 minutes on 2 quiet cores (build and calibration ~5 min, then ~40 s per kill that lands,
-misses included); the results file is rewritten after every round.
+    nice -n 10 python benchmarks/kill_soak.py --kills 56     # ~45 min on 2 quiet cores
 """
 
 from __future__ import annotations

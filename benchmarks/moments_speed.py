@@ -1,12 +1,8 @@
-"""Estimated second moments (correction.kind: estimated): the `moments` stage's estimator (batched,
-row/column means of v from T x T Gram products, no per-example gradient formed) against the
-one-example-at-a-time autograd loop (full per-example gradients, squared), same model, same passages,
-same run; also the largest relative difference of the row/column means.
+"""Estimated second moments (correction.kind: estimated): the `moments` stage's estimator (row/column means of v
+from T x T Gram products) against the one-example-at-a-time autograd loop, same model, passages and run, and the
+largest relative difference of the means. Writes results/moments_speed.json.
 
-    python benchmarks/moments_speed.py --model model --samples 32
     python benchmarks/moments_speed.py --model /path/to/SmolLM2-checkpoint-dir --samples 16
-
-Writes benchmarks/results/moments_speed.json.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import ROOT, child_env, measured, set_param, write_results  # noqa: E402
+from common import show  # noqa: E402
 
 HERE = ROOT / "benchmarks"
 
@@ -77,7 +78,7 @@ def encode_scaling(repo: Path, work: Path, scales: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/trackstar-bench-pipeline")
     ap.add_argument("--scales", default="1,2,4")
     ap.add_argument("--mix-k", type=int, default=80, help="the hessian.mix_k value of the edit")
@@ -96,8 +97,6 @@ def main() -> None:
     full_s, stages, ran = timed_repro(repo, "--force")
     assert "evaluate" in ran, ran
     print(f"full dvc repro: {full_s:.1f} s", flush=True)
-    for name, sec in stages.items():
-        print(f"  {name:22s} {sec:7.1f} s")
     noop = []
     for _ in range(3):
         sec, _, ran = timed_repro(repo)
@@ -130,8 +129,7 @@ def main() -> None:
         "encode_scaling": scaling,
     }
     params = {"clone": "default params.yaml", "mix_k_edit": args.mix_k, "scales": args.scales}
-    write_results(Path(args.out), params, figures)
-    print(json.dumps({k: figures[k] for k in ("full_repro_s", "noop_repro_median_s")}))
+    show("pipeline", write_results(Path(args.out), params, figures))
 
 
 if __name__ == "__main__":

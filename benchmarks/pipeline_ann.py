@@ -27,6 +27,7 @@ from trackstar.store import StoreReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import recall_at_10, show  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # (build params, nprobe, rerank); the first carries the benchmark's in-distribution winner to 3,200 rows
@@ -46,11 +47,6 @@ CONFIGS = [
 ]
 
 
-def index_bytes(index) -> int:
-    """Serialized size of a FAISS index (codes, lists, quantizers and transforms)."""
-    return int(faiss.serialize_index(index).size)
-
-
 def paired_interval(ranked: list, base: list, relevant: list, boots: int, seed: int) -> list[float]:
     """95 % bootstrap interval of mrr(ranked) - mrr(base), resampling queries (the same ones for both)."""
     rng = np.random.default_rng(seed)
@@ -63,7 +59,7 @@ def paired_interval(ranked: list, base: list, relevant: list, boots: int, seed: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", default=".", help="a repo after `dvc repro`")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--boots", type=int, default=2000)
@@ -93,29 +89,24 @@ def main() -> None:
                     "mrr_95ci": paired_interval(base, [[] for _ in base], relevant, args.boots, args.seed)},
            "configs": []}
     noise = (out["flat"]["mrr_95ci"][1] - out["flat"]["mrr_95ci"][0]) / 2
-    print(f"flat: MRR {out['flat']['mrr']:.4f} (95% CI {out['flat']['mrr_95ci'][0]:.4f}..{out['flat']['mrr_95ci'][1]:.4f})"
-          f"  recall@10 {out['flat']['recall@10']:.3f}", flush=True)
     for build, nprobe, rerank in CONFIGS:
         c = {"nlist": 64, "pq_m": 64, "pq_bits": 8, "opq": False, **build}
         res = run(c, nprobe, rerank)
         ranked = [list(ids[r[r >= 0]]) for r in res["rows"]]
-        vs_exact = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(res["rows"], flat["rows"])]))
         pca = c.get("pca", 0)
         row = {"factory": (f"pca={pca} → " if pca else "")
                           + factory_string(IndexParams(**c), pca or store.d),
-               "index_bytes_per_row": index_bytes(res["index"]) / store.n,
+               # serialized size: codes, lists, quantizers and transforms
+               "index_bytes_per_row": int(faiss.serialize_index(res["index"]).size) / store.n,
                "nprobe": nprobe, "rerank": rerank, "mrr": mrr(ranked, relevant),
-               "recall@10": recall_at_k(ranked, relevant, 10), "recall_at_10_vs_exact": vs_exact,
+               "recall@10": recall_at_k(ranked, relevant, 10), "recall_at_10_vs_exact": recall_at_10(flat["rows"], res["rows"]),
                "mrr_minus_flat_95ci": paired_interval(ranked, base, relevant, args.boots, args.seed),
                "build_s": res["build_s"], "search_s": res["search_s"]}
         row["within_noise"] = bool(-noise <= row["mrr_minus_flat_95ci"][0] and row["mrr_minus_flat_95ci"][1] <= noise)
         row["index_bytes_ratio"] = row["index_bytes_per_row"] / (store.d * 4)
         out["configs"].append(row)
-        print(f"{row['factory']:22s} nprobe {nprobe:3d} rerank {rerank:4d}: MRR {row['mrr']:.4f} "
-              f"(diff 95% CI {row['mrr_minus_flat_95ci'][0]:+.4f}..{row['mrr_minus_flat_95ci'][1]:+.4f})  "
-              f"recall@10 {row['recall@10']:.3f}  vs exact {vs_exact:.3f}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_results(Path(args.out), vars(args), out)
+        print(f"{row['factory']} nprobe {nprobe} rerank {rerank}: MRR {row['mrr']:.4f}", flush=True)
+    show("pipeline_ann", write_results(Path(args.out), vars(args), out))
 
 
 if __name__ == "__main__":

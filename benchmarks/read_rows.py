@@ -1,15 +1,10 @@
 """Rerank reads: `StoreReader.read_rows` (rows grouped by chunk, gathered through a memory map of each
-touched chunk file) against one pread per run of consecutive rows, on the same store and the same
-random row sets, alternating, in one run.
+touched chunk file) against one pread per run of consecutive rows, same store and random row sets, alternating.
 
-The pread path was the library's reader from 279a263 to edc64d2: a noisy comparison taken under
-load suggested it was faster; this benchmark, on a quiet machine, showed it slower at the default
-size (100k rows) both warm and cold, and the memory-map gather was restored. The store is synthetic (random fp32 rows, `--rows` x `--d`,
-uncompressed, 32 MB chunks: the layout of the pipeline's preconditioned stores); what is timed is
-only where the bytes come from. Two cases: `warm`, the store in the page cache (one untimed pass
-first; a store that fits in RAM), and `cold`, every chunk file evicted from the page cache before
-each timed read (posix_fadvise DONTNEED; a store larger than RAM, read from disk). Writes
-benchmarks/results/read_rows.json.
+The pread path was the library's reader from 279a263 to edc64d2; this benchmark showed it slower and the
+memory-map gather was restored. Synthetic store (random fp32 rows, uncompressed, 32 MB chunks, as the
+preconditioned stores); `warm`: in the page cache, `cold`: every chunk file evicted (posix_fadvise DONTNEED)
+before each timed read. Writes results/read_rows.json.
 """
 
 from __future__ import annotations
@@ -22,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trackstar.store import StoreReader, StoreSpec, StoreWriter
+from trackstar.store import StoreReader, StoreSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import show, write_store  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,14 +49,10 @@ def pread_rows(store: StoreReader, rows: np.ndarray) -> np.ndarray:
 
 
 def make_store(path: Path, rows: int, d: int) -> StoreReader:
+    """Random fp32 rows, uncompressed, 32 MB chunks (kept in --work between runs)."""
     if not path.exists():
-        w = StoreWriter(path, path.with_suffix(".work"),
-                        StoreSpec(rows, d, ["g"], chunk_mb=32.0, attrs={"benchmark": "read_rows"}))
-        w.prepare()
-        for c in w.pending():
-            a, b = w.chunk_range(c)
-            w.write_chunk(c, {"g": np.random.default_rng(c).standard_normal((b - a, d), dtype=np.float32)})
-        w.finalize()
+        write_store(path, StoreSpec(rows, d, ["g"], chunk_mb=32.0, attrs={"benchmark": "read_rows"}),
+                    lambda c, a, b: np.random.default_rng(c).standard_normal((b - a, d), dtype=np.float32))
     return StoreReader(path)
 
 
@@ -94,7 +86,7 @@ def measure(store: StoreReader, n_read: int, repeats: int, cold: bool) -> dict[s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--read", type=int, default=100_000, help="distinct random rows per read (a rerank batch)")
@@ -113,11 +105,9 @@ def main() -> None:
         med = {k: float(np.median(v)) for k, v in times.items()}
         cases[case] = {"seconds": times, "median_s": med, "mb_per_s": {k: mb / v for k, v in med.items()},
                        "speedup_pread_vs_mmap": med["mmap_gather"] / med["pread"]}
-        for k in times:
-            print(f"{case} {k:12s} median {med[k]:.3f} s ({mb / med[k]:.0f} MB/s)  runs {[round(t, 3) for t in times[k]]}")
-        print(f"{case}: pread / memory-map gather: {cases[case]['speedup_pread_vs_mmap']:.2f}x faster")
     result = {"rows": args.rows, "d": args.d, "read_rows": args.read, "repeats": args.repeats, "cases": cases}
-    write_results(Path(args.out), vars(args), result)
+    show("read_rows", write_results(Path(args.out), vars(args), result))
+
 
 if __name__ == "__main__":
     main()

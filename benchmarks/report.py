@@ -56,9 +56,27 @@ def source(name: str, r: dict) -> str:
 
 def machine(r: dict) -> str:
     m = r.get("machine", {})
-    if isinstance(m, str):
-        return m
     return f"{m.get('cpus', '?')} CPUs, {m.get('platform', '?')}"
+
+
+def _f(x, fmt: str = ".3f", none: str = "–") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def stage_table(stages: dict, head: str = "stage") -> list[str]:
+    """Seconds and peak RSS of each stage of a run."""
+    return ["", f"| {head} | seconds | peak RSS (MB) |", "|---|---|---|",
+            *(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |" for st, v in stages.items())]
+
+
+THROUGHPUT = ("tokens_per_s_training", "tokens_per_s_floor", "tokens_per_s_ours", "tokens_per_s_ours_corrected_only",
+              "tokens_per_s_bergson")
+
+
+def throughput_table(r: dict, labels: tuple[str, ...], none: str) -> list[str]:
+    """Tokens/s of each measurement of encode_throughput.py, labelled."""
+    return ["| measurement | tokens/s |", "|---|---|",
+            *(f"| {label} | {_f(r.get(key), ',.0f', none)} |" for label, key in zip(labels, THROUGHPUT))]
 
 
 def pipeline(r: dict) -> list[str]:
@@ -73,10 +91,6 @@ def pipeline(r: dict) -> list[str]:
     for name, sec in r["stage_s"].items():
         edit = r["mix_k_edit"]["stage_s"].get(name)
         out.append(f"| `{name}` | {sec:.1f} | {'' if edit is None else f'{edit:.1f}'} |")
-    if r.get("note"):
-        out += ["", r["note"] + "."]
-    if not r.get("encode_scaling"):
-        return out
     out += ["", "Encode (`encode@train`, own process) at 1×/2×/4× the corpus:", "",
             "| corpus | rows | seconds | time ratio | rows/s | peak RSS (MB) | RSS ratio |", "|---|---|---|---|---|---|---|"]
     for s in r["encode_scaling"]:
@@ -111,27 +125,21 @@ def retrieval(r: dict) -> list[str]:
 
 
 def encode(r: dict) -> list[str]:
-    out = [f"### Encode throughput (`encode_throughput.py`; {machine(r)})", ""]
-    f = lambda x: "n/a" if x is None else f"{x:,.0f}"
-    g = lambda x: "n/a" if x is None else f"{x:.2f}"
+    g = lambda x: _f(x, ".2f", "n/a")
     mod = r.get("model", {})
-    out += [f"Model `{mod.get('name', '')}` ({mod.get('params', 0):,} parameters, hidden {mod.get('hidden_size', '?')}), "
+    return [f"### Encode throughput (`encode_throughput.py`; {machine(r)})", "",
+            f"Model `{mod.get('name', '')}` ({mod.get('params', 0):,} parameters, hidden {mod.get('hidden_size', '?')}), "
             f"{r.get('tokens')} tokens, batch {r.get('batch_size')}, "
             f"d = {r.get('d_ours')} (bergson {r.get('d_bergson')}).", "",
-            "| measurement | tokens/s |", "|---|---|",
-            f"| plain training step (fwd+bwd+AdamW) | {f(r.get('tokens_per_s_training'))} |",
-            f"| floor: frozen fwd + backward to activations, no projection | {f(r.get('tokens_per_s_floor'))} |",
-            f"| ours (corrected + plain rows, as the stage) | {f(r.get('tokens_per_s_ours'))} |",
-            f"| ours (corrected rows only) | {f(r.get('tokens_per_s_ours_corrected_only'))} |",
-            f"| bergson build (2.5.1, same batches) | {f(r.get('tokens_per_s_bergson'))} |", "",
+            *throughput_table(r, ("plain training step (fwd+bwd+AdamW)",
+                                  "floor: frozen fwd + backward to activations, no projection",
+                                  "ours (corrected + plain rows, as the stage)", "ours (corrected rows only)",
+                                  "bergson build (2.5.1, same batches)"), "n/a"), "",
             f"ours / training = **{g(r.get('ratio_vs_training'))}** (goal ≥ 0.85); ours / bergson = "
             f"**{g(r.get('ratio_vs_bergson'))}**, corrected-only / bergson = "
             f"**{g(r.get('ratio_corrected_only_vs_bergson'))}** (goal ≥ 1.6). The floor — what any hook-based "
             f"encoder computes before projecting — is {g(r.get('ratio_floor_vs_bergson'))}× bergson; corrected-only "
             f"runs at {g(r.get('ratio_corrected_only_vs_floor'))} of it."]
-    if r.get("conditions"):
-        out += ["", f"*Conditions: {r['conditions']}.*"]
-    return out
 
 
 def gap(r: dict) -> list[str]:
@@ -276,10 +284,6 @@ def experiments(r: dict) -> list[str]:
     return out
 
 
-def _f(x, fmt: str = ".3f") -> str:
-    return "–" if x is None else format(x, fmt)
-
-
 def real_model(r: dict) -> list[str]:
     """SmolLM2-135M end to end (real_model.py): every figure read from results/real_model.json."""
     pr, ft, m = r.get("prepare") or {}, r.get("finetune") or {}, r.get("main") or {}
@@ -306,8 +310,7 @@ def real_model(r: dict) -> list[str]:
         hj = (m.get("metrics") or {}).get("hessian/hessian.json") or {}
         out += ["", f"Whole pipeline (`dvc repro`, {m.get('repro', {}).get('seconds')} s) at d = {m.get('d'):,} "
                 f"({m.get('modules')} modules); Hessian structure `{hj.get('structure', 'module blocks')}`"
-                + (f" ({hj.get('blocks')} blocks)" if hj.get("blocks") else "")
-                + (f"; {m['note']}" if m.get("note") else "") + ":", "",
+                + (f" ({hj.get('blocks')} blocks)" if hj.get("blocks") else "") + ":", "",
                 "| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 |", "|---|---|---|---|---|"]
         for meth, row in mm.items():
             out.append(f"| {meth} | {_f(row.get('mrr'))} | {_f(row.get('recall@10'))} | "
@@ -320,9 +323,7 @@ def real_model(r: dict) -> list[str]:
                     f"AdamW moments. At lr {sw['lr']:g} (only `evaluate` reran): "
                     + ", ".join(f"{k} {_f(v.get('tail_patch@1'), '.3f')} / {_f(v.get('tail_patch@10'), '.3f')}"
                                 for k, v in tp.items()) + " (tail-patch@1 / @10)."]
-        out += ["", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
-        for st, v in (m.get("repro") or {}).get("stages", {}).items():
-            out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
+        out += stage_table((m.get("repro") or {}).get("stages", {}))
     s, b = r.get("speed") or {}, r.get("bergson") or {}
     if s.get("trackstar"):
         ours = s["checkpoint_to_retrievals"]["seconds"]
@@ -333,10 +334,8 @@ def real_model(r: dict) -> list[str]:
                 f"(TrackStar MRR {s['trackstar']['mrr']:.3f}, recall@10 {s['trackstar']['recall@10']:.3f})"
                 + (f"; bergson {b['run']['version']} `trackstar` **{b['seconds']:.0f} s** (MRR {b['trackstar']['mrr']:.3f}, "
                    f"recall@10 {b['trackstar']['recall@10']:.3f}); ours / bergson = **{ours / b['seconds']:.2f}** "
-                   f"(goal ≤ 1.2)." if b.get("trackstar") else "."), "",
-                "| stage (ours) | seconds | peak RSS (MB) |", "|---|---|---|"]
-        for st, v in s["checkpoint_to_retrievals"]["stages"].items():
-            out.append(f"| `{st}` | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
+                   f"(goal ≤ 1.2)." if b.get("trackstar") else ".")]
+        out += stage_table(s["checkpoint_to_retrievals"]["stages"], "stage (ours)")
         if r.get("structure"):
             out += ["", "The Hessian's structure on the same encodings:", "",
                     "| structure | mix_k | λ | TrackStar MRR | recall@10 | `eigen` s | `eigen` peak RSS (MB) |",
@@ -351,28 +350,11 @@ def real_model(r: dict) -> list[str]:
     if t:
         out += ["", f"Encode throughput on the fine-tuned checkpoint and the slice ({t.get('examples')} passages, "
                 f"{t.get('tokens')} tokens, d = {t.get('d_ours')}, bergson d = {t.get('d_bergson')}, same batches):", "",
-                "| measurement | tokens/s |", "|---|---|"]
-        for label, key in (("plain training step (fwd+bwd+AdamW)", "tokens_per_s_training"),
-                           ("floor: frozen fwd + backward to activations", "tokens_per_s_floor"),
-                           ("ours (corrected + plain rows)", "tokens_per_s_ours"),
-                           ("ours (corrected rows only)", "tokens_per_s_ours_corrected_only"),
-                           ("bergson build", "tokens_per_s_bergson")):
-            out.append(f"| {label} | {_f(t.get(key), ',.0f')} |")
-        out += ["", f"ours / training = **{_f(t.get('ratio_vs_training'), '.2f')}**, ours / bergson = "
+                *throughput_table(t, ("plain training step (fwd+bwd+AdamW)", "floor: frozen fwd + backward to activations",
+                                      "ours (corrected + plain rows)", "ours (corrected rows only)", "bergson build"), "–"),
+                "", f"ours / training = **{_f(t.get('ratio_vs_training'), '.2f')}**, ours / bergson = "
                 f"**{_f(t.get('ratio_vs_bergson'), '.2f')}**, corrected-only / bergson = "
                 f"{_f(t.get('ratio_corrected_only_vs_bergson'), '.2f')}."]
-    for key, label in (("speed", "Checkpoint → retrievals (`correction.kind: estimated`, per-module blocks)"),
-                       ("readme", "README own-data recipe, unchanged, fresh clone")):
-        v = r.get(key) or {}
-        if v.get("stages_finished"):  # a step cut short: what its finished stages measured
-            out += ["", f"{label}, {v.get('passages')} passages / {v.get('queries')} queries, {v.get('checkpoint')}: "
-                    f"{v.get('status')}. Stages finished:", "",
-                    "| stage | wall s | CPU s | peak RSS (MB) |", "|---|---|---|---|"]
-            for st, x in v["stages_finished"].items():
-                out.append(f"| `{st}` | {x['seconds']:.0f} | {_f(x.get('cpu_seconds'), '.0f')} | {x['peak_rss_mb']:.0f} |")
-            out += [f"- `{line}`" for line in v.get("plan_lines", [])[:2]]
-    if r.get("status"):
-        out += ["", f"Status: {r['status']}."]
     rd = r.get("readme") or {}
     if rd.get("run"):
         ok = rd["run"]["rc"] == 0
@@ -459,17 +441,20 @@ def hessian_memory(r: dict) -> list[str]:
     return out
 
 
-SECTIONS: list[tuple[str, Callable[[dict], list[str]]]] = [
-    ("pipeline", pipeline), ("retrieval", retrieval), ("ann_ceiling", ceiling), ("pipeline_ann", pipeline_ann),
-    ("read_rows", read_rows), ("correction_gap", gap), ("whitening", whitening), ("hessian_memory", hessian_memory),
-    ("experiments", experiments), ("d_sweep", sweep), ("tail_patch", tail_patch), ("real_model", real_model)]
+# each results file's section of benchmarks/README.md, in the README's order
+SECTIONS: dict[str, Callable[[dict], list[str]]] = {
+    "pipeline": pipeline, "encode_throughput": encode, "retrieval": retrieval, "ann_ceiling": ceiling,
+    "pipeline_ann": pipeline_ann, "read_rows": read_rows, "correction_gap": gap, "whitening": whitening,
+    "hessian_memory": hessian_memory, "experiments": experiments, "d_sweep": sweep, "tail_patch": tail_patch,
+    "real_model": real_model}
 
 
 def benchmarks_block() -> list[str]:
-    """benchmarks/README.md's figures block: one section per results file, each naming its file and commit."""
+    """benchmarks/README.md's figures block: one section per results file, each naming its file and commit
+    (encode_throughput*.json: one section each, e.g. a wider model's)."""
     encodes = sorted(p.stem for p in RES.glob("encode_throughput*.json")) or ["encode_throughput"]
     parts = []
-    for name, fn in [SECTIONS[0], *[(e, encode) for e in encodes], *SECTIONS[1:]]:
+    for name, fn in [(n, f) for s, f in SECTIONS.items() for n in (encodes if f is encode else [s])]:
         r = load(name)
         parts += ([*fn(r), "", f"*Source: {source(name, r)}.*", ""]) if r else [f"### {name}: not measured yet", ""]
     return parts
@@ -517,7 +502,7 @@ def generated() -> dict[Path, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a doc figure differs")
     args = ap.parse_args()
     problems = doc_problems()

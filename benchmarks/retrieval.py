@@ -1,24 +1,16 @@
 """Retrieval at scale: FAISS index configs against streaming exact search, on >= 1M rows.
 
-Data (stated in the results): the pipeline's real preconditioned TrackStar encodings
-(`encodings/final/{train,query}.zarr`, run `dvc repro` first) are reduced to `--d` dimensions by a
-seeded Gaussian projection (as if encoded with a smaller projection), tiled to `--rows` rows, each
-copy perturbed by isotropic Gaussian noise of relative norm `--sigma`, and unit-normalized. Two
-query sets: `trackstar_queries`, the real query encodings under the same projection (TrackStar's
-case: whitened encodings are near-isotropic and a query is nearly orthogonal to every passage),
-and `in_distribution`, perturbed copies of corpus rows (passage-to-passage search, where ANN has
-neighbourhood structure to exploit). The ground truth is `exact_search` streaming over the Zarr
-store, timed in the same run, so every speed figure is a ratio.
-
-Each config runs in its own process so that its peak RSS is its own.
-Writes benchmarks/results/retrieval.json and prints a table.
+The pipeline's preconditioned encodings (`dvc repro` first) Gaussian-projected to --d dimensions, tiled to --rows
+rows with per-copy noise of relative norm --sigma, unit-normalized. Query sets: `trackstar_queries`, the real
+query encodings under the same projection, and `in_distribution`, perturbed copies of corpus rows (passage-to-
+passage search). The ground truth is `exact_search` streaming over the store, timed in the same run. Each config
+runs in its own process (its own peak RSS). Writes results/retrieval.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import peak_rss_mb, write_results  # noqa: E402
+import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,9 +55,7 @@ QUERY_SETS = ("trackstar_queries", "in_distribution")
 
 def make_data(args) -> None:
     """The tiled, perturbed store and the query matrix, in --work (skipped if already there)."""
-    from tqdm.auto import tqdm
-
-    from trackstar.store import StoreReader, StoreSpec, StoreWriter
+    from trackstar.store import StoreReader, StoreSpec
 
     work = Path(args.work)
     store_path = work / "train.zarr"
@@ -80,16 +71,13 @@ def make_data(args) -> None:
     pick = rng.choice(len(base), size=args.queries, replace=False)
     near = base[pick] + args.sigma * rng.standard_normal((args.queries, args.d), dtype=np.float32) / np.sqrt(args.d)
     np.save(work / "queries_in_distribution.npy", norm(near).astype(np.float32))
-    w = StoreWriter(store_path, work / "store.work", StoreSpec(
-        args.rows, args.d, ["g"], chunk_mb=32.0,
-        attrs={"benchmark": "retrieval", "source_rows": len(base), "sigma": args.sigma}))
-    w.prepare()
-    for c in tqdm(w.pending(), desc="generate", mininterval=5):
-        a, b = w.chunk_range(c)
+
+    def rows(c: int, a: int, b: int) -> np.ndarray:
         noise = np.random.default_rng([args.seed, c]).standard_normal((b - a, args.d), dtype=np.float32)
-        x = base[np.arange(a, b) % len(base)] + args.sigma * noise / np.sqrt(args.d)
-        w.write_chunk(c, {"g": norm(x)})
-    w.finalize()
+        return norm(base[np.arange(a, b) % len(base)] + args.sigma * noise / np.sqrt(args.d))
+
+    common.write_store(store_path, StoreSpec(args.rows, args.d, ["g"], chunk_mb=32.0, attrs={
+        "benchmark": "retrieval", "source_rows": len(base), "sigma": args.sigma}), rows)
 
 
 def timed(repeats: int, fn):
@@ -147,7 +135,6 @@ def run_config(args, name: str) -> list[dict]:
     if c["on_disk"]:  # search the memory-mapped lists, as the retrieve stage would
         del index
         index, _ = load_index(out)
-    recall = lambda got, want: float(np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)]))
     rows = []
     for qset in QUERY_SETS:
         q = np.load(query_file(work, qset))
@@ -158,7 +145,8 @@ def run_config(args, name: str) -> list[dict]:
             rows.append({"name": f"{name} nprobe={nprobe} rerank={rerank}", "index": name, "queries": qset,
                          "config": {**c, "nprobe": nprobe, "rerank": rerank}, "factory": _factory(c, store.d),
                          "build_s": build_s, "search_s": sec, "qps": len(q) / sec,
-                         "recall_at_10_vs_exact": recall(ti, top), "opponents_recall_at_10_vs_exact": recall(bi, bottom),
+                         "recall_at_10_vs_exact": common.recall_at_10(top, ti),
+                         "opponents_recall_at_10_vs_exact": common.recall_at_10(bottom, bi),
                          "index_bytes": index_bytes, "peak_rss_mb": peak_rss_mb()})
     return rows
 
@@ -170,18 +158,18 @@ def _factory(c: dict, d: int) -> str:
     return factory_string(IndexParams(**c), d)
 
 
+WORKERS = {"exact": run_exact, **{n: (lambda a, n=n: {"rows": run_config(a, n)}) for n in INDEXES}}
+
+
 def child(args, what: str) -> dict:
-    """Run one measurement in a fresh process; returns its JSON."""
-    cmd = [sys.executable, __file__, "--child", what] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                         if k not in ("child", "indexes", "out", "reuse_exact", "update")]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"{what} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    """One measurement (the exact baseline or one index) in a fresh process, so that its peak RSS is its own."""
+    return common.run_worker(__file__, what, vars(args))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if common.worker_mode(WORKERS):
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", default=".", help="a repo after `dvc repro` (its encodings/final stores)")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=1024)
@@ -194,15 +182,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/trackstar-bench-retrieval")
     ap.add_argument("--indexes", default=",".join(INDEXES))
     ap.add_argument("--out", default=str(HERE / "results/retrieval.json"))
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--reuse-exact", action="store_true", help="keep the ground truth of an earlier run in --work")
     ap.add_argument("--update", action="store_true",
                     help="replace only the rows of --indexes in an existing --out (same data, same exact baseline)")
     args = ap.parse_args()
-    if args.child:
-        res = run_exact(args) if args.child == "exact" else run_config(args, args.child)
-        print(json.dumps(res))
-        return
     Path(args.work).mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     make_data(args)
@@ -219,14 +202,12 @@ def main() -> None:
               f"(mean top-1 score {exact[qset]['top1_score_mean']:.3f})", flush=True)
     rows = []
     for name in args.indexes.split(","):
-        for r in child(args, name):
+        for r in child(args, name)["rows"]:
             r.update(rows=args.rows, d=args.d, exact_qps=exact[r["queries"]]["qps"],
                      speedup_vs_exact=r["qps"] / exact[r["queries"]]["qps"],
                      index_bytes_ratio=r["index_bytes"] / raw_bytes)
             rows.append(r)
-            print(f"{r['queries']:17s} {r['name']:34s} recall@10 {r['recall_at_10_vs_exact']:.3f}  "
-                  f"speedup {r['speedup_vs_exact']:6.1f}x  index/raw {r['index_bytes_ratio']:.4f}  "
-                  f"build {r['build_s']:.0f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{r['queries']} {r['name']}: recall@10 {r['recall_at_10_vs_exact']:.3f}", flush=True)
     if args.update and Path(args.out).exists():
         done = set(args.indexes.split(","))
         old = [r for r in json.loads(Path(args.out).read_text())["configs"] if r["index"] not in done]
@@ -243,8 +224,7 @@ def main() -> None:
         "configs": rows,
         "meets_goal": [f"{r['queries']}: {r['name']}" for r in ok],
     }
-    write_results(Path(args.out), {k: v for k, v in vars(args).items() if k != "child"}, result)
-    print(f"goal (recall@10 >= 0.97, >= 10x exact, index <= 5% raw) met by: {result['meets_goal'] or 'none'}")
+    common.show("retrieval", write_results(Path(args.out), vars(args), result))
 
 
 if __name__ == "__main__":

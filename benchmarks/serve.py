@@ -1,19 +1,9 @@
 """Trace latency of `trackstar serve` against `trackstar trace` as a fresh process, on a built pipeline.
 
-Starts `trackstar serve --root ROOT` (a child process, port picked by the OS) and, once it prints its
-address, sends POST /api/trace requests for the pipeline's own queries (prompt + target, TrackStar, k):
-
-* 1 client: ``--requests`` traces one after the other; p50 / p95 latency;
-* 8 clients: ``--requests`` traces from 8 threads at once; p50 / p95 latency (queueing included: the
-  server traces one at a time) and throughput;
-* where a trace's time goes, from the server's Server-Timing header (medians, ms): encode (the query's
-  forward + backward and projection), whiten, search, text (the passages' lookup by byte offset);
-* the server's start-up time and peak RSS (VmHWM of /proc/<pid>/status);
-* the baseline: ``--cli-runs`` runs of `trackstar trace PROMPT --target T --json` as a fresh process
-  (loads the model, whitening, index and passages every time): wall seconds, CPU seconds, peak RSS.
-
-Writes benchmarks/results/serve.json under the key ``--label`` (default: the root's folder name),
-keeping the other labels' figures, with the commit and the machine.
+POST /api/trace for the pipeline's own queries from 1 client, then from 8 threads at once (p50 / p95, queueing
+included, and throughput); the median time of each step from the Server-Timing header; the server's start-up
+time and peak RSS (VmHWM); against --cli-runs runs of `trackstar trace ... --json` as a fresh process (wall and
+CPU seconds, peak RSS). Writes results/serve.json under --label, keeping the other labels' figures.
 """
 
 from __future__ import annotations
@@ -118,7 +108,7 @@ def screenshot(base: str, query, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=harness.ROOT, help="a built pipeline (default: this repo)")
     ap.add_argument("--label", help="the key of these figures in serve.json (default: the root's folder name)")
     ap.add_argument("--requests", type=int, default=100, help="traces per client setting")

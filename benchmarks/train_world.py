@@ -1,6 +1,8 @@
 """Train the embedded fact-world model for given epochs; print time, tokens/s and accuracy.
 
-usage: python benchmarks/train_world.py --epochs 20 40 [--entities 200] [--lr 3e-3] ...
+The world's options are trackstar.data.world.FactWorldConfig's fields, its defaults (contradictions off).
+
+    python benchmarks/train_world.py --epochs 20 40 [--entities 200] [--lr 3e-3] [--trace] ...
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 
 import torch
 
@@ -31,17 +34,12 @@ def statement_queries(passages, queries):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 20, 30])
-    ap.add_argument("--entities", type=int, default=200)
-    ap.add_argument("--relations", type=int, default=4)
-    ap.add_argument("--paraphrases", type=int, default=3)
-    ap.add_argument("--values", type=int, default=8)
-    ap.add_argument("--distractors", type=int, default=2)
-    ap.add_argument("--question-fraction", type=float, default=0.5)
-    ap.add_argument("--confusers", type=int, default=2)
-    ap.add_argument("--confuser-true", type=float, default=0.75)
-    ap.add_argument("--near-miss", type=float, default=0.3)
+    world = [f for f in fields(FactWorldConfig) if f.name != "seed"]
+    for f in world:
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+                        default=0.0 if f.name == "contradicted" else f.default)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -56,13 +54,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    wcfg = FactWorldConfig(
-        seed=args.seed, entities=args.entities, relations=args.relations, paraphrases=args.paraphrases,
-        question_fraction=args.question_fraction, distractors_per_entity=args.distractors,
-        values_per_relation=args.values, confusers_per_entity=args.confusers,
-        confuser_true_value=args.confuser_true, near_miss_fraction=args.near_miss, contradicted=0.0,
-    )
-    passages, queries, stats = generate_fact_world(wcfg)
+    passages, queries, stats = generate_fact_world(
+        FactWorldConfig(seed=args.seed, **{f.name: getattr(args, f.name) for f in world}))
     texts = [p.text for p in passages]
     t0 = time.perf_counter()
     tok = train_tokenizer(texts, args.vocab)

@@ -1,26 +1,11 @@
 """The viewer's size and load time: the paginated report site against loading whole result files.
 
-Two corpora:
-
-* ``default``: the default pipeline's outputs in the repo root (run `dvc repro` first): its report/
-  folder and retrievals/.
-* ``synthetic``: a generated fact world of ~100k passages (``--entities``), ``--queries`` queries and
-  six methods with ``--k`` hits each (random passages, a relevant one placed at a random rank in
-  half of the queries), written as TDA-viewer result files and built into a report by the same
-  library function the `report` stage calls.
-
-For each, in headless Chromium (Debian's chromium) with the browser cache disabled, over
-http://127.0.0.1 (python's http.server), median of ``--repeats`` loads:
-
-* ``report``: report/index.html, time from navigation start until the first query's panel is drawn,
-  then the time to switch to a query on another data page;
-* ``whole files`` (the baseline, the way the paper's viewer reads results): the same page opened
-  with ``?jsonl_path=trackstar.jsonl&sxs_jsonl_path=bm25.jsonl``, which must read both files
-  completely before it can draw anything.
-
-Bytes: the report's total size, the bytes the landing page loads (html, js, css, data/index.js,
-the first data page), against the six result files (what a viewer that loads whole files needs for
-six methods) and the corpus. Writes benchmarks/results/viewer.json.
+Corpora: `default`, the default pipeline's report/ and retrievals/ in the repo root (after `dvc repro`), and
+`synthetic`, a generated world of ~100k passages (--entities) with --queries queries and six methods of --k random
+hits each (a relevant one at a random rank in half of the queries), built by the `report` stage's function. Each
+in headless Chromium, cache off, over a localhost http.server, median of --repeats loads: the report (first panel
+drawn, then a query on another data page) against the same page reading the TrackStar and BM25 result files whole
+(`?jsonl_path=...&sxs_jsonl_path=...`, as the paper's viewer does); and their bytes. Writes results/viewer.json.
 """
 
 from __future__ import annotations
@@ -150,7 +135,7 @@ def measure(root: Path, repeats: int) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entities", type=int, default=6250, help="fact-world entities (6250 -> 100k passages)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=100, help="hits per method and query in the synthetic result files")

@@ -9,6 +9,7 @@ hessian/, encodings/raw/, data/). Writes benchmarks/results/whitening.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from trackstar.store import StoreReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests.harness import write_results  # noqa: E402
+from common import recall_at_10, show  # noqa: E402
 
 
 def dense_whitening(r: np.ndarray, shift: float) -> Whitening:
@@ -47,6 +49,7 @@ def scores(w: Whitening | np.ndarray, q: np.ndarray, p: np.ndarray) -> np.ndarra
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     torch.manual_seed(0)
     meta = json.loads(Path("hessian/hessian.json").read_text())
     stats = load_stats("hessian/stats.safetensors")
@@ -91,14 +94,12 @@ def main() -> None:
         out[name] = {"seconds": round(sec, 2),
                      "rel_error_inverse": float(np.linalg.norm(w64.T @ w64 - inv_ref) / np.linalg.norm(inv_ref)),
                      "max_abs_score_error": float(np.abs(s - s_ref).max()),
-                     "top10_overlap_vs_reference": float(np.mean([len(set(a) & set(b)) / 10
-                                                                  for a, b in zip(order[:, :10], top_ref)])),
+                     "top10_overlap_vs_reference": recall_at_10(top_ref, order),
                      "mrr": mrr([pids[r[:100]] for r in order], rel)}
     out["low_rank_update"]["seconds_eig_r_train_memoized"] = round(t_eig_train, 2)  # the `eigen` stage, not rerun
     out["speedup_low_rank_vs_dense"] = round(t_dense / t_low, 1)
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    write_results(Path("benchmarks/results/whitening.json"), {"params.yaml": yaml.safe_load(Path("params.yaml").read_text())}, out)
-    print(json.dumps(out, indent=2))
+    show("whitening", write_results(Path("benchmarks/results/whitening.json"),
+                                    {"params.yaml": yaml.safe_load(Path("params.yaml").read_text())}, out))
 
 
 if __name__ == "__main__":
