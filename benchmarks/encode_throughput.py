@@ -129,56 +129,40 @@ def _timed_loop(step, examples, batches, device) -> dict:
 
 # --------------------------------------------------------------------------- measurements
 
-def measure_training(args) -> dict:
+def measure_step(args, train: bool) -> dict:
+    """train: forward + backward + AdamW step with the train stage's loss. Else the floor: forward + backward to
+    the activations with frozen weights, no projection (what every hook-based encoder runs before projecting)."""
     import torch
 
-    from trackstar.data.examples import collate
+    from trackstar.data.examples import collate, per_example_loss
     from trackstar.model.train import _batch_loss
 
     model, _tok, examples, batches, pad_id, device = _setup(args)
     autocast = torch.bfloat16 if device.type == "cuda" else None  # as the encode stage on CUDA
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # lr is irrelevant to the timing
+    model.train(train)
+    model.requires_grad_(train)
+    if train:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # lr is irrelevant to the timing
+    else:
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
 
     def step(idx):
         b = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = _batch_loss(model, b)  # the train stage's loss: mean token cross-entropy
+            # train: the train stage's loss (mean token cross-entropy); floor: the logits
+            out = _batch_loss(model, b) if train else model(input_ids=b["input_ids"],
+                                                             attention_mask=b["attention_mask"]).logits
+        if not train:
+            return per_example_loss(out, b["input_ids"], b["loss_mask"]).sum().backward()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.backward()
         opt.step()
 
     out = _timed_loop(step, examples, batches, device)  # warm-up batch first (allocates AdamW's state)
-    out.update(optimizer="torch.optim.AdamW", loss="mean token cross-entropy (train stage)",
-               autocast=str(autocast) if autocast else None,
-               model=_model_info(model, args))
-    return out
-
-
-def measure_floor(args) -> dict:
-    """Forward + backward to the activations with frozen weights and no projection: the work every
-    hook-based encoder (ours, bergson) must do before it projects anything, i.e. its speed ceiling."""
-    import torch
-
-    from trackstar.data.examples import collate, per_example_loss
-
-    model, _tok, examples, batches, pad_id, device = _setup(args)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-
-    def step(idx):
-        b = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        per_example_loss(logits, b["input_ids"], b["loss_mask"]).sum().backward()
-
-    out = _timed_loop(step, examples, batches, device)
-    out.update(model=_model_info(model, args))
-    return out
+    if train:
+        out.update(optimizer="torch.optim.AdamW", loss="mean token cross-entropy (train stage)",
+                   autocast=str(autocast) if autocast else None)
+    return {**out, "model": _model_info(model, args)}
 
 
 def measure_ours(args, plain: bool) -> dict:
@@ -216,7 +200,6 @@ def measure_ours(args, plain: bool) -> dict:
 
 def measure_bergson(args) -> dict:
     try:
-        import bergson
         from bergson.collector.collector import CollectorComputer, HookCollectorBase
         from bergson.collector.gradient_collectors import GradientCollector
         from bergson.config.config import IndexConfig, PreprocessConfig
@@ -224,17 +207,12 @@ def measure_bergson(args) -> dict:
         from bergson.utils.worker_utils import processor_for
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         return {"error": f"bergson not importable: {type(e).__name__}: {e}"}
+    from importlib.metadata import version
+
     import torch
     from datasets import Dataset
 
     from trackstar.model.checkpoint import load_second_moments
-
-    try:
-        from importlib.metadata import version
-
-        bergson_version = version("bergson")
-    except Exception:  # noqa: BLE001
-        bergson_version = getattr(bergson, "__version__", None)
 
     model, _tok, examples, batches, pad_id, device = _setup(args)
     # gradient setup of bergson.utils.worker_utils.setup_model_and_peft: all weights frozen, the
@@ -294,7 +272,7 @@ def measure_bergson(args) -> dict:
     shapes = collector.shapes()
     d = sum(int(torch.Size(s).numel()) for s in shapes.values())
     out = _common(examples, batches, seconds, device)
-    out.update(version=bergson_version, d=d, projection_dim=p, n_modules=len(shapes),
+    out.update(version=version("bergson"), d=d, projection_dim=p, n_modules=len(shapes),
                normalizer=(type(next(iter(normalizers.values()))).__name__ if normalizers else None),
                teardown_seconds_excluded=round(teardown, 4), autocast=None, precision="fp32",
                model=_model_info(model, args),
@@ -305,7 +283,7 @@ def measure_bergson(args) -> dict:
     return out
 
 
-WORKERS = {"training": measure_training, "floor": measure_floor, "ours": lambda a: measure_ours(a, plain=True),
+WORKERS = {"training": lambda a: measure_step(a, train=True), "floor": lambda a: measure_step(a, train=False), "ours": lambda a: measure_ours(a, plain=True),
            "ours_corrected": lambda a: measure_ours(a, plain=False), "bergson": measure_bergson}
 
 
