@@ -96,20 +96,35 @@ class Measured:
                 "peak_rss_mb": round(self.peak_rss_mb, 1)}
 
 
+# A child's ru_maxrss starts at its parent's peak RSS when it execs (Linux keeps the replaced address space's
+# high-water mark), so cmd runs under this small Python, which waits for it and writes its figures to argv[1].
+_WAIT = ("import os, subprocess, sys\n"
+         "p = subprocess.Popen(sys.argv[2:])\n"
+         "_, status, u = os.wait4(p.pid, 0)\n"
+         "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}')\n"
+         "code = os.waitstatus_to_exitcode(status)\n"
+         "sys.exit(code if code >= 0 else 128 - code)\n")
+
+
 def measured(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, capture: bool = True) -> Measured:
     """Run cmd to its end (output to temp files, no pipe to fill; capture=False: to this process's own); wall time,
-    CPU time (user + system, steadier than wall time on a shared machine) and peak RSS, all of that process alone,
-    from os.wait4 (ru_maxrss: KiB on Linux)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    CPU time (user + system, steadier than wall time on a shared machine) and peak RSS of that process and the
+    descendants it waited for (the largest of them), from os.wait4 (ru_maxrss: KiB on Linux); a signal's death
+    is rc 128 + signal."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as figures:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out if capture else None,
+        proc = subprocess.Popen([sys.executable, "-c", _WAIT, figures.name, *cmd], cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out if capture else None,
                                 stderr=err if capture else None, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        rc = proc.wait()
         seconds = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return Measured(os.waitstatus_to_exitcode(status), seconds, usage.ru_utime + usage.ru_stime,
-                        usage.ru_maxrss / 1024, out.read(), err.read())
+        stdout, stderr, got = out.read(), err.read(), figures.read().split()
+        if not got:  # cmd did not start (no such program)
+            raise OSError(f"{cmd[0]}: could not be run (rc {rc}): {stderr[-2000:]}")
+        return Measured(rc, seconds, float(got[1]), int(got[0]) / 1024, stdout, stderr)
 
 
 def peak_rss_mb() -> float:

@@ -181,15 +181,16 @@ def _near_misses(rng: random.Random, names: list[str], fraction: float, taken: s
     return out
 
 
-def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query], dict]:
-    """A seeded, deterministic world of invented facts.
+@dataclass(frozen=True)
+class WorldNames:
+    """The world's names: its entities (near misses applied), each relation's value pool, and every name drawn."""
+    entities: list[str]
+    values: dict[str, list[str]]
+    taken: frozenset[str]
 
-    Every entity has one value per relation; each fact is written as `paraphrases`
-    statement passages with different templates. Entities in the first
-    `question_fraction` also get training Q/A passages (training question wording);
-    the other entities get queries with a held-out question wording whose
-    `relevant_ids` are the statement passages of that fact.
-    """
+
+def _check(cfg: FactWorldConfig) -> None:
+    """Refuse knobs outside the generator's range."""
     if not 1 <= cfg.relations <= len(RELATIONS):
         raise ValueError(f"relations must be in 1..{len(RELATIONS)}, got {cfg.relations}")
     if not 1 <= cfg.paraphrases <= 4:
@@ -209,14 +210,38 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
     if not 0.0 <= cfg.contradicted <= 1.0:
         raise ValueError("contradicted must be in [0, 1]")
 
-    rng = random.Random(cfg.seed)
+
+def _draw_names(cfg: FactWorldConfig, rng: random.Random, crng: random.Random) -> WorldNames:
+    """Entities and value pools from `rng`, then the near misses from `crng` (generate_fact_world's draws, in order)."""
     taken: set[str] = set()
     entities = _unique_names(rng, cfg.entities, taken, 2, 3)
-    rels = RELATIONS[: cfg.relations]
-    values = {r.name: _unique_names(rng, cfg.values_per_relation, taken, 2, 3) for r in rels}
+    values = {r.name: _unique_names(rng, cfg.values_per_relation, taken, 2, 3) for r in RELATIONS[: cfg.relations]}
     # drawn after everything above, so a world without near misses or confusers is the one seeded before
-    crng = random.Random(f"{cfg.seed}-confusers")
     entities = _near_misses(crng, entities, cfg.near_miss_fraction, taken)
+    return WorldNames(entities, values, frozenset(taken))
+
+
+def world_names(cfg: FactWorldConfig) -> WorldNames:
+    """The names `generate_fact_world(cfg)` uses, without writing its passages (the haystack avoids them)."""
+    _check(cfg)
+    return _draw_names(cfg, random.Random(cfg.seed), random.Random(f"{cfg.seed}-confusers"))
+
+
+def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query], dict]:
+    """A seeded, deterministic world of invented facts.
+
+    Every entity has one value per relation; each fact is written as `paraphrases`
+    statement passages with different templates. Entities in the first
+    `question_fraction` also get training Q/A passages (training question wording);
+    the other entities get queries with a held-out question wording whose
+    `relevant_ids` are the statement passages of that fact.
+    """
+    _check(cfg)
+    rng = random.Random(cfg.seed)
+    crng = random.Random(f"{cfg.seed}-confusers")
+    names = _draw_names(cfg, rng, crng)
+    entities, values = names.entities, names.values
+    rels = RELATIONS[: cfg.relations]
     n_q = int(round(cfg.question_fraction * cfg.entities))
     # which entities are "question-trained" is random, not the first in name order
     order = list(range(cfg.entities))

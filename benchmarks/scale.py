@@ -1,0 +1,241 @@
+"""The scale benchmark: the pipeline on corpora of N passages around the default world, with its fixed checkpoint;
+per stage wall time, peak RSS and bytes written, and TrackStar / BM25 MRR and recall@10 of the world's queries
+(the needle among N passages).
+
+For each N, a scratch copy of this checkout (its code, the current Python environment) whose inputs are a built
+repo's (--repo, default this one after `dvc repro`): its corpus and queries (`data.source: files`), its model
+(`model.source: checkpoint`), and N - (corpus rows) haystack passages (trackstar.data.haystack: more invented
+entities with their own facts, distractors, confusers and near-miss names, none naming an entity of the world)
+as shards of --shard-size passages (`data.shards`, so encode_shard@<name> and autocorrelation_shard@<name> do the
+growing part). On top of --repo's params.yaml:
+
+  hessian.train_sample = the corpus's rows   R_train from the model's own training passages only (the corpus rows
+                                             come first), so MRR against N measures the haystack, not a whitening
+                                             that the added passages took over
+  encode.dtype = --dtype (fp16)              half the bytes of fp32 in every store
+  encode.save_plain = false                  no plain gradients: the ladder's rungs are not run
+  retrieve.methods = []                      no ladder rungs
+  eval.tail_patch_queries = 0                no tail-patch
+  --set KEY=VALUE ...                        anything else (e.g. projection.d=1856, hessian.train_sample=0)
+
+DVC's cache links outputs (cache.type hardlink,symlink), so no store is paid twice on disk. Every stage of
+`dvc dag` runs as `dvc repro --single-item <stage>` in topological order, each measured as one child process:
+seconds (wall), peak RSS (the largest of DVC's process and the stage's, from wait4), bytes written (the sizes
+of its outputs in dvc.lock). Per N also the disk used by the scratch repo (workspace and DVC cache, a linked file
+once) and the metrics of metrics/metrics.json.
+
+    nice -n 10 python benchmarks/scale.py --passages 20000,80000 [--out benchmarks/results/scale.json]
+        [--repo PATH] [--work DIR] [--keep] [--shard-size 100000] [--dtype fp16] [--set projection.d=1856]
+
+Writes --out after every N: {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
+peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, ...}]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from tests.harness import ROOT, child_env, make_repo, measured, set_param, set_params, write_results  # noqa: E402
+from tests.pipeline import run  # noqa: E402
+from trackstar.config import DataParams  # noqa: E402
+from trackstar.data.haystack import haystack_passages  # noqa: E402
+from trackstar.data.records import count_lines, write_jsonl  # noqa: E402
+from trackstar.data.world import world_config  # noqa: E402
+
+CACHE_TYPE = "hardlink,symlink"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line."""
+
+    passages: list[int]
+    out: Path
+    repo: Path
+    work: Path | None
+    keep: bool
+    shard_size: int
+    dtype: str
+    sets: list[str]
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--passages", required=True, help="corpus sizes N1,N2,... (each >= the corpus's rows)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
+    ap.add_argument("--repo", type=Path, default=ROOT, help="a built repo: data/, model/, params.yaml")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep each N's scratch repo")
+    ap.add_argument("--shard-size", type=int, default=100_000, help="haystack passages per shard")
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16", help="encode.dtype of the stores")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params.yaml key (dotted) set last; VALUE is YAML")
+    a = ap.parse_args(argv)
+    try:
+        passages = [int(x) for x in a.passages.split(",")]
+    except ValueError:
+        ap.error(f"--passages: not a comma-separated list of integers: {a.passages!r}")
+    if a.shard_size < 1:
+        ap.error("--shard-size must be >= 1")
+    for s in a.sets:
+        if "=" not in s:
+            ap.error(f"--set {s!r}: expected KEY=VALUE")
+    return Options(passages, a.out, a.repo.resolve(), a.work and a.work.resolve(), a.keep, a.shard_size, a.dtype, a.sets)
+
+
+def overrides(opts: Options, corpus_rows: int) -> dict:
+    """The params on top of --repo's params.yaml (the module docstring says why each)."""
+    return {"data": {"source": "files", "corpus": "inputs/data/corpus.jsonl", "queries": "inputs/data/queries.jsonl"},
+            "model": {"source": "checkpoint", "checkpoint": "inputs/checkpoint"},
+            "hessian": {"train_sample": corpus_rows},
+            "encode": {"dtype": opts.dtype, "save_plain": False},
+            "retrieve": {"methods": []},
+            "eval": {"tail_patch_queries": 0}}
+
+
+def write_haystack(repo: Path, opts: Options, n: int) -> dict[str, str]:
+    """n haystack passages of --repo's world as shards under repo/inputs/data/haystack/; data.shards' entries."""
+    data = DataParams(**(yaml.safe_load((opts.repo / "params.yaml").read_text()).get("data") or {}))
+    if data.source != "generate":
+        sys.exit(f"{opts.repo / 'params.yaml'}: data.source must be generate (the haystack avoids the generated "
+                 f"world's entities), got {data.source}")
+    stream = haystack_passages(world_config(data), n)
+    count = -(-n // opts.shard_size)
+    width = max(3, len(str(count - 1)))
+    shards = {}
+    for j in range(count):
+        name = f"h{j:0{width}d}"
+        shards[name] = f"inputs/data/haystack/{name}.jsonl"
+        write_jsonl(repo / shards[name], ({"id": p.id, "text": p.text}
+                                          for p in itertools.islice(stream, opts.shard_size)))
+    return shards
+
+
+def setup(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
+    """repo: this checkout's files, --repo's params, corpus, queries and model as inputs, the haystack shards, the
+    params; returns the params applied."""
+    make_repo(repo)
+    (repo / "dvc.lock").unlink(missing_ok=True)  # this checkout's own pipeline state, not the scratch's
+    (repo / "inputs/data/haystack").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        shutil.copyfile(opts.repo / "data" / name, repo / "inputs/data" / name)
+    shutil.rmtree(repo / "inputs/checkpoint")
+    shutil.copytree(opts.repo / "model", repo / "inputs/checkpoint")
+    shutil.copyfile(opts.repo / "params.yaml", repo / "params.yaml")
+    applied = overrides(opts, corpus_rows)
+    applied["data"]["shards"] = write_haystack(repo, opts, n - corpus_rows)
+    set_params(repo, applied)
+    for s in opts.sets:
+        key, value = s.split("=", 1)
+        set_param(repo, key, yaml.safe_load(value))
+    run(repo, sys.executable, "-m", "dvc", "config", "cache.type", CACHE_TYPE)
+    return applied
+
+
+def stage_order(repo: Path) -> list[str]:
+    """Every stage of `dvc dag`, upstream first (dvc.yaml's order among the ready ones)."""
+    dot = run(repo, sys.executable, "-m", "dvc", "dag", "--dot").stdout
+    nodes = re.findall(r'^"([^"]+)";$', dot, re.M)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M)
+    order: list[str] = []
+    while len(order) < len(nodes):
+        ready = [s for s in nodes if s not in order and all(a in order for a, b in edges if b == s)]
+        if not ready:
+            sys.exit(f"{repo}: dvc dag has a cycle")
+        order.append(ready[0])
+    return order
+
+
+def outs_bytes(repo: Path, stage: str) -> int:
+    """The sizes of a stage's outputs as dvc.lock records them."""
+    entry = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return sum(int(o.get("size", 0)) for o in entry.get("outs", []))
+
+
+def disk_used(folder: Path) -> int:
+    """Bytes allocated under folder, a hardlinked file once (symlinks not followed)."""
+    seen, total = set(), 0
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def run_stages(repo: Path) -> dict[str, dict]:
+    """Each stage by `dvc repro --single-item`, in order, measured; stops at the first failure."""
+    stages = {}
+    for stage in stage_order(repo):
+        m = measured([sys.executable, "-m", "dvc", "repro", "--single-item", stage], repo, child_env(repo))
+        if m.rc:
+            sys.exit(f"dvc repro --single-item {stage} failed in {repo} ({m.rc}):\n{m.stdout[-3000:]}\n"
+                     f"{m.stderr[-3000:]}")
+        stages[stage] = {"seconds": round(m.seconds, 2), "peak_rss_bytes": round(m.peak_rss_mb * 2 ** 20),
+                         "bytes_written": outs_bytes(repo, stage), "cpu_seconds": round(m.cpu_seconds, 2)}
+        print(f"  {stage}: {m.seconds:.1f} s, {m.peak_rss_mb:.0f} MiB peak, "
+              f"{stages[stage]['bytes_written'] / 2 ** 20:.1f} MiB written", file=sys.stderr, flush=True)
+    return stages
+
+
+def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
+    """One N: set up, run every stage, read the metrics."""
+    t0 = time.perf_counter()
+    applied = setup(repo, opts, n, corpus_rows)
+    setup_s = time.perf_counter() - t0
+    print(f"N = {n}: {len(applied['data']['shards'])} haystack shard(s), set up in {setup_s:.1f} s",
+          file=sys.stderr, flush=True)
+    stages = run_stages(repo)
+    metrics = json.loads((repo / "metrics/metrics.json").read_text())
+    attrs = json.loads((repo / "encodings/raw/train.zarr/zarr.json").read_text())["attributes"]
+    return {"passages": n, "corpus_passages": corpus_rows, "haystack_passages": n - corpus_rows,
+            "shards": len(applied["data"]["shards"]), "d": attrs["d"], "setup_seconds": round(setup_s, 2),
+            "seconds": round(sum(s["seconds"] for s in stages.values()), 2), "stages": stages,
+            "disk_used_bytes": disk_used(repo),
+            "mrr": {m: v["mrr"] for m, v in metrics.items()},
+            "recall@10": {m: v["recall@10"] for m, v in metrics.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    corpus = opts.repo / "data/corpus.jsonl"
+    if not corpus.exists() or not (opts.repo / "model").is_dir():
+        sys.exit(f"{opts.repo}: no data/corpus.jsonl or model/ (run `dvc repro` there first, or pass --repo)")
+    corpus_rows = count_lines(corpus)
+    if min(opts.passages) < corpus_rows:
+        sys.exit(f"--passages {min(opts.passages)}: fewer than the corpus's {corpus_rows} rows ({corpus})")
+    work = opts.work or Path(tempfile.mkdtemp(prefix="trackstar-scale-"))
+    print(f"scratch repos under {work}", file=sys.stderr, flush=True)
+    params = {"passages": opts.passages, "repo": str(opts.repo), "shard_size": opts.shard_size,
+              "cache.type": CACHE_TYPE, "overrides": overrides(opts, corpus_rows), "set": opts.sets}
+    runs = []
+    for n in opts.passages:
+        repo = work / f"n{n}"
+        runs.append(scale_point(repo, opts, n, corpus_rows))
+        r = runs[-1]
+        print(f"N = {n}: {r['seconds']:.0f} s, MRR trackstar {r['mrr']['trackstar']:.3f} bm25 "
+              f"{r['mrr']['bm25']:.3f}, disk {r['disk_used_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
+        write_results(opts.out, params, {"runs": runs})
+        if not opts.keep:
+            shutil.rmtree(repo)
+    if opts.work is None and not opts.keep:
+        work.rmdir()
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
