@@ -173,6 +173,7 @@ def watch(proc: subprocess.Popen, script: str, kill: callable | None) -> dict:
 DVC_OWN = {  # message of the refusal -> (file, upstream issue)
     "Unable to read RWLock-file": (".dvc/tmp/rwlock", "treeverse/dvc#7615"),
     "dvc.lock' validation failed": ("dvc.lock", "DVC writes dvc.lock in place"),
+    "dvc.lock' is invalid": ("dvc.lock", "DVC writes dvc.lock in place"),  # cut inside a YAML key: a parse error
 }
 
 
