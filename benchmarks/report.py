@@ -474,6 +474,24 @@ class DocFigure:
     phrase: Callable[[], str]
 
 
+def split_table() -> str:
+    """docs/world.md's table of the default world's dev and test halves, from metrics/split.json."""
+    s = load_metrics("split")
+    rows = [f"| {side} | {s[side]['accuracy']:.3f} | "
+            + " | ".join(f"{s[side][m]['mrr']:.3f}" for m in ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25"))
+            + " |" for side in ("dev", "test")]
+    return "\n".join(["| side | accuracy | dot | cosine | optimizer | r_train | TrackStar | BM25 |",
+                      "|---|---|---|---|---|---|---|---|", *rows])
+
+
+def cited(name: str) -> str:
+    """How a doc names a results file: with the commit its script ran on, else the commit that last changed it."""
+    r = load(name)
+    c = r.get("commit") if isinstance(r, dict) else None
+    return f"`benchmarks/results/{name}.json`, " + (f"commit `{c[:7]}`" if c else
+                                                    f"file from `{committed_in(RES / f'{name}.json')}`")
+
+
 DOC_FIGURES = [
     DocFigure("docs/pipeline.md", lambda: (
         lambda p: f"about {p['full_repro_s'] / 60:.0f} minutes, `train` {p['stage_s']['train']:.0f} s of it "
@@ -481,6 +499,22 @@ DOC_FIGURES = [
     DocFigure("docs/world.md", lambda: (
         lambda b: f"MRR {b['mrr']:.3f}, recall@10 {b['recall@10']:.3f} (`metrics/metrics.json`)")(
         load_metrics("metrics")["bm25"])),
+    DocFigure("docs/world.md", split_table),
+    DocFigure("docs/hessian.md", lambda: f"{load('hessian_memory')['bare_interpreter_rss_mb']:.0f} MB measured, "
+                                         f"{cited('hessian_memory')}"),
+    DocFigure("docs/method.md", lambda: (lambda m: f"MRR {m['cosine']['mrr']:.3f} → {m['optimizer']['mrr']:.3f} from "
+                                                   f"`cosine` to `optimizer`, `metrics/metrics.json`")(
+        load_metrics("metrics"))),
+    DocFigure("docs/method.md", lambda: (lambda g: f"mean cosine {g['cosine_passages_mean']:.2f} with the exact "
+                                                   f"element-wise ones and {g['top10_overlap_mean']:.0%} of top-10 sets "
+                                                   f"agree ({cited('correction_gap')})")(load("correction_gap"))),
+    DocFigure("docs/method.md", lambda: f"the rule gives λ = {load_metrics('hessian')['lambda']:.2f} "
+                                        f"(`metrics/hessian.json`)"),
+    DocFigure("docs/method.md", lambda: (lambda w: (
+        f"relative error of WᵀW {w['low_rank_update']['rel_error_inverse']:.1e} and "
+        f"{w['low_rank_update']['top10_overlap_vs_reference']:.0%} of top-10 sets equal, the update "
+        f"{w['low_rank_update']['seconds']:.2f} s against {w['dense_f32_eigensolve']['seconds']:.1f} s for a dense "
+        f"float32 eigensolve of the mixed R ({cited('whitening')})"))(load("whitening"))),
 ]
 
 
