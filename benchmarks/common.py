@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -100,3 +101,22 @@ def show(name: str, result: dict) -> None:
     import report
 
     print("\n".join(report.SECTIONS[name](json.loads(json.dumps(result)))), flush=True)
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA), so a timer around it measures the work, not its launch."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_loop(step: Callable, batches: list, device) -> float:
+    """Seconds for `step` over every batch, after one untimed warm-up step on the first batch."""
+    step(batches[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    sync(device)
+    return time.perf_counter() - t0

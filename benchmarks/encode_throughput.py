@@ -41,13 +41,6 @@ import common  # noqa: E402
 
 # --------------------------------------------------------------------------- shared setup
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _params():
     """params.yaml sections the encode stage reads (library defaults when there is no params.yaml)."""
     from trackstar.config import CorrectionParams, GradientsParams, ProjectionParams
@@ -118,13 +111,7 @@ def _common(examples, batches, seconds: float, device) -> dict:
 
 def _timed_loop(step, examples, batches, device) -> dict:
     """One untimed warm-up batch, then `step` over every batch, timed."""
-    step(batches[0])
-    _sync(device)
-    t0 = time.perf_counter()
-    for idx in batches:
-        step(idx)
-    _sync(device)
-    return _common(examples, batches, time.perf_counter() - t0, device)
+    return _common(examples, batches, common.timed_loop(step, batches, device), device)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -184,11 +171,11 @@ def measure_ours(args, plain: bool) -> dict:
     # output rows go to buffers allocated (and faulted in) once, as the stage reuses one pair for all chunks
     out = tuple(np.ones((len(examples), enc.d), dtype=np.float32) for _ in range(2))
     enc.encode([examples[i] for i in batches[0]], out)  # warm-up
-    _sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     # examples are already sorted by length, so the encoder's own (stable) sort keeps these batches
     cor, pl = enc.encode(examples, out)
-    _sync(device)
+    common.sync(device)
     seconds = time.perf_counter() - t0
     out = _common(examples, batches, seconds, device)
     out.update(d=enc.d, k=enc.k, n_layers=len(enc.layers), k_choice="one k for all layers (the largest with "
@@ -260,10 +247,10 @@ def measure_bergson(args) -> dict:
             teardown_s[0] = time.perf_counter() - t
 
         collector.teardown = timed_teardown
-        _sync(device)
+        common.sync(device)
         t0 = time.perf_counter()
         computer.run_with_collector_hooks(desc="bench")
-        _sync(device)
+        common.sync(device)
         total = time.perf_counter() - t0
         return total - teardown_s[0], teardown_s[0], collector
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
+from common import sync, timed_loop  # noqa: E402
 from tests.harness import ROOT, child_env, make_repo, measured, write_results  # noqa: E402
 
 if TYPE_CHECKING:
@@ -97,13 +98,6 @@ def load_world(repo: Path, n_passages: int | None) -> World:
                  [set(q.relevant_ids) if q.relevant_ids is not None else None for q in read_queries(queries)])
 
 
-def sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def encode(world: World, device: str, autocast: str) -> Encoded:
     """The world's examples through the library's encoder with encode.device / encode.autocast set."""
     from trackstar import layout
@@ -150,13 +144,7 @@ def train_step_seconds(world: World, device: str, bf16: bool) -> float:
         loss.backward()
         opt.step()
 
-    step(batches[0])
-    sync(dev)
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    sync(dev)
-    return time.perf_counter() - t0
+    return timed_loop(step, batches, dev)
 
 
 def final_rows(world: World, rows: np.ndarray) -> np.ndarray:
