@@ -186,16 +186,26 @@ def readme_results() -> list[str]:
     """The root README's results block: the committed metrics/*.json and the pipeline timings."""
     root = ROOT
     m, model, hess = load_metrics("metrics"), load_metrics("model"), load_metrics("hessian")
-    lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |", "|---|---|---|---|---|---|---|"]
+    seeds = current_seeds()
+    spread = seeds["summary"] if seeds else {}
+    n_seeds = f"{len(seeds['runs'])} seeds" if seeds else ""
+    lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |"
+             + (f" MRR, {n_seeds}: mean [min, max] |" if seeds else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if seeds else "")]
     for name in [x for x in METHODS if x in m]:
         v = m[name]
         lines.append(f"| `{name}` | {v['mrr']:.3f} | {v['recall@10']:.3f} | {v.get('tail_patch@1', float('nan')):.4f} | "
                      f"{v.get('tail_patch@10', float('nan')):.4f} | {v.get('tail_patch_prob@1', float('nan')):.4f} | "
-                     f"{v.get('tail_patch_prob@10', float('nan')):.4f} |")
+                     f"{v.get('tail_patch_prob@10', float('nan')):.4f} |"
+                     + (f" {spread_cell(spread[name]['mrr']['all'])} |" if seeds else ""))
     n_tp = next(iter(m.values())).get("tail_patch_queries", 0)
     lines += ["", f"Model accuracy on the {model['queries']} queries' targets: **{model['accuracy']:.1%}** (chance 12.5 %). "
               f"d = {hess['d']}, λ = {hess['lambda']:.4f}. MRR and recall over all {model['queries']} queries; "
               f"tail-patch over the first {n_tp}."]
+    if seeds:
+        lines[-1] += (f" Over {n_seeds} of `train.seed` (`benchmarks/seeds.py`, {source('seeds', seeds)}): accuracy "
+                      f"{spread_cell(spread['accuracy']['all'])}, test half {spread_cell(spread['accuracy']['test'])}; "
+                      f"TrackStar's test-half MRR {spread_cell(spread['trackstar']['mrr']['test'])}.")
     sp = root / "metrics/split.json"
     split = json.loads(sp.read_text()) if sp.exists() else {}
     if "dev" in split and "test" in split:
@@ -214,6 +224,64 @@ def readme_results() -> list[str]:
                   f"reruns nothing ({p['noop_repro_median_s']:.1f} s). Timings: `benchmarks/pipeline.py` "
                   f"({source('pipeline', p)})."]
     return lines
+
+
+def spread_cell(st: dict) -> str:
+    """mean [min, max] of a figure over seeds."""
+    return f"{st['mean']:.3f} [{st['min']:.3f}, {st['max']:.3f}]"
+
+
+def current_seeds() -> dict | None:
+    """benchmarks/results/seeds.json if it measured params.yaml's current training recipe (else None)."""
+    r = load("seeds")
+    train = {k: v for k, v in yaml.safe_load((ROOT / "params.yaml").read_text())["train"].items() if k != "seed"}
+    if not r or {k: v for k, v in r["params"]["train"].items() if k != "seed"} != train or r["params"]["overrides"]:
+        return None
+    return r
+
+
+def seeds(r: dict) -> list[str]:
+    """The default's spread over training seeds: per-seed figures, mean / min / max, the thresholds."""
+    runs, summ, th = r["runs"], r["summary"], r["thresholds"]
+    cols = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25")
+    out = [f"### The default over training seeds (`seeds.py`; {machine(r)})", "",
+           f"Full `dvc repro` of the default per `train.seed` ({', '.join(str(x['seed']) for x in runs)}); "
+           "MRR on the test half of the queries (all queries in brackets).", "",
+           "| seed | accuracy | " + " | ".join(cols) + " | TrackStar − random tail-patch@10 | repro (s) | thresholds |",
+           "|---" * (len(cols) + 5) + "|"]
+    for x in runs:
+        f = x["figures"]
+        failed = [k for k, ok in x["checks"].items() if not ok]
+        out.append(f"| {x['seed']} | {f['accuracy']['test']:.3f} ({f['accuracy']['all']:.3f}) | "
+                   + " | ".join(f"{f[c]['mrr']['test']:.3f} ({f[c]['mrr']['all']:.3f})" for c in cols)
+                   + f" | {f['trackstar']['tail_patch@10'] - f['random']['tail_patch@10']:.4f} | {x['repro_s']:.0f} | "
+                   + ("all met" if not failed else "missed: " + "; ".join(failed)) + " |")
+    out.append("| mean [min, max] | " + spread_cell(summ["accuracy"]["test"]) + " | "
+               + " | ".join(spread_cell(summ[c]["mrr"]["test"]) for c in cols) + " | | | |")
+    sp = summ["trackstar_mrr_spread"]
+    out += ["", f"TrackStar MRR spread (max − min): test {sp['test']:.3f}, all {sp['all']:.3f} (goal ≤ "
+            f"{th['trackstar_mrr_spread_max']}). Every seed meets every threshold: "
+            f"**{'yes' if r['all_seeds_pass'] else 'no'}** (accuracy ≥ {th['accuracy_min']}, TrackStar MRR ≥ "
+            f"{th['trackstar_mrr_min']}, dot < cosine < optimizer < TrackStar, BM25 < {th['bm25_mrr_max']} on all "
+            f"queries and the test half; TrackStar tail-patch@10 ≥ random + {th['tail_patch_lift_min']}). Queries "
+            f"whose top TrackStar proponent states their fact on every seed: "
+            f"{len(summ['trackstar_top1_relevant_every_seed'])} of {runs[0]['figures']['queries']}."]
+    return out
+
+
+def determinism(r: dict) -> list[str]:
+    """Which stages are bit-identical under stand-ins for another CPU."""
+    out = [f"### Bit-identity across CPUs (`determinism.py`; {machine(r)})", "",
+           f"The default (training shortened to {r['params']['epochs']} epochs) built once, then rebuilt under each "
+           "stand-in for another machine; outputs compared by hash.", "",
+           "| stand-in | environment | `train`'s model | stages after `train`, with the first build's model |",
+           "|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        env = ", ".join(f"`{k}={x}`" for k, x in v["env"].items())
+        diff = v["different_with_base_model"]
+        out.append(f"| {name} | {env} | {'identical' if v['train_identical'] else 'different'} | "
+                   + ("all identical" if not diff else "different: " + ", ".join(f"`{s}`" for s in diff)) + " |")
+    return out
 
 
 def read_rows(r: dict) -> list[str]:
@@ -463,7 +531,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "pipeline": pipeline, "encode_throughput": encode, "retrieval": retrieval, "ann_ceiling": ceiling,
     "pipeline_ann": pipeline_ann, "read_rows": read_rows, "correction_gap": gap, "whitening": whitening,
     "hessian_memory": hessian_memory, "experiments": experiments, "d_sweep": sweep, "tail_patch": tail_patch,
-    "real_model": real_model, "kill_soak": kill_soak}
+    "real_model": real_model, "kill_soak": kill_soak, "seeds": seeds, "determinism": determinism}
 
 
 def benchmarks_block() -> list[str]:
