@@ -2,6 +2,7 @@
 proponents per method; model accuracy and per-query predictions."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from trackstar.data.examples import pad_token_id, passage_example, query_example
 from trackstar.evaluation.predict import predict
 from trackstar.retrieval.results import read_results
 from trackstar.runner import run_main
-from trackstar.evaluation.influence import pipeline_tail_patch
+from trackstar.evaluation.influence import AUTO_QUERIES, plan_tail_patch, run_tail_patch
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     ranked["random"] = dict(zip([q.id for q in queries], random_ranking(passage_ids, len(queries), k, e.seed)))
     metrics = metrics_table(ranked, relevant)
 
-    sample = queries[: e.tail_patch_queries]
+    sample = queries[: AUTO_QUERIES if e.tail_patch_queries == "auto" else e.tail_patch_queries]
     need = {pid for m in ranked for q in queries for pid in ranked[m][q.id][:TOP]}
     need |= {pid for m in ranked for q in sample for pid in ranked[m][q.id][: max(e.tail_patch_ks)]}
     text = {p.id: p.text for p in iter_corpus(corpus_files()) if p.id in need}
@@ -49,18 +50,24 @@ def main() -> None:
     acc = sum(p["correct"] for p in preds) / len(preds)
     side = dev_test_split(queries, e.dev_fraction)
     write_jsonl("eval/predictions.jsonl", ({**p, "split": side[p["id"]]} for p in preds))
-    if e.tail_patch_queries:
+    extra = {}
+    if sample:
         props = {m: [[passage_example(tok, text[pid], max_len) for pid in ranked[m][q.id][: max(e.tail_patch_ks)]]
                      for q in sample] for m in ranked}
         qex = [query_example(tok, q.prompt, q.target, max_len) for q in sample]
-        tp, tp_v = pipeline_tail_patch(model, qex, props, pad, e)
+        plan = plan_tail_patch(model, qex, props, pad, e)
+        print(plan.text(), file=sys.stderr, flush=True)
+        tp, record = run_tail_patch(model, plan)
+        if not record["linear"]:
+            print("WARNING: tail-patch figures are not trustworthy (metrics/model.json tail_patch.linear: false): "
+                  + "; ".join(record["reasons"]), file=sys.stderr)
         for m in metrics:
             metrics[m].update(tp[m])
-            metrics[m]["tail_patch_queries"] = len(sample)
+            metrics[m]["tail_patch_queries"] = record["queries"]
+        extra = {"tail_patch_v": record["v"], "tail_patch": record}
     ordered = {m: metrics[m] for m in METHODS if m in metrics}
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/metrics.json").write_text(json.dumps(ordered, indent=2))
-    extra = {"tail_patch_v": tp_v} if e.tail_patch_queries else {}
     correct = {p["id"]: p["correct"] for p in preds}
     split = split_metrics({m: ranked[m] for m in ordered}, relevant, side, correct)
     Path("metrics/split.json").write_text(json.dumps({"dev_fraction": e.dev_fraction, **split}, indent=2))
@@ -71,7 +78,8 @@ def main() -> None:
         f.write("method," + ",".join(cols) + "\n")
         for m, row in ordered.items():
             f.write(m + "," + ",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) + "\n")
-    plot_methods({m: {c: v for c, v in row.items() if c not in names.values()} for m, row in ordered.items()},
+    plot_methods({m: {c: v for c, v in row.items() if c not in names.values() and not c.startswith("tail_patch_se")}
+                  for m, row in ordered.items()},
                  "metrics/methods.png", title=f"TrackStar ladder (model accuracy {acc:.0%})")
     print(json.dumps({"accuracy": acc, **{m: round(v["mrr"], 3) for m, v in ordered.items()}}))
 

@@ -6,15 +6,16 @@ import time
 from trackstar import layout
 from trackstar.data.records import read_queries
 from trackstar.runner import run_main
-from trackstar.viewer.report import build_report, method_files, read_predictions
+from trackstar.viewer.report import Evaluated, build_report, method_files, read_predictions
 
 
 def main() -> None:
     t0 = time.time()
     queries = read_queries(layout.QUERIES)
     metrics = json.loads((layout.METRICS / "metrics.json").read_text(encoding="utf-8"))
+    model = json.loads((layout.METRICS / "model.json").read_text(encoding="utf-8"))
     counts = build_report(layout.REPORT, method_files(layout.RETRIEVALS), queries,
-                          read_predictions(layout.PREDICTIONS), metrics)
+                          Evaluated(read_predictions(layout.PREDICTIONS), metrics, model.get("tail_patch") or {}))
     print(json.dumps({**counts, "seconds": round(time.time() - t0, 1)}))
 
 

@@ -114,11 +114,12 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "eval.tail_patch_lr": (1.0e-04, {"evaluate"}),
     "eval.tail_patch_ks": ([1, 5], {"evaluate"}),
     "eval.tail_patch_queries": (1, {"evaluate"}),
+    "eval.tail_patch_budget_s": (60.0, {"evaluate"}),
     "eval.seed": (1, {"evaluate"}),
     "eval.dev_fraction": (0.25, {"evaluate"}),
 }
 
-# `report` reads only the retrievals, predictions and metrics: it reruns exactly when one of them changed
+# `report` reads only the retrievals, predictions and metrics (metrics.json, model.json): it reruns exactly when one of them changed
 ALL = {"data", "train", "moments", *E, "autocorrelation", "eigen", "hessian", *P, "index", "retrieve", "ladder", "bm25",
        "evaluate", "report"}
 FROM_TRAIN = ALL - {"data", "bm25"}

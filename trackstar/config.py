@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trackstar.errors import ConfigError
 from trackstar.methods import RUNGS
@@ -168,11 +168,38 @@ class Bm25Params(_Section):
 
 
 class EvalParams(_Section):
-    tail_patch_lr: float = Field(1e-5, gt=0)
-    tail_patch_ks: list[int] = [1, 10]
-    tail_patch_queries: int = Field(100, ge=0)  # 0 = skip tail-patch
-    seed: int = 0
-    dev_fraction: float = Field(0.5, ge=0.0, le=1.0)  # queries (by entity) whose metrics choose settings
+    """Attribution metrics and tail-patch (docs/evaluation.md): lr `auto` is the largest lr of a grid at which a
+    probe's steps match their first-order prediction; queries `auto` is up to 100, fewer when the time
+    estimated from the probe exceeds `tail_patch_budget_s`."""
+
+    tail_patch_lr: Union[Literal["auto"], Annotated[float, Field(gt=0, allow_inf_nan=False)]] = "auto"
+    tail_patch_ks: list[Annotated[int, Field(ge=1)]] = Field([1, 10], min_length=1)
+    tail_patch_queries: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # 0 = skip tail-patch
+    tail_patch_budget_s: float = Field(300.0, gt=0, allow_inf_nan=False)  # seconds `auto` queries aim to fit
+
+    @field_validator("tail_patch_lr", mode="before")
+    @classmethod
+    def _lr(cls, v: object) -> object:
+        return _auto_or_number(v, "a number > 0", float, lambda x: x > 0)
+
+    @field_validator("tail_patch_queries", mode="before")
+    @classmethod
+    def _queries(cls, v: object) -> object:
+        return _auto_or_number(v, "a whole number >= 0 (0 skips tail-patch)", int, lambda x: x >= 0)
+
+
+def _auto_or_number(v: object, what: str, kind: type, ok: Callable[[float], bool]) -> object:
+    """'auto', or a number (YAML may give it as a string) of `kind` that `ok` accepts; one clear message
+    otherwise (booleans, lists and a fractional count refused)."""
+    if v == "auto":
+        return v
+    try:
+        x = float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else math.nan
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or (kind is int and not x.is_integer()) or not ok(x):
+        raise ValueError(f"must be 'auto' or {what}")
+    return kind(x)
 
 
 class Params(_Section):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Sequence
@@ -77,6 +79,53 @@ def _passage_key(ex: Example) -> tuple:
     return tuple(ex.input_ids), tuple(ex.loss_mask)
 
 
+class _Stepper:
+    """The vmapped machinery every tail-patch step shares: the model's detached weights, 1 / sqrt(v_hat + eps)
+    (computed once), per-example gradients and the re-score of queries under stepped weights."""
+
+    def __init__(self, model: torch.nn.Module, step: Step):
+        self.pad_id, self.device = step.pad_id, next(model.parameters()).device
+        self.params = {n: p.detach() for n, p in model.named_parameters()}
+        self.inv = inverse_sqrt_moments(model, step.v_hat, step.eps)
+        self._grads = vmap(grad(lambda pr, ids, mask: _target_loss(model, pr, ids, mask)), in_dims=(None, 0, 0))
+        self._score = vmap(lambda pr, ids, mask: _losses(model, pr, ids, mask))
+
+    def gradients(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Per-example gradients of the summed loss, stacked [len(examples), *parameter shape]."""
+        b = collate(list(examples), self.pad_id)
+        return self._grads(self.params, b["input_ids"].to(self.device), b["loss_mask"].to(self.device))
+
+    def stepped(self, g: Mapping[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
+        """theta - lr * g / sqrt(v_hat + eps) for each stacked gradient (new tensors; the model is untouched)."""
+        return {n: torch.addcmul(p, g[n], self.inv[n], value=-lr) if self.inv[n] is not None else p - lr * g[n]
+                for n, p in self.params.items()}
+
+    def first_order(self, gq: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor]) -> list[float]:
+        """grad L_q . g / sqrt(v_hat + eps) per stacked (query, passage) gradient pair: the first-order change
+        of log p(target) per unit lr (the step moves theta by -lr u, and log p = -L_q)."""
+        out = torch.zeros(next(iter(g.values())).shape[0], dtype=torch.float64, device=self.device)
+        for n, gp in g.items():
+            u = gp if self.inv[n] is None else gp * self.inv[n]
+            out += (gq[n].double() * u.double()).flatten(1).sum(1)
+        return out.cpu().tolist()
+
+    def rescore(self, new: Mapping[str, torch.Tensor], rows: Sequence[Sequence[Example]]) -> list[list[float]]:
+        """log p(target) of the queries of row b under stepped weight set b, `_QUERY_BATCH` queries of each row
+        per vmapped forward; a short row repeats its last query in the padded slots (discarded)."""
+        width = max(len(r) for r in rows)
+        out: list[list[float]] = [[] for _ in rows]
+        for c in range(0, width, _QUERY_BATCH):
+            cols = range(c, min(c + _QUERY_BATCH, width))
+            q = collate([row[min(t, len(row) - 1)] for row in rows for t in cols], self.pad_id)
+            shape = (len(rows), len(cols), -1)
+            with torch.no_grad():
+                lp = -self._score(new, q["input_ids"].view(shape).to(self.device),
+                                  q["loss_mask"].view(shape).to(self.device))
+            for b, vals in enumerate(lp.double().cpu().tolist()):
+                out[b] += vals[: max(0, min(len(rows[b]) - c, len(cols)))]
+        return out
+
+
 def target_logprobs(model: torch.nn.Module, queries: Sequence[Example], pad_id: int, batch: int = _QUERY_BATCH
                     ) -> list[float]:
     """log p(target | prompt) of every query (minus its summed target-token loss), through the same
@@ -103,41 +152,25 @@ def batched_deltas(model: torch.nn.Module, queries: Sequence[Example], pairs: Se
     are processed in order of their query count so a chunk pads few query slots. `base`: the queries'
     `target_logprobs`, when the caller has them.
     """
-    batch, pad_id, lr = step.batch or _batch_size(model), step.pad_id, step.lr
-    device = next(model.parameters()).device
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    inv = inverse_sqrt_moments(model, step.v_hat, step.eps)
-    base_t = torch.tensor(target_logprobs(model, queries, pad_id) if base is None else list(base),
-                          dtype=torch.float64)
+    batch = step.batch or _batch_size(model)
+    st = _Stepper(model, step)
+    base_t = target_logprobs(model, queries, step.pad_id) if base is None else list(base)
     groups: dict[tuple, tuple[Example, list[int]]] = {}
     for j, (_, ex) in enumerate(pairs):
         groups.setdefault(_passage_key(ex), (ex, []))[1].append(j)
     order = sorted(groups.values(), key=lambda g: len(g[1]))
-    step_grads = vmap(grad(lambda pr, ids, mask: _target_loss(model, pr, ids, mask)), in_dims=(None, 0, 0))
-    score = vmap(lambda pr, ids, mask: _losses(model, pr, ids, mask))
     out = [0.0] * len(pairs)
     bar = tqdm(total=len(order), desc="tail-patch", unit="passage", disable=not step.progress or None,
                mininterval=2.0)
     for s in range(0, len(order), batch):
         chunk = order[s:s + batch]
-        b = collate([ex for ex, _ in chunk], pad_id)
-        g = step_grads(params, b["input_ids"].to(device), b["loss_mask"].to(device))
-        new = {n: torch.addcmul(p, g[n], inv[n], value=-lr) if inv[n] is not None else p - lr * g[n]
-               for n, p in params.items()}
+        g = st.gradients([ex for ex, _ in chunk])
+        new = st.stepped(g, step.lr)
         del g
-        width = max(len(members) for _, members in chunk)
-        for c in range(0, width, _QUERY_BATCH):
-            # slot t of passage j holds its (c+t)-th pair, or repeats its last one (discarded) past its count
-            slots = [[members[min(t, len(members) - 1)] for t in range(c, min(c + _QUERY_BATCH, width))]
-                     for _, members in chunk]
-            q = collate([queries[pairs[j][0]] for row in slots for j in row], pad_id)
-            shape = (len(chunk), len(slots[0]), -1)
-            with torch.no_grad():
-                lp = -score(new, q["input_ids"].view(shape).to(device), q["loss_mask"].view(shape).to(device))
-            for (_, members), row, vals in zip(chunk, slots, lp.double().cpu()):
-                for t, (j, v) in enumerate(zip(row, vals.tolist())):
-                    if c + t < len(members):
-                        out[j] = v - float(base_t[pairs[j][0]])
+        vals = st.rescore(new, [[queries[pairs[j][0]] for j in members] for _, members in chunk])
+        for (_, members), row in zip(chunk, vals):
+            for j, v in zip(members, row):
+                out[j] = v - float(base_t[pairs[j][0]])
         bar.update(len(chunk))
     bar.close()
     return out
@@ -149,10 +182,25 @@ def pair_key(query: Example, passage: Example) -> str:
     return hashlib.sha256(raw).hexdigest()[:24]
 
 
+def pending_pairs(queries: Sequence[Example], proponents: Mapping[str, Sequence[Sequence[Example]]], kmax: int,
+                  cache: Mapping[str, float]) -> dict[str, tuple[int, Example]]:
+    """The distinct (query index, passage) pairs of every method's top `kmax` that `cache` does not hold, by
+    `pair_key`, in first-seen order."""
+    todo: dict[str, tuple[int, Example]] = {}
+    for lists in proponents.values():
+        for i, q in enumerate(queries):
+            for ex in list(lists[i])[:kmax]:
+                key = pair_key(q, ex)
+                if key not in cache:
+                    todo.setdefault(key, (i, ex))
+    return todo
+
+
 def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: Mapping[str, Sequence[Sequence[Example]]],
                step: Step, ks: Sequence[int], cache: MutableMapping[str, float] | None = None
                ) -> dict[str, dict[str, float]]:
-    """Mean change in target log-prob / prob over the top-k proponents of each query, per method.
+    """Mean change in target log-prob / prob over the top-k proponents of each query, per method, and the
+    standard error of the log-prob mean over the queries (`tail_patch_se@k`, with 2 queries or more).
 
     `proponents[method][i]` lists query i's proponents, best first (their passage examples).
     Each distinct (query, passage) pair is computed once and shared between methods, and each distinct
@@ -162,13 +210,7 @@ def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: M
     """
     kmax = max(ks)
     cache = {} if cache is None else cache
-    todo: dict[str, tuple[int, Example]] = {}
-    for lists in proponents.values():
-        for i, q in enumerate(queries):
-            for ex in list(lists[i])[:kmax]:
-                key = pair_key(q, ex)
-                if key not in cache:
-                    todo.setdefault(key, (i, ex))
+    todo = pending_pairs(queries, proponents, kmax, cache)
     base = target_logprobs(model, queries, step.pad_id)
     if todo:
         fresh = batched_deltas(model, queries, list(todo.values()), step, base)
@@ -176,13 +218,152 @@ def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: M
     n = max(1, len(queries))
     out = {}
     for m, lists in proponents.items():
-        sums = {k: [0.0, 0.0] for k in ks}
+        per_query = {k: [0.0] * len(queries) for k in ks}
+        prob = {k: 0.0 for k in ks}
         for i, q in enumerate(queries):
             deltas = [cache[pair_key(q, ex)] for ex in list(lists[i])[:kmax]]
             for k in ks:
                 top = deltas[:k]
                 if top:
-                    sums[k][0] += sum(top) / len(top)
-                    sums[k][1] += sum(math.exp(base[i] + d) - math.exp(base[i]) for d in top) / len(top)
-        out[m] = {**{f"tail_patch@{k}": sums[k][0] / n for k in ks}, **{f"tail_patch_prob@{k}": sums[k][1] / n for k in ks}}
+                    per_query[k][i] = sum(top) / len(top)
+                    prob[k] += sum(math.exp(base[i] + d) - math.exp(base[i]) for d in top) / len(top)
+        out[m] = {**{f"tail_patch@{k}": sum(per_query[k]) / n for k in ks},
+                  **{f"tail_patch_prob@{k}": prob[k] / n for k in ks}}
+        if len(queries) >= 2:
+            out[m].update({f"tail_patch_se@{k}": statistics.stdev(per_query[k]) / math.sqrt(len(queries)) for k in ks})
     return out
+
+
+# The linearity probe's lr grid, largest first: 1e-2 down to 1e-9, two steps per decade (factor sqrt(10)).
+LR_GRID = tuple(10.0 ** (-e / 2) for e in range(4, 19))
+# An lr is linear when, in every group of probe pairs, the median of |measured - predicted| / |predicted| is
+# at most this.
+TOLERANCE = 0.1
+# A predicted change below this many float epsilons (of the model's dtype, in nats) is numerical noise.
+_NOISE_EPS = 100
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the linearity probe measured: per grid lr (largest first) each group's median relative error of
+    the measured change against its first-order prediction and the median predicted |change|; the lr chosen
+    (None: no lr of the grid was linear), whether every step was dead (predicted change below the noise
+    floor at every lr), and seconds per passage gradient and per (lr, pair) step-and-re-score."""
+
+    grid: list[dict]
+    chosen: float | None
+    tolerance: float
+    noise: float
+    dead: bool
+    pairs: int
+    seconds_per_passage: float
+    seconds_per_pair: float
+
+    @property
+    def lr(self) -> float:
+        """The lr to step with: the chosen one, else the grid's lr of least error above the noise floor, else
+        (a dead step) the grid's largest."""
+        if self.chosen is not None:
+            return self.chosen
+        live = [r for r in self.grid if r["predicted"] >= self.noise and math.isfinite(r["error"])]
+        return min(live, key=lambda r: r["error"])["lr"] if live else self.grid[0]["lr"]
+
+    def reason(self) -> str | None:
+        """Why the probe found no linear step (None when it did)."""
+        if self.chosen is not None:
+            return None
+        if self.dead:
+            return (f"dead step: the first-order change of every probe pair is below the noise floor "
+                    f"({self.noise:.1e} nats) at every lr of the grid (no gradient reaches the targets)")
+        if len(self.grid) == 1:
+            r = self.grid[0]
+            return (f"at lr {r['lr']:.3g} the probe steps' change differs from its first-order prediction by a median "
+                    f"relative error of {r['error']:.3g} (tolerance {self.tolerance}): the step is not linear; "
+                    f"eval.tail_patch_lr: auto picks one that is")
+        errs = ", ".join(f"{r['lr']:.1e}: {r['error']:.3g}" for r in self.grid)
+        return f"no lr had median relative error <= {self.tolerance} against the first-order prediction ({errs})"
+
+
+def _median(xs: Sequence[float]) -> float:
+    """Median with NaN counted as +inf (a failed measurement never passes)."""
+    return statistics.median([x if x == x else math.inf for x in xs]) if xs else math.inf
+
+
+def _probe_row(lr: float, slopes: Sequence[float], measured: Sequence[float], labels: Sequence[str]) -> dict:
+    """One grid lr's record: each group's median relative error, their maximum and the median |prediction|."""
+    pred = [lr * a for a in slopes]
+    rel = [abs(m - p) / abs(p) if p else math.inf for m, p in zip(measured, pred)]
+    groups = {g: _median([r for r, lab in zip(rel, labels) if lab == g]) for g in dict.fromkeys(labels)}
+    return {"lr": lr, "error": max(groups.values()), "groups": groups,
+            "predicted": statistics.median(abs(p) for p in pred)}
+
+
+def probe_linearity(model: torch.nn.Module, queries: Sequence[Example],
+                    groups: Mapping[str, Sequence[tuple[int, Example]]], step: Step,
+                    grid: Sequence[float] = LR_GRID, tolerance: float = TOLERANCE) -> Probe:
+    """Measure, for each lr of `grid` (largest first), the exact change of log p(target) after one step on each
+    probe (query index, passage) pair against its first-order prediction lr * grad L_q . g / sqrt(v_hat + eps),
+    and choose the largest lr at which every group's median relative error is <= `tolerance` with a median
+    prediction above the noise floor. Each passage's gradient is taken once for the whole grid (`step.lr` is
+    not used); `groups` names sets of pairs (e.g. random passages, top proponents) checked separately."""
+    labels = [g for g, ps in groups.items() for _ in ps]
+    pairs = [p for ps in groups.values() for p in ps]
+    grid = sorted(grid, reverse=True)
+    st = _Stepper(model, step)
+    batch = max(1, (step.batch or _batch_size(model)) // 2)  # a passage's and a query's gradient at once
+    base = target_logprobs(model, [queries[i] for i, _ in pairs], step.pad_id)
+    slopes: list[float] = []
+    measured = [[0.0] * len(pairs) for _ in grid]
+    timing: list[tuple[float, float, int]] = []
+    for s in range(0, len(pairs), batch):
+        idx = range(s, min(s + batch, len(pairs)))
+        t0 = _clock(st.device)
+        g = st.gradients([pairs[j][1] for j in idx])
+        slopes += st.first_order(st.gradients([queries[pairs[j][0]] for j in idx]), g)
+        t1 = _clock(st.device)
+        for li, lr in enumerate(grid):
+            vals = st.rescore(st.stepped(g, lr), [[queries[pairs[j][0]]] for j in idx])
+            for j, row in zip(idx, vals):
+                measured[li][j] = row[0] - base[j]
+        timing.append(((t1 - t0) / (2 * len(idx)), (_clock(st.device) - t1) / (len(grid) * len(idx)), len(idx)))
+    noise = _NOISE_EPS * torch.finfo(next(model.parameters()).dtype).eps
+    rows = [_probe_row(lr, slopes, m, labels) for lr, m in zip(grid, measured)]
+    ok = [r["lr"] for r in rows if r["predicted"] >= noise and r["error"] <= tolerance]
+    warm = timing[1:] or timing  # the first chunk carries one-time warm-up (allocations, kernels)
+    return Probe(rows, ok[0] if ok else None, tolerance, noise, all(r["predicted"] < noise for r in rows),
+                 len(pairs), statistics.median(t[0] for t in warm), statistics.median(t[1] for t in warm))
+
+
+def _clock(device: torch.device) -> float:
+    """A wall-clock reading after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# The guard: random proponents' mean change must be small next to the methods' and indistinguishable from 0.
+GUARD_SHARE = 0.1
+GUARD_Z = 2.0
+
+
+def random_guard(tp: Mapping[str, Mapping[str, float]], k: int, baseline: str = "random") -> str | None:
+    """Why the tail-patch figures at top-k are not trustworthy, or None: the `baseline` method's mean change is
+    not finite, or it is both larger in magnitude than GUARD_SHARE x the largest |mean| of the other methods
+    and more than GUARD_Z standard errors from zero (a step outside the linear regime moves the target
+    whatever the passage). No baseline among the methods: None."""
+    if baseline not in tp:
+        return None
+    key = f"tail_patch@{k}"
+    r = tp[baseline][key]
+    se = tp[baseline].get(f"tail_patch_se@{k}")
+    others = [abs(v[key]) for m, v in tp.items() if m != baseline]
+    if not all(math.isfinite(x) for x in [r, *others]):
+        return f"a method's {key} is not finite: the step leaves the range the model can score"
+    top = max(others, default=0.0)
+    significant = se is None or abs(r) > GUARD_Z * se
+    if abs(r) > GUARD_SHARE * top and significant:
+        se_text = f" and {abs(r) / se:.1f} standard errors from 0" if se else ""
+        return (f"{baseline} proponents' mean {key} is {r:+.4g}: {abs(r) / top if top else math.inf:.2f} x the "
+                f"largest method's |mean| ({top:.4g}; limit {GUARD_SHARE}){se_text}, so the step moves the "
+                f"target whatever the passage")
+    return None

@@ -57,6 +57,17 @@ class Pages:
     title: str = "TrackStar report"
 
 
+@dataclass(frozen=True)
+class Evaluated:
+    """What `evaluate` measured, shown on the overview: predictions by query id, metrics per method
+    (metrics/metrics.json) and the tail-patch record (metrics/model.json's `tail_patch`: its lr, whether it
+    stayed `linear` and the `reasons` it did not)."""
+
+    predictions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    tail_patch: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Collected:
     """What `collect` kept: per-query summaries, hits[query id][method] and the kept passages' texts."""
@@ -139,12 +150,30 @@ def _jsonp(call: str, obj: Any) -> str:
                         .replace("</", "<\\/")) + "\n"
 
 
-def build_data(kept: Collected, methods: Sequence[str], predictions: Mapping[str, Mapping[str, Any]] | None = None,
-               metrics: Mapping[str, Any] | None = None, cut: Pages = Pages()) -> Iterable[tuple[str, str]]:
+def _finite(x: Any) -> Any:
+    """Non-finite floats (a failed measurement) as None, recursively: the data files are strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _tail_patch_note(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The part of the tail-patch record the overview shows next to the tail-patch figures (None: none ran)."""
+    if not record:
+        return None
+    return _finite({k: record.get(k) for k in ("lr", "lr_param", "queries", "linear", "reasons")})
+
+
+def build_data(kept: Collected, methods: Sequence[str], evaluated: Evaluated = Evaluated(),
+               cut: Pages = Pages()) -> Iterable[tuple[str, str]]:
     """Yield (relative path, text) of every data file: data/index.js, then one data/page-N.js per page."""
     summaries, hits, texts = kept.summaries, kept.hits, kept.texts
     page_size, top, title = cut.page_size, cut.top, cut.title
-    predictions = predictions or {}
+    predictions = evaluated.predictions
     rows = []
     pages: list[list[dict[str, Any]]] = [summaries[i: i + page_size] for i in range(0, len(summaries), page_size)]
     for n, page in enumerate(pages):
@@ -154,7 +183,8 @@ def build_data(kept: Collected, methods: Sequence[str], predictions: Mapping[str
                          _round(p["target_prob"]) if "target_prob" in p else None, p.get("correct"), n,
                          [hits[s["id"]][m].first for m in methods]])
     index = {"title": title, "methods": list(methods), "ladder": [m for m in LADDER_VIEW if m in methods],
-             "metrics": dict(metrics or {}), "top": top, "page_size": page_size, "pages": len(pages),
+             "metrics": _finite(dict(evaluated.metrics)), "tail_patch": _tail_patch_note(evaluated.tail_patch),
+             "top": top, "page_size": page_size, "pages": len(pages),
              "fields": list(FIELDS), "queries": rows}
     yield "data/index.js", _jsonp("TRACKSTAR.index(%s);", index)
     for n, page in enumerate(pages):
@@ -181,13 +211,12 @@ def write_site(out_dir: str | os.PathLike, files: Iterable[tuple[str, str]]) -> 
 
 
 def build_report(out_dir: str | os.PathLike, files: Mapping[str, str | os.PathLike], queries: Sequence[Query] | None,
-                 predictions: Mapping[str, Mapping[str, Any]] | None = None, metrics: Mapping[str, Any] | None = None,
-                 cut: Pages = Pages()) -> dict[str, int]:
+                 evaluated: Evaluated = Evaluated(), cut: Pages = Pages()) -> dict[str, int]:
     """The whole site from result files (method -> path); returns counts for the log."""
     kept = collect(files, queries, cut.top)
     texts = kept.texts
     written = {"queries": len(kept.summaries), "passages": 0, "pages": 0, "bytes": 0}
-    out = write_site(out_dir, build_data(kept, list(files), predictions, metrics, cut))
+    out = write_site(out_dir, build_data(kept, list(files), evaluated, cut))
     for p in out.rglob("*"):
         if p.is_file():
             written["bytes"] += p.stat().st_size

@@ -99,7 +99,7 @@
       return s;
     });
     return {
-      title: ix.title, methods: ix.methods, ladder: ix.ladder, metrics: ix.metrics, top: ix.top,
+      title: ix.title, methods: ix.methods, ladder: ix.ladder, metrics: ix.metrics, tailPatch: ix.tail_patch || null, top: ix.top,
       summaries: summaries,
       detail: function (s) {
         return loadPage(s.page).then(function (pg) {
@@ -178,7 +178,7 @@
     }
     const summaries = Array.from(byId.values());
     return {
-      title: 'Results: ' + methods.join(' vs '), methods: methods, ladder: [], metrics: null, top: top,
+      title: 'Results: ' + methods.join(' vs '), methods: methods, ladder: [], metrics: null, tailPatch: null, top: top,
       summaries: summaries,
       detail: function (s) {
         const d = {relevant: s.detail.relevant, methods: {}, passages: passages};
@@ -197,7 +197,12 @@
     const cols = [['mrr', 'MRR'], ['recall@10', 'recall@10'], ['tail_patch@10', 'tail-patch@10'],
       ['top10_relevant', 'top-10 relevant'], ['top10_both', 'entity+target'], ['top10_one', 'one of them'], ['top10_neither', 'neither']]
       .filter(function (c) { return methods.some(function (m) { return M[m][c[0]] != null; }); });
-    const head = el('tr', {}, [el('th', {text: 'method'})].concat(cols.map(function (c) { return el('th', {text: c[1]}); })));
+    // the tail-patch record: a step outside the linear regime is flagged next to every tail-patch figure
+    const tp = store.tailPatch, flagged = !!tp && tp.linear === false;
+    const tpLabel = function (label) { return flagged ? label + ' \u26a0' : label; };
+    const head = el('tr', {}, [el('th', {text: 'method'})].concat(cols.map(function (c) {
+      return el('th', {text: c[0].startsWith('tail') ? tpLabel(c[1]) : c[1], cls: c[0].startsWith('tail') && flagged ? 'tp-flag' : ''});
+    })));
     const rows = methods.map(function (m) {
       return el('tr', {cls: m === 'trackstar' ? 'hl' : ''}, [el('td', {text: name(m)})].concat(cols.map(function (c) {
         const v = M[m][c[0]];
@@ -208,9 +213,10 @@
     const nOk = acc.filter(function (s) { return s.correct; }).length;
     $('metrics').append(el('table', {cls: 'metrics'}, [el('thead', {}, [head]), el('tbody', {}, rows)]));
     if (acc.length) $('metrics').append(el('p', {cls: 'muted', text: 'Model accuracy: ' + pct(nOk / acc.length) + ' of ' + acc.length + ' queries (greedy prediction equals the target).'}));
+    if (tp) $('metrics').append(tailPatchNote(tp));
     const order = store.ladder.concat(methods.filter(function (m) { return !store.ladder.includes(m); }));
     const charts = el('div', {cls: 'legend'});
-    for (const [key, label] of [['mrr', 'MRR'], ['recall@10', 'recall@10'], ['tail_patch@10', 'tail-patch@10']]) {
+    for (const [key, label] of [['mrr', 'MRR'], ['recall@10', 'recall@10'], ['tail_patch@10', tpLabel('tail-patch@10')]]) {
       const ms = order.filter(function (m) { return M[m] && M[m][key] != null; });
       if (ms.length) charts.append(barChart(label, ms, ms.map(function (m) { return M[m][key]; })));
     }
@@ -218,6 +224,15 @@
     const bm = order.filter(function (m) { return M[m] && M[m].top10_relevant != null; });
     if (bm.length) $('breakdown').append(stackChart(bm.map(function (m) { return [name(m), CATS.map(function (c) { return M[m]['top10_' + c]; })]; })), legend());
     else $('breakdown').append(el('p', {cls: 'muted', text: 'No breakdown in the metrics.'}));
+  }
+  function tailPatchNote(tp) {
+    const step = 'one step at lr ' + (tp.lr == null ? '–' : Number(tp.lr).toExponential(1)) + (tp.lr_param === 'auto' ? ' (chosen by the linearity probe)' : '') +
+      ' over ' + tp.queries + ' queries';
+    if (tp.linear === false) {
+      return el('p', {cls: 'tp-flag', id: 'tail-patch-flag', role: 'note',
+        text: '\u26a0 Tail-patch figures are not trustworthy (' + step + '): ' + (tp.reasons || []).join('; ')});
+    }
+    return el('p', {cls: 'muted', id: 'tail-patch-flag', text: 'Tail-patch: ' + step + '; the step is linear (probe) and random proponents\' mean change is near 0 (guard).'});
   }
   function barChart(title, methods, values) {
     const w = 235, rowH = 18, left = 105, h = 22 + rowH * methods.length;
