@@ -5,13 +5,14 @@ far too large and not at the auto lr; a fixed lr still works; `auto` queries fit
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.test_tailpatch import reference_delta
 from tests.tiny import random_examples, random_moments, tiny_llama
-from trackstar.config import EvalParams, parse_params
+from trackstar.config import EvalParams, load_params, parse_params
 from trackstar.data.examples import Example, collate, per_example_loss
 from trackstar.errors import ConfigError
 from trackstar.evaluation.influence import MIN_QUERIES, auto_queries, plan_tail_patch, run_tail_patch
@@ -176,5 +177,8 @@ def test_bad_eval_values_are_refused(key, value, needle):
 
 def test_eval_values_accepted():
     assert parse_params({}).eval.tail_patch_lr == "auto" and parse_params({}).eval.tail_patch_queries == "auto"
+    shipped = load_params(Path(__file__).resolve().parent.parent / "params.yaml").eval  # the project's own file
+    assert (shipped.tail_patch_lr, shipped.tail_patch_queries, shipped.tail_patch_budget_s) == ("auto", "auto", 300.0)
+    assert (shipped.seed, shipped.dev_fraction) == (0, 0.5)
     e = parse_params({"eval": {"tail_patch_lr": "1e-6", "tail_patch_queries": 40}}).eval  # YAML reads 1e-6 as a string
     assert e.tail_patch_lr == 1e-6 and e.tail_patch_queries == 40

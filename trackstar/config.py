@@ -37,6 +37,7 @@ class DataParams(_Section):
     confuser_true_value: float = Field(0.75, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
     contradicted: float = Field(1.0, ge=0.0, le=1.0)
+    query_wording: Literal["held_out", "training"] = "held_out"  # queries' question: one no passage uses, or the Q/A one
     text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
     id_column: str = Field("id", min_length=1)  # field / column holding the passage id
     shards: dict[str, str] = {}  # name -> file under inputs/data/: more corpus, one encode_shard@<name> stage each
@@ -176,6 +177,8 @@ class EvalParams(_Section):
     tail_patch_ks: list[Annotated[int, Field(ge=1)]] = Field([1, 10], min_length=1)
     tail_patch_queries: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # 0 = skip tail-patch
     tail_patch_budget_s: float = Field(300.0, gt=0, allow_inf_nan=False)  # seconds `auto` queries aim to fit
+    seed: int = 0
+    dev_fraction: float = Field(0.5, ge=0.0, le=1.0)  # queries (by entity) whose metrics choose settings
 
     @field_validator("tail_patch_lr", mode="before")
     @classmethod
