@@ -139,7 +139,8 @@ def _entity_of(prompt):
 
 
 def test_fact_world_deterministic_and_consistent(tmp_path):
-    cfg = FactWorldConfig(seed=3, entities=30, relations=4, paraphrases=3, distractors_per_entity=2, contradicted=0.0)
+    cfg = FactWorldConfig(seed=3, entities=30, relations=4, paraphrases=3, distractors_per_entity=2, contradicted=0.0,
+                          query_wording="held_out")
     p1, q1, s1 = generate_fact_world(cfg)
     p2, q2, s2 = generate_fact_world(cfg)
     assert p1 == p2 and q1 == q2 and s1 == s2
@@ -179,6 +180,24 @@ def test_fact_world_deterministic_and_consistent(tmp_path):
     assert read_queries(tmp_path / "queries.jsonl", ids) == q1
     for line in (tmp_path / "queries.jsonl").read_text().splitlines():
         assert set(json.loads(line)) == {"id", "prompt", "target", "relevant_ids", "entity"}
+
+
+def test_fact_world_training_wording_asks_the_qa_question_about_entities_without_one():
+    """query_wording=training: each query is the training Q/A question of its relation, about an entity that has
+    no Q/A passage; the corpus and everything but the prompts equal the held-out world's."""
+    base = dict(seed=3, entities=30, contradicted=1.0)
+    p_h, q_h, _ = generate_fact_world(FactWorldConfig(**base, query_wording="held_out"))
+    p_t, q_t, _ = generate_fact_world(FactWorldConfig(**base, query_wording="training"))
+    assert p_t == p_h
+    assert [(q.id, q.target, q.relevant_ids, q.entity) for q in q_t] == [(q.id, q.target, q.relevant_ids, q.entity)
+                                                                        for q in q_h]
+    texts = [p.text for p in p_t]
+    for q in q_t:
+        asked = [r for r in RELATIONS[:4] if q.prompt == f"Q: {r.train_question.format(e=q.entity)} A:"]
+        assert len(asked) == 1, q.prompt
+        assert not any(t.startswith(q.prompt) for t in texts)  # no Q/A passage about this entity
+    with pytest.raises(ValueError, match="query_wording"):
+        generate_fact_world(FactWorldConfig(query_wording="formal"))
 
 
 def test_fact_world_rejects_bad_sizes():

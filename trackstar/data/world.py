@@ -29,6 +29,9 @@ class FactWorldConfig:
     near_miss_fraction: float = _D.near_miss_fraction  # entities named as another entity with a different ending
     # share of facts with one statement repeated naming another value (corpora disagree)
     contradicted: float = _D.contradicted
+    # the queries' question: "held_out" (a wording no passage uses) or "training" (the Q/A passages' own wording,
+    # asked about entities that have no Q/A passage)
+    query_wording: str = _D.query_wording
 
 
 def world_config(p: DataParams) -> FactWorldConfig:
@@ -209,6 +212,8 @@ def _check(cfg: FactWorldConfig) -> None:
         raise ValueError("near_miss_fraction must be in [0, 0.5]")
     if not 0.0 <= cfg.contradicted <= 1.0:
         raise ValueError("contradicted must be in [0, 1]")
+    if cfg.query_wording not in ("held_out", "training"):
+        raise ValueError(f"query_wording must be held_out or training, got {cfg.query_wording!r}")
 
 
 def _draw_names(cfg: FactWorldConfig, rng: random.Random, crng: random.Random) -> WorldNames:
@@ -302,7 +307,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
             queries.append(
                 Query(
                     f"q{len(queries):0{qwidth}d}",
-                    _Q.format(q=r.query_question.format(e=e)),
+                    _Q.format(q=(r.query_question if cfg.query_wording == "held_out" else r.train_question).format(e=e)),
                     " " + facts[(ei, r.name)],
                     sorted(support[(ei, r.name)]),
                     entity=e,
