@@ -58,8 +58,8 @@ def main() -> None:
         plan = plan_tail_patch(model, qex, props, pad, e)
         print(plan.text(), file=sys.stderr, flush=True)
         tp, record = run_tail_patch(model, plan)
-        if not record["linear"]:
-            print("WARNING: tail-patch figures are not trustworthy (metrics/model.json tail_patch.linear: false): "
+        if not record["trustworthy"]:
+            print("WARNING: tail-patch figures are not trustworthy (metrics/model.json tail_patch.trustworthy: false): "
                   + "; ".join(record["reasons"]), file=sys.stderr)
         for m in metrics:
             metrics[m].update(tp[m])

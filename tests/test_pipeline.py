@@ -116,7 +116,7 @@ def test_trace_cli_reproduces_the_pipeline_and_refuses_stale_artifacts(repo):
 
 def test_tail_patch_step_is_probed_and_a_step_forced_far_too_large_is_flagged(repo):
     """`evaluate` picks the tail-patch lr with the linearity probe and records it in metrics/model.json; forced to
-    lr 1.0, it prints the plan and a warning, records `linear: false` with the reasons, and the report shows it."""
+    lr 1.0, it prints the plan and a warning, records `trustworthy: false` with the reasons, and the report shows it."""
     import shutil
     import sys
 
@@ -127,7 +127,7 @@ def test_tail_patch_step_is_probed_and_a_step_forced_far_too_large_is_flagged(re
     assert tp["lr_param"] == "auto" and tp["queries_param"] == 4 and tp["queries"] == 4
     assert tp["probe"]["chosen"] in LR_GRID and tp["lr"] == tp["probe"]["chosen"]
     assert len(tp["probe"]["grid"]) == len(LR_GRID) and tp["probe"]["tolerance"] == 0.1
-    assert tp["guard"]["fired"] is (not tp["linear"]) and tp["guard"]["k"] == 10
+    assert tp["guard"]["fired"] is (not tp["trustworthy"]) and tp["guard"]["k"] == 10
     index = (repo / "report/data/index.js").read_text()
     assert f'"tail_patch":{{"lr":{tp["lr"]}' in index
     kept = repo.parent / "kept"
@@ -139,10 +139,10 @@ def test_tail_patch_step_is_probed_and_a_step_forced_far_too_large_is_flagged(re
         assert "tail-patch plan: lr 1 (eval.tail_patch_lr; NOT LINEAR:" in proc.stderr
         assert "WARNING: tail-patch figures are not trustworthy" in proc.stderr
         forced = json.loads((repo / "metrics/model.json").read_text())["tail_patch"]
-        assert forced["lr"] == 1.0 and forced["linear"] is False and forced["guard"]["fired"] is True
+        assert forced["lr"] == 1.0 and forced["trustworthy"] is False and forced["guard"]["fired"] is True
         assert any("not linear" in r for r in forced["reasons"])
         run(repo, sys.executable, "stages/report.py")
-        assert '"linear":false' in (repo / "report/data/index.js").read_text()
+        assert '"trustworthy":false' in (repo / "report/data/index.js").read_text()
     finally:
         set_param(repo, "eval.tail_patch_lr", "auto")
         for d in ("metrics", "eval", "report"):

@@ -126,7 +126,7 @@ def test_plan_and_run_in_a_pipeline_auto_fixed_and_forced(world, tmp_path, capsy
     assert plan.step.lr == plan.probe.chosen in LR_GRID and len(plan.queries) == 12 and plan.pairs == 24
     assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within 10% of its first-order prediction)")
     tp, record = run_tail_patch(model, plan)
-    assert record["linear"] is True and record["reasons"] == [] and record["lr_param"] == "auto"
+    assert record["trustworthy"] is True and record["reasons"] == [] and record["lr_param"] == "auto"
     assert record["probe"]["chosen"] == plan.step.lr and len(record["probe"]["grid"]) == len(LR_GRID)
     json.dumps(record, allow_nan=False)  # strict JSON for metrics/model.json
     want = tail_patch(model, qs, props, Step(plan.step.lr, None, 0, progress=False), [1, 10])
@@ -144,7 +144,7 @@ def test_plan_and_run_in_a_pipeline_auto_fixed_and_forced(world, tmp_path, capsy
     forced = plan_tail_patch(model, qs, props, 0, EvalParams(tail_patch_lr=1.0), tmp_path)
     assert "NOT LINEAR" in forced.text()
     _, rec_forced = run_tail_patch(model, forced)
-    assert rec_forced["linear"] is False and rec_forced["guard"]["fired"] is True
+    assert rec_forced["trustworthy"] is False and rec_forced["guard"]["fired"] is True
     assert any("median relative error" in r and "not linear" in r for r in rec_forced["reasons"])
     json.dumps(rec_forced, allow_nan=False)
 

@@ -116,10 +116,10 @@ def test_every_query_panel_renders_search_filters_and_no_console_errors(built_re
     # the landing page: metrics table, ladder and breakdown charts, and the first query's panel
     assert browser.eval("document.querySelectorAll('#metrics tbody tr').length") == 7
     assert browser.eval("document.querySelectorAll('#ladder svg').length") == 3
-    # the tail-patch record next to its figures: a flag (with the reasons) when the step was not linear
+    # the tail-patch record next to its figures: a flag (with the reasons) when they are not trustworthy
     tp = json.loads((built_repo / "metrics/model.json").read_text())["tail_patch"]
     note = browser.eval("document.getElementById('tail-patch-flag').textContent")
-    assert note.startswith("Tail-patch: one step at lr" if tp["linear"] else "\u26a0 Tail-patch figures are not trustworthy")
+    assert note.startswith("Tail-patch: one step at lr" if tp["trustworthy"] else "\u26a0 Tail-patch figures are not trustworthy")
     assert all(r in note for r in tp["reasons"])
     assert browser.eval("document.querySelectorAll('#breakdown svg rect').length") == 7 * 4
     assert browser.eval("document.getElementById('panel').dataset.qid") == queries[0].id

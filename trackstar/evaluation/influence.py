@@ -171,7 +171,7 @@ def _finite(x: Any) -> Any:
 
 def run_tail_patch(model: torch.nn.Module, plan: TailPatchPlan) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """(`tail_patch` metrics per method, the record metrics/model.json keeps under `tail_patch`: the lr and how it
-    was chosen, the probe's per-lr linearity, the guard, and `linear` with the `reasons` it is false)."""
+    was chosen, the probe's per-lr linearity, the guard, and `trustworthy` with the `reasons` it is false)."""
     seen = len(plan.cache)
     tp = tail_patch(model, plan.queries, plan.proponents, plan.step, plan.ks, plan.cache)
     if len(plan.cache) > seen:
@@ -182,7 +182,7 @@ def run_tail_patch(model: torch.nn.Module, plan: TailPatchPlan) -> tuple[dict[st
     p = plan.probe
     record = {
         "lr": plan.step.lr, "lr_param": plan.lr_param, "v": plan.v_source, "queries": len(plan.queries),
-        "queries_param": plan.queries_param, "linear": not reasons, "reasons": reasons,
+        "queries_param": plan.queries_param, "trustworthy": not reasons, "reasons": reasons,
         "probe": {"pairs": p.pairs, "tolerance": p.tolerance, "noise": p.noise, "chosen": p.chosen, "dead": p.dead,
                   "grid": p.grid, "seconds_per_passage": p.seconds_per_passage,
                   "seconds_per_pair": p.seconds_per_pair},

@@ -364,6 +364,7 @@ def random_guard(tp: Mapping[str, Mapping[str, float]], k: int, baseline: str = 
     if abs(r) > GUARD_SHARE * top and significant:
         se_text = f" and {abs(r) / se:.1f} standard errors from 0" if se else ""
         return (f"{baseline} proponents' mean {key} is {r:+.4g}: {abs(r) / top if top else math.inf:.2f} x the "
-                f"largest method's |mean| ({top:.4g}; limit {GUARD_SHARE}){se_text}, so the step moves the "
-                f"target whatever the passage")
+                f"largest method's |mean| ({top:.4g}; limit {GUARD_SHARE}){se_text}: random passages move the "
+                f"target too, so tail-patch cannot tell a method's proponents from them (a step outside the "
+                f"linear regime, or a model that any corpus passage still improves)")
     return None

@@ -61,7 +61,7 @@ class Pages:
 class Evaluated:
     """What `evaluate` measured, shown on the overview: predictions by query id, metrics per method
     (metrics/metrics.json) and the tail-patch record (metrics/model.json's `tail_patch`: its lr, whether it
-    stayed `linear` and the `reasons` it did not)."""
+    is `trustworthy` and the `reasons` it is not)."""
 
     predictions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
@@ -165,7 +165,7 @@ def _tail_patch_note(record: Mapping[str, Any]) -> dict[str, Any] | None:
     """The part of the tail-patch record the overview shows next to the tail-patch figures (None: none ran)."""
     if not record:
         return None
-    return _finite({k: record.get(k) for k in ("lr", "lr_param", "queries", "linear", "reasons")})
+    return _finite({k: record.get(k) for k in ("lr", "lr_param", "queries", "trustworthy", "reasons")})
 
 
 def build_data(kept: Collected, methods: Sequence[str], evaluated: Evaluated = Evaluated(),

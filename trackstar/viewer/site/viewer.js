@@ -197,8 +197,8 @@
     const cols = [['mrr', 'MRR'], ['recall@10', 'recall@10'], ['tail_patch@10', 'tail-patch@10'],
       ['top10_relevant', 'top-10 relevant'], ['top10_both', 'entity+target'], ['top10_one', 'one of them'], ['top10_neither', 'neither']]
       .filter(function (c) { return methods.some(function (m) { return M[m][c[0]] != null; }); });
-    // the tail-patch record: a step outside the linear regime is flagged next to every tail-patch figure
-    const tp = store.tailPatch, flagged = !!tp && tp.linear === false;
+    // the tail-patch record: figures the probe or the random-proponent guard distrusts are flagged where they show
+    const tp = store.tailPatch, flagged = !!tp && tp.trustworthy === false;
     const tpLabel = function (label) { return flagged ? label + ' \u26a0' : label; };
     const head = el('tr', {}, [el('th', {text: 'method'})].concat(cols.map(function (c) {
       return el('th', {text: c[0].startsWith('tail') ? tpLabel(c[1]) : c[1], cls: c[0].startsWith('tail') && flagged ? 'tp-flag' : ''});
@@ -228,7 +228,7 @@
   function tailPatchNote(tp) {
     const step = 'one step at lr ' + (tp.lr == null ? '–' : Number(tp.lr).toExponential(1)) + (tp.lr_param === 'auto' ? ' (chosen by the linearity probe)' : '') +
       ' over ' + tp.queries + ' queries';
-    if (tp.linear === false) {
+    if (tp.trustworthy === false) {
       return el('p', {cls: 'tp-flag', id: 'tail-patch-flag', role: 'note',
         text: '\u26a0 Tail-patch figures are not trustworthy (' + step + '): ' + (tp.reasons || []).join('; ')});
     }
