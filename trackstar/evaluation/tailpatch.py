@@ -3,6 +3,10 @@ proponent, theta' = theta - lr * g / sqrt(v_hat + eps) (final second moments, no
 the change in the query target's log-probability and probability: measured on the stepped model,
 not predicted to first order. The step depends only on the proponent, so the work is grouped by
 passage: one gradient per distinct passage, all the queries that have it re-scored in one forward.
+
+The figure means something only in the linear regime: `probe_linearity` measures where on an lr grid a few
+probe steps still match their first-order prediction, and `random_guard` checks that random proponents'
+mean change stays near zero.
 """
 
 from __future__ import annotations
