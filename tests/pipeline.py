@@ -14,7 +14,8 @@ from tests import harness
 from tests.harness import ROOT, child_env, git, set_param  # noqa: F401 (the tests import them from here)
 
 TINY = {
-    "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1, "contradicted": 0.0},
+    "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1, "contradicted": 0.0,
+             "query_wording": "held_out"},
     "model": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "vocab_size": 300},
     "train": {"epochs": 2},
     "projection": {"k": 4},

@@ -56,7 +56,7 @@ def test_method_breakdown_is_the_mean_share_over_queries():
 
 
 def test_generated_queries_carry_their_entity_and_it_round_trips(tmp_path):
-    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, contradicted=0.0))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, contradicted=0.0, query_wording="held_out"))
     text = {p.id: p.text for p in passages}
     for q in queries:
         assert q.entity and q.entity in q.prompt

@@ -144,7 +144,7 @@ def test_fact_world_deterministic_and_consistent(tmp_path):
     p1, q1, s1 = generate_fact_world(cfg)
     p2, q2, s2 = generate_fact_world(cfg)
     assert p1 == p2 and q1 == q2 and s1 == s2
-    p3, _, _ = generate_fact_world(FactWorldConfig(seed=4, entities=30, contradicted=0.0))
+    p3, _, _ = generate_fact_world(FactWorldConfig(seed=4, entities=30, contradicted=0.0, query_wording="held_out"))
     assert [p.text for p in p3] != [p.text for p in p1]
 
     n_qa = round(0.5 * 30)
@@ -202,11 +202,11 @@ def test_fact_world_training_wording_asks_the_qa_question_about_entities_without
 
 def test_fact_world_rejects_bad_sizes():
     with pytest.raises(ValueError):
-        generate_fact_world(FactWorldConfig(relations=99, contradicted=0.0))
+        generate_fact_world(FactWorldConfig(relations=99, contradicted=0.0, query_wording="held_out"))
     with pytest.raises(ValueError):
-        generate_fact_world(FactWorldConfig(paraphrases=0, contradicted=0.0))
+        generate_fact_world(FactWorldConfig(paraphrases=0, contradicted=0.0, query_wording="held_out"))
     with pytest.raises(ValueError):
-        generate_fact_world(FactWorldConfig(question_fraction=1.0, contradicted=0.0))
+        generate_fact_world(FactWorldConfig(question_fraction=1.0, contradicted=0.0, query_wording="held_out"))
 
 
 def test_query_dataclass_default():
@@ -219,7 +219,7 @@ def test_fact_world_lexical_realism():
     and near-miss entity names share their leading characters with another entity's."""
     import re
 
-    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=0, entities=60, contradicted=0.0))
+    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=0, entities=60, contradicted=0.0, query_wording="held_out"))
     by_id = {p.id: p.text for p in passages}
     relevant = {r for q in queries for r in q.relevant_ids}
     confusers = [t for t in by_id.values() if t.startswith("The ") and " of " in t and
@@ -246,15 +246,15 @@ def test_fact_world_lexical_realism():
         names = sorted(n for n in names if n[0].isupper())
         return sum(1 for i, a in enumerate(names) for b in names[i + 1:] if a[:3] == b[:3] and len(a) >= 4)
 
-    plain = generate_fact_world(FactWorldConfig(seed=0, entities=60, near_miss_fraction=0.0, contradicted=0.0))
+    plain = generate_fact_world(FactWorldConfig(seed=0, entities=60, near_miss_fraction=0.0, contradicted=0.0, query_wording="held_out"))
     assert near_pairs((passages, queries)) >= near_pairs(plain) + 0.2 * 60
 
 
 def test_fact_world_contradictions_repeat_a_statement_with_another_value():
     """`contradicted` adds, for that share of facts, one of the fact's own statements word for word with another
     value of the same relation; queries and their relevant ids are those of the world without it."""
-    plain_p, plain_q, _ = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=0.0))
-    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=1.0))
+    plain_p, plain_q, _ = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=0.0, query_wording="held_out"))
+    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=1.0, query_wording="held_out"))
     assert stats["contradiction_passages"] == stats["facts"] == 80
     assert len(passages) == len(plain_p) + 80
     extra = sorted(p.text for p in passages)

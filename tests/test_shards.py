@@ -33,7 +33,7 @@ def world(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("world")
     passages, queries, _ = generate_fact_world(FactWorldConfig(entities=12, relations=2, paraphrases=2,
-                                                               distractors_per_entity=1, contradicted=0.0))
+                                                               distractors_per_entity=1, contradicted=0.0, query_wording="held_out"))
     relevant = {r for q in queries for r in q.relevant_ids}
     # s4 holds passages no query needs (relevant ids must resolve with or without it)
     s4 = [p for p in passages if p.id not in relevant][:12]

@@ -34,7 +34,7 @@ def world(tmp_path_factory):
     """A tiny fact-world corpus, a BPE tokenizer trained on it, and a random GQA Llama written as GGUF."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    passages, _, _ = generate_fact_world(FactWorldConfig(seed=1, entities=8, relations=2, paraphrases=1, contradicted=0.0))
+    passages, _, _ = generate_fact_world(FactWorldConfig(seed=1, entities=8, relations=2, paraphrases=1, contradicted=0.0, query_wording="held_out"))
     texts = [p.text for p in passages]
     tok = train_tokenizer(texts, 300)
     torch.manual_seed(0)

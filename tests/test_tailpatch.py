@@ -131,7 +131,7 @@ def test_a_tokenizer_without_pad_token_gives_the_same_accuracy_and_tail_patch():
     from trackstar.data.examples import pad_token_id, passage_example, query_example
     from trackstar.model.train import ModelConfig, accuracy, build_model, train_tokenizer
 
-    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2, contradicted=0.0))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=4, relations=2, paraphrases=2, contradicted=0.0, query_wording="held_out"))
     tok = train_tokenizer([p.text for p in passages], 300)
     model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok).double()
     qex = [query_example(tok, q.prompt, q.target, 48) for q in queries[:3]]

@@ -124,7 +124,7 @@ def test_plan_and_run_in_a_pipeline_auto_fixed_and_forced(world, tmp_path, capsy
     plan = plan_tail_patch(model, qs, props, 0, EvalParams(), tmp_path)
     assert plan.v_source == "none" and plan.step.v_hat is None  # no Adam state, no estimate: a plain step
     assert plan.step.lr == plan.probe.chosen in LR_GRID and len(plan.queries) == 12 and plan.pairs == 24
-    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within 10% of its first-order prediction)")
+    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within {TOLERANCE:.0%} of its first-order prediction)")
     tp, record = run_tail_patch(model, plan)
     assert record["trustworthy"] is True and record["reasons"] == [] and record["lr_param"] == "auto"
     assert record["probe"]["chosen"] == plan.step.lr and len(record["probe"]["grid"]) == len(LR_GRID)

@@ -23,7 +23,7 @@ TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=
 
 @pytest.fixture(scope="module")
 def world():
-    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=12, relations=2, paraphrases=2, contradicted=0.0))
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=1, entities=12, relations=2, paraphrases=2, contradicted=0.0, query_wording="held_out"))
     texts = [p.text for p in passages]
     tok = train_tokenizer(texts, 300)
     return texts, queries, tok

@@ -37,7 +37,7 @@ class DataParams(_Section):
     confuser_true_value: float = Field(0.75, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
     contradicted: float = Field(1.0, ge=0.0, le=1.0)
-    query_wording: Literal["held_out", "training"] = "held_out"  # queries' question: one no passage uses, or the Q/A one
+    query_wording: Literal["held_out", "training"] = "training"  # queries' question: one no passage uses, or the Q/A one
     text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
     id_column: str = Field("id", min_length=1)  # field / column holding the passage id
     shards: dict[str, str] = {}  # name -> file under inputs/data/: more corpus, one encode_shard@<name> stage each

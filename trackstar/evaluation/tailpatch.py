@@ -242,7 +242,7 @@ def tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponents: M
 LR_GRID = tuple(10.0 ** (-e / 2) for e in range(4, 19))
 # An lr is linear when, in every group of probe pairs, the median of |measured - predicted| / |predicted| is
 # at most this.
-TOLERANCE = 0.1
+TOLERANCE = 0.2
 # A predicted change below this many float epsilons (of the model's dtype, in nats) is numerical noise.
 _NOISE_EPS = 100
 
