@@ -121,12 +121,12 @@ def test_tail_patch_step_is_probed_and_a_step_forced_far_too_large_is_flagged(re
     import sys
 
     from tests.pipeline import run
-    from trackstar.evaluation.tailpatch import LR_GRID
+    from trackstar.evaluation.tailpatch import LR_GRID, TOLERANCE
 
     tp = json.loads((repo / "metrics/model.json").read_text())["tail_patch"]
     assert tp["lr_param"] == "auto" and tp["queries_param"] == 4 and tp["queries"] == 4
     assert tp["probe"]["chosen"] in LR_GRID and tp["lr"] == tp["probe"]["chosen"]
-    assert len(tp["probe"]["grid"]) == len(LR_GRID) and tp["probe"]["tolerance"] == 0.1
+    assert len(tp["probe"]["grid"]) == len(LR_GRID) and tp["probe"]["tolerance"] == TOLERANCE
     assert tp["guard"]["fired"] is (not tp["trustworthy"]) and tp["guard"]["k"] == 10
     index = (repo / "report/data/index.js").read_text()
     assert f'"tail_patch":{{"lr":{tp["lr"]}' in index

@@ -63,13 +63,13 @@ def test_auto_lr_is_the_largest_grid_lr_where_the_exact_step_matches_its_first_o
         per_group = []
         for g, ps_ in groups.items():
             rel = [abs(reference_delta(model, qs[i], p, v, lr) - lr * a) / abs(lr * a) for (i, p), a in zip(ps_, slopes[g])]
-            per_group.append(statistics.median(rel))
+            per_group.append(statistics.median(rel) / TOLERANCE[g])  # a share of the group's own tolerance
         errors.append(max(per_group))
-    linear = [lr for lr, err in zip(LR_GRID, errors) if err <= TOLERANCE]
+    linear = [lr for lr, err in zip(LR_GRID, errors) if err <= 1.0]
     want = linear[0]
     assert want != LR_GRID[0]  # the grid's large end is outside the linear regime: the choice is not trivial
     assert probe.chosen == want == probe.lr
-    assert errors[LR_GRID.index(want) - 1] > TOLERANCE  # the next larger step is not linear
+    assert errors[LR_GRID.index(want) - 1] > 1.0  # the next larger step is not linear
     for row, err in zip(probe.grid, errors):
         assert row["lr"] in LR_GRID
         if row["lr"] >= want:  # above the noise floor: the probe's measurement is the independent one
@@ -124,7 +124,7 @@ def test_plan_and_run_in_a_pipeline_auto_fixed_and_forced(world, tmp_path, capsy
     plan = plan_tail_patch(model, qs, props, 0, EvalParams(), tmp_path)
     assert plan.v_source == "none" and plan.step.v_hat is None  # no Adam state, no estimate: a plain step
     assert plan.step.lr == plan.probe.chosen in LR_GRID and len(plan.queries) == 12 and plan.pairs == 24
-    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within {TOLERANCE:.0%} of its first-order prediction)")
+    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within its first-order prediction's tolerance (random 20%, top 50%))")
     tp, record = run_tail_patch(model, plan)
     assert record["trustworthy"] is True and record["reasons"] == [] and record["lr_param"] == "auto"
     assert record["probe"]["chosen"] == plan.step.lr and len(record["probe"]["grid"]) == len(LR_GRID)

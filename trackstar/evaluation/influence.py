@@ -57,8 +57,8 @@ class TailPatchPlan:
     def text(self) -> str:
         """The plan line `evaluate` prints before tail-patch starts."""
         p = self.probe
-        how = (f"auto: the largest of {len(p.grid)} grid steps whose measured change is within "
-               f"{p.tolerance:.0%} of its first-order prediction" if self.lr_param == "auto" else "eval.tail_patch_lr")
+        how = (f"auto: the largest of {len(p.grid)} grid steps whose measured change is within its first-order "
+               f"prediction's tolerance ({p.tolerances()})" if self.lr_param == "auto" else "eval.tail_patch_lr")
         if p.chosen is None:
             how += f"; NOT LINEAR: {p.reason()}"
         return (f"tail-patch plan: lr {self.step.lr:.3g} ({how}); {len(self.queries)} queries "
