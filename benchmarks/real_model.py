@@ -732,7 +732,8 @@ def seed_spread(runs: list[dict]) -> dict[str, dict]:
         if not ok:
             continue
         mrr = [r["trackstar"]["mrr"] for r in ok]
-        out[str(k)] = {"seeds": len(ok), "d": ok[0].get("d"), "mrr_min": min(mrr), "mrr_max": max(mrr),
+        out[str(k)] = {"seeds": len(ok), "d": ok[0].get("d"), "hessian": ok[0].get("hessian"),
+                       "mrr_min": min(mrr), "mrr_max": max(mrr),
                        "mrr_mean": sum(mrr) / len(mrr), "spread": max(mrr) - min(mrr),
                        "seconds_mean": round(sum(r["encode_to_retrieve"]["seconds"] for r in ok) / len(ok), 1),
                        "peak_rss_mb_max": max(r["encode_to_retrieve"]["peak_rss_mb"] or 0 for r in ok)}

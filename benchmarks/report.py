@@ -487,10 +487,13 @@ def projection_seeds(p: dict) -> list[str]:
     out = ["", f"Projection seed against k on {which} (`correction.kind: none`, {p.get('passages')} passages, "
            f"{p.get('queries')} queries; {p.get('command')}, one repo): TrackStar MRR per `projection.seed` "
            f"({', '.join(map(str, p['seeds']))}); seconds and peak RSS of `encode` … `retrieve` per run.", "",
-           "| k | d | MRR per seed | spread (max − min) | mean s | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+           "| k | d | Hessian (blocks) | MRR per seed | spread (max − min) | mean s | peak RSS (MB) |",
+           "|---|---|---|---|---|---|---|"]
     for k, v in p["spread"].items():
         mrr = {r["seed"]: r["trackstar"]["mrr"] for r in p["runs"] if str(r["k"]) == k and r.get("trackstar")}
-        out.append(f"| {k} | {_f(v.get('d'), ',')} | {' / '.join(f'{mrr[s]:.3f}' for s in sorted(mrr))} | "
+        h = v.get("hessian") or {}
+        out.append(f"| {k} | {_f(v.get('d'), ',')} | `{h.get('structure', '–')}` ({h.get('blocks', '–')}) | "
+                   f"{' / '.join(f'{mrr[s]:.3f}' for s in sorted(mrr))} | "
                    + (f"**{v['spread']:.3f}**" if v["seeds"] > 1 else "– (one seed)")
                    + f" | {v['seconds_mean']:.0f} | {v['peak_rss_mb_max']:.0f} |")
     failed = [f"seed {r['seed']} k {r['k']}" for r in p["runs"] if r.get("rc")]
