@@ -779,8 +779,7 @@ def main() -> None:
     ap.add_argument("--readme-repo", default=str(ROOT))
     ap.add_argument("--readme-branch", default="")
     ap.add_argument("--readme-entities", type=int, default=0,
-                    help="readme: a smaller fact-world slice (0: --entities); its run keeps every default, "
-                         "tail-patch on all queries included")
+                    help="readme: another fact-world slice (0: --entities); its run keeps every default")
     ap.add_argument("--readme-data-set", action="append", default=[], metavar="data.KEY=VALUE",
                     help="readme: the slice's other world params (e.g. data.question_fraction=0.25); "
                          "default: --data-set")
