@@ -80,12 +80,20 @@ SE_MULT = 2.0  # trackstar - random > SE_MULT x trackstar's standard error
 EVALUATE_SHARE_MAX = 0.25  # evaluate's share of the run's wall time
 # the stages from the checkpoint's encodings to the retrievals (projection_seeds' cost)
 ENCODE_TO_RETRIEVE = ("encode@", "autocorrelation", "eigen", "hessian", "precondition@", "index", "retrieve")
-FINETUNED_FROM = "finetuned-from.json"  # under --work: the base, params and slice the finetune step's checkpoint has
+FINETUNED_FROM = "finetuned-from.json"  # under --work: the finetune step's record (base, params, slice, accuracy)
 OWNED: set[str] = set()  # the results' top-level keys this process writes (the steps it runs, and metadata)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict:
+    """The machine a step ran on (tests/harness.py's, with the GPU and the memory)."""
+    import torch
+
+    return {**harness.machine(), "gpu": torch.cuda.is_available(),
+            "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
 def load_json(path: Path) -> Any:
@@ -414,9 +422,10 @@ def data_digest(repo: Path) -> str:
     return h.hexdigest()
 
 
-def finetuned_on(args, work: Path) -> tuple[Path, Path]:
-    """(the finetune step's checkpoint, the data repo of the slice it was fine-tuned on); exits when the slice
-    of these arguments (--entities, --data-set) is not the one it was fine-tuned on."""
+def finetuned_on(args, work: Path) -> tuple[Path, Path, dict]:
+    """(the finetune step's checkpoint, the data repo of the slice it was fine-tuned on, the finetune step's
+    record); exits when the slice of these arguments (--entities, --data-set) is not the one it was fine-tuned
+    on. The record comes from the work dir, so the finetune step may have written its results elsewhere."""
     ckpt, data = work / "finetuned", data_repo(args, work)
     ft = load_json(work / FINETUNED_FROM) or {}
     if not (ckpt / "optimizer_state.json").is_file() or not ft:
@@ -424,7 +433,7 @@ def finetuned_on(args, work: Path) -> tuple[Path, Path]:
     if ft.get("data_sha256") != data_digest(data):
         sys.exit(f"the finetune step's checkpoint in {ckpt} was fine-tuned on another slice than --entities "
                  f"{args.entities} --data-set {args.data_set} (data {data}): rerun --steps finetune with these")
-    return ckpt, data
+    return ckpt, data, ft
 
 
 def step_finetune(args, work: Path, res: dict) -> None:
@@ -433,8 +442,8 @@ def step_finetune(args, work: Path, res: dict) -> None:
     out_dir = work / "finetuned"
     out: dict[str, Any] = {"base": str(base_dir(work, res)), "epochs": args.epochs, "lr": args.lr,
                            "batch_size": args.batch_size, "data": slice_params(args), "data_sha256": data_digest(data)}
-    key = list(out)
-    if (out_dir / "optimizer_state.json").is_file() and load_json(work / FINETUNED_FROM) == out:
+    prev = load_json(work / FINETUNED_FROM) or {}
+    if (out_dir / "optimizer_state.json").is_file() and all(prev.get(k) == v for k, v in out.items()):
         return
     (work / FINETUNED_FROM).unlink(missing_ok=True)
     wlog, queries = work / "finetune.log", data / "data/queries.jsonl"
@@ -442,8 +451,8 @@ def step_finetune(args, work: Path, res: dict) -> None:
     out["train"] = run_worker("finetune", wlog, base=base_dir(work, res), corpus=data / "data/corpus.jsonl",
                               out=out_dir, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     out["accuracy_after"] = run_worker("accuracy", wlog, checkpoint=out_dir, queries=queries)
-    atomic_write_text(work / FINETUNED_FROM, json.dumps({k: out[k] for k in key}, indent=2) + "\n")
     res["finetune"] = {**out, **counts(data)}
+    atomic_write_text(work / FINETUNED_FROM, json.dumps(res["finetune"], indent=2) + "\n")
 
 
 def step_main(args, work: Path, res: dict) -> None:
@@ -610,7 +619,8 @@ def own_data_run(args, work: Path, tag: str, inputs: tuple[Path, Path, bool], cm
         [args.readme_repo, str(repo)]
     subprocess.run(clone, check=True)
     out: dict[str, Any] = {"clone": " ".join(clone), "commit": git(repo, "rev-parse", "HEAD").strip(),
-                           "command": " ".join(cmd), "checkpoint": str(ckpt), "optimizer_state": optimizer_state,
+                           "machine": machine_info(), "command": " ".join(cmd), "checkpoint": str(ckpt),
+                           "optimizer_state": optimizer_state,
                            "data": yaml.safe_load((data / "params.yaml").read_text())["data"], **counts(data)}
     (repo / "inputs/data").mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
@@ -671,9 +681,10 @@ def step_readme(args, work: Path, res: dict) -> None:
 
 def step_tailpatch_finetuned(args, work: Path, res: dict) -> None:
     """The same recipe on the finetune step's checkpoint and slice, with its true AdamW moments (`adam_rank1`)."""
-    ckpt, data = finetuned_on(args, work)
+    ckpt, data, ft = finetuned_on(args, work)
     cmd = FINETUNED_CMD + [x for kv in args.tailpatch_set for x in ("-S", kv)]
-    res["tailpatch_finetuned"] = own_data_run(args, work, "tailpatch-finetuned", (data, ckpt, True), cmd)
+    res["tailpatch_finetuned"] = {"finetune": ft}
+    res["tailpatch_finetuned"].update(own_data_run(args, work, "tailpatch-finetuned", (data, ckpt, True), cmd))
 
 
 def cost(stages: dict, prefixes: tuple[str, ...] = ENCODE_TO_RETRIEVE) -> dict:
@@ -688,9 +699,9 @@ def step_projection_seeds(args, work: Path, res: dict) -> None:
     shared): `dvc repro --no-run-cache retrieve` per pair, so each pair's stages run rather than come from
     DVC's run cache."""
     if args.seeds_checkpoint == "finetuned":
-        ckpt, data = finetuned_on(args, work)
+        ckpt, data, ft = finetuned_on(args, work)
     else:
-        ckpt, data = base_dir(work, res), data_repo(args, work)
+        ckpt, data, ft = base_dir(work, res), data_repo(args, work), None
     seeds, ks = [int(x) for x in args.seeds.split(",")], [int(x) for x in args.seed_ks.split(",")]
     repo = work / "seeds"
     params = merge({"data": {"source": "files"},
@@ -701,7 +712,8 @@ def step_projection_seeds(args, work: Path, res: dict) -> None:
     for name in ("corpus.jsonl", "queries.jsonl"):
         shutil.copy(data / "data" / name, repo / "inputs/data" / name)
     copy_checkpoint(ckpt, repo / "inputs/checkpoint", optimizer_state=False)
-    out: dict[str, Any] = {"params": params, "repo": str(repo), "checkpoint": str(ckpt), "seeds": seeds, "ks": ks,
+    out: dict[str, Any] = {"commit": harness.commit(), "machine": machine_info(), "params": params,
+                           "repo": str(repo), "checkpoint": str(ckpt), "finetune": ft, "seeds": seeds, "ks": ks,
                            "data": yaml.safe_load((data / "params.yaml").read_text())["data"], **counts(data),
                            "command": "dvc repro --no-run-cache retrieve, per projection.seed x projection.k",
                            "runs": []}
@@ -804,16 +816,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
     res = load_json(out_path) or {}
-    import torch
-
-    res["machine"] = {**harness.machine(), "gpu": torch.cuda.is_available(),
-                      "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    res["machine"] = machine_info()
     res["commit"] = harness.commit()
     res["params"] = vars(args)
-    if "prepare" not in steps and "prepare" not in res:
-        steps.insert(0, "prepare")
     OWNED.update(steps)
-    if "main" in steps or "prepare" in steps:
+    converted = args.base or (work / "smollm2-hf/config.json").is_file()
+    if "prepare" not in steps and ("prepare" not in res or not converted):
+        steps.insert(0, "prepare")  # the converted checkpoint this work dir lacks; its section only if there is none
+        if "prepare" not in res:
+            OWNED.add("prepare")
+    if OWNED & {"main", "prepare"}:
         OWNED.update(("machine", "commit", "params"))
     for s in steps:
         log(f"step {s}")

@@ -472,19 +472,30 @@ def tailpatch_finetuned(t: dict) -> list[str]:
     if not t.get("run"):
         return []
     mets = (t.get("metrics") or {}).get("metrics/metrics.json") or {}
-    out = ["", f"The same recipe on the fine-tuned checkpoint with its AdamW state, fresh clone ({t['commit'][:7]}), "
+    out = ["", f"The same recipe on the fine-tuned checkpoint{finetune_note(t.get('finetune'))} with its AdamW state, "
+           f"fresh clone ({t['commit'][:7]}), "
            f"{t.get('passages')} passages, {t.get('queries')} queries: `{t['command']}` "
            f"{'**succeeded**' if t['run']['rc'] == 0 else '**failed**'} in {t['run']['seconds']:.0f} s"
            + ("; MRR " + ", ".join(f"{k} {_f(v.get('mrr'))}" for k, v in mets.items()) if mets else "") + "."]
     return out + tail_patch_checks(t.get("tail_patch"))
 
 
+def finetune_note(ft: dict | None) -> str:
+    """` (fine-tuned on N passages, E epochs, accuracy a → b)` from the finetune step's record, or nothing."""
+    if not ft or not ft.get("accuracy_after"):
+        return ""
+    return (f" (fine-tuned on {ft.get('passages')} passages, {ft.get('epochs')} epochs, query accuracy "
+            f"{ft['accuracy_before']['accuracy']:.3f} → {ft['accuracy_after']['accuracy']:.3f})")
+
+
 def projection_seeds(p: dict) -> list[str]:
     """TrackStar's MRR per projection seed and k on one checkpoint (real_model.py projection_seeds)."""
     if not p.get("spread"):
         return []
-    which = "the fine-tuned checkpoint" if "finetuned" in str(p.get("checkpoint")) else "the pretrained checkpoint"
-    out = ["", f"Projection seed against k on {which} (`correction.kind: none`, {p.get('passages')} passages, "
+    which = f"the fine-tuned checkpoint{finetune_note(p.get('finetune'))}" if p.get("finetune") else \
+        "the pretrained checkpoint"
+    out = ["", f"Projection seed against k on {which}, commit `{str(p.get('commit'))[:7]}` "
+           f"(`correction.kind: none`, {p.get('passages')} passages, "
            f"{p.get('queries')} queries; {p.get('command')}, one repo): TrackStar MRR per `projection.seed` "
            f"({', '.join(map(str, p['seeds']))}); seconds and peak RSS of `encode` … `retrieve` per run.", "",
            "| k | d | Hessian (blocks) | MRR per seed | spread (max − min) | mean s | peak RSS (MB) |",
