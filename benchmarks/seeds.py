@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
-from tests.harness import ROOT, make_repo, set_param, write_results  # noqa: E402
+from tests.harness import ROOT, commit, make_repo, set_param, write_results  # noqa: E402
 from common import show  # noqa: E402
 from pipeline import timed_repro  # noqa: E402  benchmarks/pipeline.py: timed `dvc repro`
 
@@ -114,6 +114,7 @@ def main() -> None:
     overrides = parse_set(args.set)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
+    code = commit()  # the copy below is of this checkout as it is now
     repo = make_repo(work / "repo")
     for key, value in overrides.items():
         set_param(repo, key, value)
@@ -136,7 +137,7 @@ def main() -> None:
                               "tail_patch_lift_min": TAIL_PATCH_LIFT, "trackstar_mrr_spread_max": SPREAD_MAX}}
     params = {"seeds": args.seeds, "overrides": overrides,
               "train": yaml.safe_load((repo / "params.yaml").read_text())["train"]}
-    show("seeds", write_results(Path(args.out), params, figures))
+    show("seeds", write_results(Path(args.out), params, figures, at_start=code))
 
 
 if __name__ == "__main__":

@@ -157,9 +157,10 @@ def machine() -> dict:
     return out
 
 
-def write_results(path: Path, params: dict, figures: dict) -> dict:
-    """path <- {commit, params, machine, **figures} as JSON, atomically (temp file, then rename)."""
-    result = {"commit": commit(), "params": params, "machine": machine(), **figures}
+def write_results(path: Path, params: dict, figures: dict, at_start: str | None = None) -> dict:
+    """path <- {commit, params, machine, **figures} as JSON, atomically (temp file, then rename). `at_start`: the
+    commit the run's copy of the code was taken from (a long run's HEAD may move on while it runs)."""
+    result = {"commit": at_start or commit(), "params": params, "machine": machine(), **figures}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return result
