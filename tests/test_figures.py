@@ -11,6 +11,9 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+import yaml
+
 from tests.harness import ROOT, write_results
 
 
@@ -31,6 +34,31 @@ def test_the_check_fails_when_a_doc_figure_differs(tmp_path, monkeypatch):
     doc.write_text((ROOT / "docs/pipeline.md").read_text().replace(phrase, phrase.replace("minutes", "min")))
     shutil.copytree(ROOT / "docs", tmp_path / "docs", dirs_exist_ok=True, ignore=lambda d, names: ["pipeline.md"])
     assert report.doc_problems(tmp_path) == [f"docs/pipeline.md: lacks {phrase!r}"]
+
+
+def test_the_readme_trace_example_must_rank_its_fact_first_on_every_seed(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks/report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "report", report)
+    spec.loader.exec_module(report)
+    seeds = report.current_seeds()
+    if seeds is None:
+        pytest.skip("benchmarks/results/seeds.json did not measure the current recipe")
+    from trackstar.config import DataParams
+    from trackstar.data.world import generate_fact_world, world_config
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+    queries = generate_fact_world(world_config(DataParams(**data)))[1]
+    every = set(seeds["summary"]["trackstar_top1_relevant_every_seed"])
+    good = next(q for q in queries if q.id in every)
+    bad = next(q for q in queries if q.id not in every)
+    readme = tmp_path / "README.md"
+    for q, want in ((good, []), (bad, [f"README.md: the trace example ({bad.id}) does not have a relevant top "
+                                       "proponent on every seed"])):
+        readme.write_text(f'```\ntrackstar trace "{q.prompt}" --target "{q.target}" -k 3\n```\n')
+        assert report.trace_example_problems(readme) == want
+    readme.write_text('trackstar trace "Q: Who is nobody? A:" --target " x"\n')
+    assert report.trace_example_problems(readme)[0].endswith("is not a query of the default world")
 
 
 def test_every_benchmark_writes_its_results_through_the_harness():
