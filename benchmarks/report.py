@@ -441,7 +441,7 @@ def real_model(r: dict) -> list[str]:
 
 
 def tail_patch_checks(t: dict | None) -> list[str]:
-    """An own-data run's tail-patch record and issue 27's checks (real_model.py tail_patch_checks); none: nothing."""
+    """An own-data run's tail-patch record and the tail-patch targets (real_model.py tail_patch_checks); none: nothing."""
     if not t:
         return []
     k, lim, ok = t["k"], t["limits"], t["targets"]
@@ -457,7 +457,7 @@ def tail_patch_checks(t: dict | None) -> list[str]:
            f"| method | tail-patch@{k} | SE over the queries |", "|---|---|---|",
            *(f"| {m} | {_f(v.get('tail_patch'), '+.4f')} | {_f(v.get('tail_patch_se'), '.4f')} |"
              for m, v in t["methods"].items()),
-           "", f"Issue 27's targets: |random tail-patch@{k}| ≤ {lim['random_abs']}: {yes[ok['random_within']]} "
+           "", f"Targets: |random tail-patch@{k}| ≤ {lim['random_abs']}: {yes[ok['random_within']]} "
            f"({_f(rnd.get('tail_patch'), '+.4f')}); TrackStar − random > {lim['se_multiple']:g} × TrackStar's SE: "
            f"{yes[ok['trackstar_above_random']]} ({_f(t.get('trackstar_minus_random'), '+.4f')} against "
            f"{lim['se_multiple']:g} × {_f(ts.get('tail_patch_se'), '.4f')}); `evaluate` ≤ "
