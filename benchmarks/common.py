@@ -11,7 +11,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import yaml
 
 import numpy as np
 
@@ -120,3 +122,15 @@ def timed_loop(step: Callable, batches: list, device) -> float:
         step(b)
     sync(device)
     return time.perf_counter() - t0
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` (value parsed as YAML) -> {section: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for it in items:
+        if "=" not in it or "." not in it.split("=", 1)[0]:
+            sys.exit(f"--*-set {it!r}: expected section.key=value")
+        k, v = it.split("=", 1)
+        sec, key = k.split(".", 1)
+        out.setdefault(sec, {})[key] = yaml.safe_load(v)
+    return out

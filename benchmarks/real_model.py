@@ -62,6 +62,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
 from tests import harness  # noqa: E402
 from tests.harness import git, measured, set_params  # noqa: E402
+from common import parse_sets  # noqa: E402
 from trackstar.atomic import atomic_write_text  # noqa: E402
 import common  # noqa: E402
 
@@ -111,18 +112,6 @@ def save_results(path: Path, res: dict) -> None:
             cur[k] = v
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(cur, indent=2) + "\n")
-
-
-def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`section.key=value` (value parsed as YAML) -> {section: {key: value}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for it in items:
-        if "=" not in it or "." not in it.split("=", 1)[0]:
-            sys.exit(f"--*-set {it!r}: expected section.key=value")
-        k, v = it.split("=", 1)
-        sec, key = k.split(".", 1)
-        out.setdefault(sec, {})[key] = yaml.safe_load(v)
-    return out
 
 
 def merge(*dicts: dict) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
-from tests.harness import ROOT, commit, make_repo, set_param, write_results  # noqa: E402
-from common import show  # noqa: E402
+from tests.harness import ROOT, commit, make_repo, set_param, set_params, write_results  # noqa: E402
+from common import parse_sets, show  # noqa: E402
 from pipeline import timed_repro  # noqa: E402  benchmarks/pipeline.py: timed `dvc repro`
 
 LADDER = ("dot", "cosine", "optimizer", "trackstar")  # the paper's ordering, each rung above the last
@@ -30,17 +30,6 @@ SIDES = ("all", "test", "dev")
 # the default must meet these on every seed (all queries and the test half); BM25 below BM25_MAX keeps the
 # lexical baseline non-trivial; tail-patch is measured on all queries only (its sample is the first 100)
 ACCURACY_MIN, TRACKSTAR_MIN, BM25_MAX, TAIL_PATCH_LIFT, SPREAD_MAX = 0.8, 0.6, 0.95, 0.01, 0.05
-
-
-def parse_set(items: list[str]) -> dict:
-    """`section.key=value` overrides (value parsed as YAML)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            sys.exit(f"--set {item!r}: expected section.key=value")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def seed_figures(repo: Path) -> dict:
@@ -111,13 +100,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/trackstar-bench-seeds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/seeds.json"))
     args = ap.parse_args()
-    overrides = parse_set(args.set)
+    overrides = parse_sets(args.set)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     code = commit()  # the copy below is of this checkout as it is now
     repo = make_repo(work / "repo")
-    for key, value in overrides.items():
-        set_param(repo, key, value)
+    set_params(repo, overrides)
     runs = []
     for seed in args.seeds:
         set_param(repo, "train.seed", seed)
