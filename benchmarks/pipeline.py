@@ -28,11 +28,12 @@ from common import show  # noqa: E402
 HERE = ROOT / "benchmarks"
 
 
-def timed_repro(repo: Path, *args: str) -> tuple[float, dict[str, float], list[str]]:
-    """Wall time of `dvc repro`, the time of each stage it ran (from its 'Running stage' lines), and their names."""
+def timed_repro(repo: Path, *args: str, env: dict[str, str] | None = None) -> tuple[float, dict[str, float], list[str]]:
+    """Wall time of `dvc repro`, the time of each stage it ran (from its 'Running stage' lines), and their names;
+    `env` adds environment variables to the child's."""
     t0 = time.perf_counter()
     marks: list[tuple[str, float]] = []
-    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env=child_env(repo), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["dvc", "repro", *args], cwd=repo, env={**child_env(repo), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:

@@ -240,19 +240,24 @@ def current_seeds() -> dict | None:
     return r
 
 
+def run_label(run: dict) -> str:
+    """A seeds.json run by its seed and, for a stand-in machine, its environment (`0, ATEN_CPU_CAPABILITY=avx2`)."""
+    return ", ".join([str(run["seed"]), *(f"`{k}={v}`" for k, v in (run.get("env") or {}).items())])
+
+
 def seeds(r: dict) -> list[str]:
     """The default's spread over training seeds: per-seed figures, mean / min / max, the thresholds."""
     runs, summ, th = r["runs"], r["summary"], r["thresholds"]
     cols = ("dot", "cosine", "optimizer", "r_train", "trackstar", "bm25")
     out = [f"### The default over training seeds (`seeds.py`; {machine(r)})", "",
-           f"Full `dvc repro` of the default per `train.seed` ({', '.join(str(x['seed']) for x in runs)}); "
+           f"Full `dvc repro` of the default per `train.seed` ({', '.join(run_label(x) for x in runs)}); "
            "MRR on the test half of the queries (all queries in brackets).", "",
            "| seed | accuracy | " + " | ".join(cols) + " | TrackStar − random tail-patch@10 | repro (s) | thresholds |",
            "|---" * (len(cols) + 5) + "|"]
     for x in runs:
         f = x["figures"]
         failed = [k for k, ok in x["checks"].items() if not ok]
-        out.append(f"| {x['seed']} | {f['accuracy']['test']:.3f} ({f['accuracy']['all']:.3f}) | "
+        out.append(f"| {run_label(x)} | {f['accuracy']['test']:.3f} ({f['accuracy']['all']:.3f}) | "
                    + " | ".join(f"{f[c]['mrr']['test']:.3f} ({f[c]['mrr']['all']:.3f})" for c in cols)
                    + f" | {f['trackstar']['tail_patch@10'] - f['random']['tail_patch@10']:.4f} | {x['repro_s']:.0f} | "
                    + ("all met" if not failed else "missed: " + "; ".join(failed)) + " |")
@@ -702,7 +707,9 @@ def seeds_phrase() -> str:
     """docs/reproducing.md's summary of the seed spread, from benchmarks/results/seeds.json."""
     r = load("seeds")
     sm = r["summary"]
-    return (f"Over {len(r['runs'])} seeds: accuracy {spread_cell(sm['accuracy']['all'])}, test half "
+    stand_ins = sum(1 for x in r["runs"] if x.get("env"))
+    runs = f"{len(r['runs']) - stand_ins} seeds" + (f" and {stand_ins} stand-in machine runs" if stand_ins else "")
+    return (f"Over {runs}: accuracy {spread_cell(sm['accuracy']['all'])}, test half "
             f"{spread_cell(sm['accuracy']['test'])}; TrackStar MRR {spread_cell(sm['trackstar']['mrr']['all'])}, "
             f"test half {spread_cell(sm['trackstar']['mrr']['test'])} (mean [min, max]), a spread of "
             f"{sm['trackstar_mrr_spread']['test']:.3f} on the test half and {sm['trackstar_mrr_spread']['all']:.3f} on "

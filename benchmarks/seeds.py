@@ -1,9 +1,12 @@
 """The default's spread over training seeds: one full `dvc repro` of the embedded default per `train.seed`,
 accuracy and every method's MRR / recall@10 / tail-patch@10 on all queries and on each half, their mean, min and
 max, and the default's robustness thresholds checked on every seed. Seeds stand in for machines: training
-amplifies a CPU's rounding into a different model just as a different seed does.
+amplifies a CPU's rounding into a different model just as a different seed does. `--stand-in VAR=VALUE` adds a
+run of the first seed under that environment (ATEN_CPU_CAPABILITY=avx2: torch's AVX2 kernels, as on a CPU without
+AVX-512), a second kind of stand-in for another machine; it counts in the checks and the spread like a seed.
 
-    python benchmarks/seeds.py --seeds 0 1 2 3 4 [--set train.epochs=40 ...] [--work DIR] [--out FILE]
+    python benchmarks/seeds.py --seeds 0 1 2 3 4 [--stand-in ATEN_CPU_CAPABILITY=avx2] [--set train.epochs=40 ...]
+                               [--work DIR] [--out FILE]
 
 Works in one copy of this repo under --work (the data stage runs once; each seed reruns train and what follows).
 Writes benchmarks/results/seeds.json.
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a params.yaml override for every seed (a candidate recipe)")
+    ap.add_argument("--stand-in", action="append", default=[], metavar="VAR=VALUE",
+                    help="also run the first seed with this environment variable set (repeatable)")
     ap.add_argument("--work", default="/tmp/trackstar-bench-seeds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/seeds.json"))
     args = ap.parse_args()
@@ -107,13 +112,17 @@ def main() -> None:
     repo = make_repo(work / "repo")
     set_params(repo, overrides)
     runs = []
-    for seed in args.seeds:
+    plan = [(seed, {}) for seed in args.seeds]
+    plan += [(args.seeds[0], dict([s.split("=", 1)])) for s in args.stand_in]
+    for seed, env in plan:
         set_param(repo, "train.seed", seed)
-        seconds, stages, _ = timed_repro(repo)
+        # a stand-in reruns every stage: its params are those of a run already made
+        seconds, stages, _ = timed_repro(repo, *(["--force"] if env else []), env=env)
         figures = seed_figures(repo)
         ok = checks(figures)
-        runs.append({"seed": seed, "repro_s": seconds, "stage_s": stages, "figures": figures, "checks": ok})
-        print(f"seed {seed}: {seconds:.0f} s, accuracy {figures['accuracy']['all']:.3f} / test "
+        runs.append({"seed": seed, "env": env, "repro_s": seconds, "stage_s": stages, "figures": figures,
+                     "checks": ok})
+        print(f"seed {seed}{''.join(f' {k}={v}' for k, v in env.items())}: {seconds:.0f} s, accuracy {figures['accuracy']['all']:.3f} / test "
               f"{figures['accuracy']['test']:.3f}, TrackStar MRR {figures['trackstar']['mrr']['all']:.3f} / test "
               f"{figures['trackstar']['mrr']['test']:.3f}; failed: {[k for k, v in ok.items() if not v] or 'none'}",
               flush=True)
@@ -123,7 +132,7 @@ def main() -> None:
                "all_seeds_pass": all(all(r["checks"].values()) for r in runs) and spread_ok,
                "thresholds": {"accuracy_min": ACCURACY_MIN, "trackstar_mrr_min": TRACKSTAR_MIN, "bm25_mrr_max": BM25_MAX,
                               "tail_patch_lift_min": TAIL_PATCH_LIFT, "trackstar_mrr_spread_max": SPREAD_MAX}}
-    params = {"seeds": args.seeds, "overrides": overrides,
+    params = {"seeds": args.seeds, "stand_ins": args.stand_in, "overrides": overrides,
               "train": yaml.safe_load((repo / "params.yaml").read_text())["train"]}
     show("seeds", write_results(Path(args.out), params, figures, at_start=code))
 

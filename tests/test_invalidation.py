@@ -66,7 +66,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "train.epochs": (1, {"train"}),
     "train.batch_size": (16, {"train"}),
     "train.lr": (0.001, {"train"}),
-    "train.weight_decay": (0.1, {"train"}),
+    "train.weight_decay": (0.0, {"train"}),
     "train.betas": ([0.9, 0.99], {"train"}),
     "train.eps": (1.0e-06, {"train"}),
     "train.grad_clip": (0.5, {"train"}),

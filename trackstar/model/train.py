@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-3  # one-cycle peak
     warmup_fraction: float = 0.1  # OneCycleLR pct_start
-    weight_decay: float = 0.0  # decay pulls unused facts' weights to zero (docs/world.md)
+    weight_decay: float = 0.1  # AdamW's decoupled decay: every seed learns the question form (docs/world.md)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
