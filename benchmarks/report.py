@@ -188,7 +188,8 @@ def readme_results() -> list[str]:
     m, model, hess = load_metrics("metrics"), load_metrics("model"), load_metrics("hessian")
     seeds = current_seeds()
     spread = seeds["summary"] if seeds else {}
-    n_seeds = f"{len(seeds['runs'])} seeds" if seeds else ""
+    stand_ins = sum(1 for x in seeds["runs"] if x.get("env")) if seeds else 0
+    n_seeds = (f"{len(seeds['runs']) - stand_ins} seeds" + (f" + {stand_ins} other-CPU" if stand_ins else "")) if seeds else ""
     lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |"
              + (f" MRR, {n_seeds}: mean [min, max] |" if seeds else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if seeds else "")]
@@ -203,7 +204,8 @@ def readme_results() -> list[str]:
               f"d = {hess['d']}, λ = {hess['lambda']:.4f}. MRR and recall over all {model['queries']} queries; "
               f"tail-patch over the first {n_tp}."]
     if seeds:
-        lines[-1] += (f" Over {n_seeds} of `train.seed` (`benchmarks/seeds.py`, {source('seeds', seeds)}): accuracy "
+        envs = sorted({f"`{k}={v}`" for x in seeds["runs"] for k, v in (x.get("env") or {}).items()})
+        lines[-1] += (f" Over {n_seeds}{' (' + ', '.join(envs) + ')' if envs else ''} (`benchmarks/seeds.py`, {source('seeds', seeds)}): accuracy "
                       f"{spread_cell(spread['accuracy']['all'])}, test half {spread_cell(spread['accuracy']['test'])}; "
                       f"TrackStar's test-half MRR {spread_cell(spread['trackstar']['mrr']['test'])}.")
     sp = root / "metrics/split.json"
