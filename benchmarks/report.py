@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -188,8 +189,7 @@ def readme_results() -> list[str]:
     m, model, hess = load_metrics("metrics"), load_metrics("model"), load_metrics("hessian")
     seeds = current_seeds()
     spread = seeds["summary"] if seeds else {}
-    stand_ins = sum(1 for x in seeds["runs"] if x.get("env")) if seeds else 0
-    n_seeds = (f"{len(seeds['runs']) - stand_ins} seeds" + (f" + {stand_ins} other-CPU" if stand_ins else "")) if seeds else ""
+    n_seeds = run_count(seeds, " + {} other-CPU") if seeds else ""
     lines = ["| method | MRR | recall@10 | tail-patch@1 | tail-patch@10 | Δp@1 | Δp@10 |"
              + (f" MRR, {n_seeds}: mean [min, max] |" if seeds else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if seeds else "")]
@@ -240,6 +240,12 @@ def current_seeds() -> dict | None:
     if not r or {k: v for k, v in r["params"]["train"].items() if k != "seed"} != train or r["params"]["overrides"]:
         return None
     return r
+
+
+def run_count(r: dict, stand_in_words: str) -> str:
+    """How many seeds a seeds.json ran ("5 seeds"), and its stand-in machine runs in `stand_in_words`'s form."""
+    stand_ins = sum(1 for x in r["runs"] if x.get("env"))
+    return f"{len(r['runs']) - stand_ins} seeds" + (stand_in_words.format(stand_ins) if stand_ins else "")
 
 
 def run_label(run: dict) -> str:
@@ -353,6 +359,7 @@ def experiments(r: dict) -> list[str]:
            "| variant | " + " | ".join(f"{m} MRR / tail-patch@10" for m in ("optimizer", "r_train", "trackstar")) + " |",
            "|---|---|---|---|"]
     for name, m in r["experiments"].items():
+        name = re.sub(r",? ?(regenerated in )?\(?session \d+\)?", "", name).strip()  # labels name when, not what
         out.append(f"| {name} | " + " | ".join(f"{m[k]['mrr']:.3f} / {m[k]['tail_patch@10']:.4f}"
                                              for k in ("optimizer", "r_train", "trackstar")) + " |")
     return out
@@ -686,8 +693,6 @@ DOC_FIGURES = [
 def trace_example_problems(readme: Path = ROOT / "README.md") -> list[str]:
     """The README's `trackstar trace` example must be a query of the default world whose top TrackStar proponent
     states its fact on every seed of benchmarks/results/seeds.json (so any machine shows what the README shows)."""
-    import re
-
     from trackstar.config import DataParams
     from trackstar.data.world import generate_fact_world, world_config
 
@@ -709,9 +714,7 @@ def seeds_phrase() -> str:
     """docs/reproducing.md's summary of the seed spread, from benchmarks/results/seeds.json."""
     r = load("seeds")
     sm = r["summary"]
-    stand_ins = sum(1 for x in r["runs"] if x.get("env"))
-    runs = f"{len(r['runs']) - stand_ins} seeds" + (f" and {stand_ins} stand-in machine runs" if stand_ins else "")
-    return (f"Over {runs}: accuracy {spread_cell(sm['accuracy']['all'])}, test half "
+    return (f"Over {run_count(r, ' and {} stand-in machine runs')}: accuracy {spread_cell(sm['accuracy']['all'])}, test half "
             f"{spread_cell(sm['accuracy']['test'])}; TrackStar MRR {spread_cell(sm['trackstar']['mrr']['all'])}, "
             f"test half {spread_cell(sm['trackstar']['mrr']['test'])} (mean [min, max]), a spread of "
             f"{sm['trackstar_mrr_spread']['test']:.3f} on the test half and {sm['trackstar_mrr_spread']['all']:.3f} on "
