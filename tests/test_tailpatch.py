@@ -1,5 +1,5 @@
-"""Tail-patch: the batched torch.func path equals a one-at-a-time autograd reference (padding
-included), is in the linear regime at small lr (first-order prediction, doubles with lr), and
+"""Tail-patch: the batched torch.func path and the one-proponent-at-a-time path (large models) equal an
+independent autograd reference (padding included), is in the linear regime at small lr (first-order prediction, doubles with lr), and
 averages over the top-k proponents and the queries."""
 
 import math
@@ -36,13 +36,14 @@ def reference_delta(model, query, passage, v, lr, eps=1e-8) -> float:
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2], ids=["llama", "tied", "gpt2"])
 @pytest.mark.parametrize("with_v", [True, False])
-def test_batched_deltas_equal_the_autograd_reference(make, with_v):
+@pytest.mark.parametrize("batch", [4, 1], ids=["vmapped", "one-at-a-time"])
+def test_batched_deltas_equal_the_autograd_reference(make, with_v, batch):
     model = make().double()
     v = {n: t.double() for n, t in random_moments(model).items()} if with_v else None
     qs = random_examples(3, seed=1, query=True)
     ps = random_examples(5, seed=2)  # lengths 4..10: every batch is padded
     pairs = [(i, p) for i in range(3) for p in ps[i:i + 3]]
-    got = batched_deltas(model, qs, pairs, Step(1e-3, v, 0, batch=4, progress=False))
+    got = batched_deltas(model, qs, pairs, Step(1e-3, v, 0, batch=batch, progress=False))
     want = [reference_delta(model, qs[i], p, v, 1e-3) for i, p in pairs]
     assert max(abs(w) for w in want) > 1e-4  # the steps move the targets
     for g, w in zip(got, want):

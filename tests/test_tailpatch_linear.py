@@ -2,6 +2,7 @@
 computed here) agrees with its first-order prediction; the random-proponent guard fires when the lr is forced
 far too large and not at the auto lr; a fixed lr still works; `auto` queries fit the budget; bad values refused."""
 
+import dataclasses
 import json
 import math
 import statistics
@@ -16,8 +17,8 @@ from trackstar.config import EvalParams, load_params, parse_params
 from trackstar.data.examples import Example, collate, per_example_loss
 from trackstar.errors import ConfigError
 from trackstar.evaluation.influence import MIN_QUERIES, auto_queries, plan_tail_patch, run_tail_patch
-from trackstar.evaluation.tailpatch import (LR_GRID, TOLERANCE, Probe, Step, probe_linearity, random_guard,
-                                            tail_patch)
+from trackstar.evaluation.tailpatch import (LR_GRID, TOLERANCE, Probe, Step, _skip_reason, pair_key, probe_linearity,
+                                            random_guard, tail_patch)
 
 
 def slope(model, query: Example, passage: Example, v, eps: float = 1e-8) -> float:
@@ -72,10 +73,50 @@ def test_auto_lr_is_the_largest_grid_lr_where_the_exact_step_matches_its_first_o
     assert errors[LR_GRID.index(want) - 1] > 1.0  # the next larger step is not linear
     for row, err in zip(probe.grid, errors):
         assert row["lr"] in LR_GRID
-        if row["lr"] >= want:  # above the noise floor: the probe's measurement is the independent one
+        if "skipped" in row:  # ruled out by the slopes alone: the independent step fails too, or is below the noise
+            assert err > 1.0 or row["lr"] < want
+        elif row["lr"] >= want:  # above the noise floor: the probe's measurement is the independent one
             assert row["error"] == pytest.approx(err, rel=1e-3)
     assert probe.reason() is None and not probe.dead
     assert probe.seconds_per_passage > 0 and probe.seconds_per_pair > 0
+
+
+def test_lrs_ruled_out_by_first_order_alone():
+    labels = ["random", "random", "top", "top", "top"]
+    base = [-3.0, -3.0, -0.4, -0.4, -4.0]  # headroom to log p = 0: 0.4, 0.4 and 4 nats for the top pairs
+    slopes = [1e3, -2e3, 1e5, 2e5, 1e5]
+    # lr 1e-5: top gains 1, 2, 1 nats: two of three beyond headroom / (1 - 0.5) = 0.8: certain to miss the tolerance
+    assert "headroom" in _skip_reason(1e-5, slopes, base, labels, noise=1e-6)
+    # lr 1e-6: gains 0.1-0.2 nats, within headroom / (1 - 0.5): it must be stepped
+    assert _skip_reason(1e-6, slopes, base, labels, noise=1e-6) is None
+    # lr 1e-12: median |prediction| 1e-7 below the noise floor 1e-6
+    assert "noise" in _skip_reason(1e-12, slopes, base, labels, noise=1e-6)
+    # a decrease (negative slope) has no ceiling: log p may fall without bound
+    assert _skip_reason(1e-2, [-1e5] * 3, [-0.1] * 3, ["top"] * 3, noise=1e-6) is None
+
+
+def test_a_skipped_lr_fails_when_stepped_anyway_and_the_probe_keeps_its_steps():
+    """A model that already predicts its targets (little headroom): the probe rules large lrs out by their
+    first-order gain alone; stepping them anyway (a one-lr grid is never skipped) shows the rule was right.
+    The probe's steps at the chosen lr are kept for tail-patch, equal to tail-patch's own."""
+    model = tiny_llama().double()
+    v = {n: t.double() for n, t in random_moments(model).items()}
+    qs = random_examples(4, seed=1, query=True)
+    groups = {"random": [(i, p) for i, p in enumerate(random_examples(4, seed=2))],
+              "top": [(i, self_passage(q)) for i, q in enumerate(qs)]}
+    step = Step(math.nan, v, 0, batch=4, progress=False)
+    probe = probe_linearity(model, qs, groups, step)
+    skipped = [r for r in probe.grid if "headroom" in r.get("skipped", "")]
+    assert skipped, [r.get("skipped") for r in probe.grid]
+    for r in skipped[:2]:
+        alone = probe_linearity(model, qs, groups, step, grid=[r["lr"]])
+        assert "skipped" not in alone.grid[0] and alone.grid[0]["error"] > 1.0
+    assert probe.chosen is not None and len(probe.measured) == 8
+    cache: dict[str, float] = {}
+    tail_patch(model, qs, {"top": [[p] for _, p in groups["top"]]}, dataclasses.replace(step, lr=probe.lr), [1], cache)
+    for i, p in groups["top"]:
+        assert cache[pair_key(qs[i], p)] > 0  # a step on the query's own text raises its target
+        assert probe.measured[pair_key(qs[i], p)] == pytest.approx(cache[pair_key(qs[i], p)], rel=1e-9, abs=1e-12)
 
 
 def test_a_step_that_moves_nothing_is_reported_dead():
@@ -123,8 +164,9 @@ def test_plan_and_run_in_a_pipeline_auto_fixed_and_forced(world, tmp_path, capsy
     tiny_llama().save_pretrained(tmp_path / "model")  # the checkpoint the memo key hashes (no optimizer state)
     plan = plan_tail_patch(model, qs, props, 0, EvalParams(), tmp_path)
     assert plan.v_source == "none" and plan.step.v_hat is None  # no Adam state, no estimate: a plain step
-    assert plan.step.lr == plan.probe.chosen in LR_GRID and len(plan.queries) == 12 and plan.pairs == 24
-    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within its first-order prediction's tolerance (random 20%, top 50%))")
+    assert plan.step.lr == plan.probe.chosen in LR_GRID and len(plan.queries) == 12
+    assert len(plan.probe.measured) == 16 and plan.pairs == 24 - 16  # the probe's 8 queries x 2 pairs are reused
+    assert plan.text().startswith(f"tail-patch plan: lr {plan.step.lr:.3g} (auto: the largest of 15 grid steps whose measured change is within its first-order prediction's tolerance (random 20%, top 50%; ")
     tp, record = run_tail_patch(model, plan)
     assert record["trustworthy"] is True and record["reasons"] == [] and record["lr_param"] == "auto"
     assert record["probe"]["chosen"] == plan.step.lr and len(record["probe"]["grid"]) == len(LR_GRID)

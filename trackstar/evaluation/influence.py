@@ -57,8 +57,10 @@ class TailPatchPlan:
     def text(self) -> str:
         """The plan line `evaluate` prints before tail-patch starts."""
         p = self.probe
+        skipped = sum("skipped" in r for r in p.grid)
         how = (f"auto: the largest of {len(p.grid)} grid steps whose measured change is within its first-order "
-               f"prediction's tolerance ({p.tolerances()})" if self.lr_param == "auto" else "eval.tail_patch_lr")
+               f"prediction's tolerance ({p.tolerances()}; {skipped} ruled out by their first-order prediction "
+               f"alone)" if self.lr_param == "auto" else "eval.tail_patch_lr")
         if p.chosen is None:
             how += f"; NOT LINEAR: {p.reason()}"
         return (f"tail-patch plan: lr {self.step.lr:.3g} ({how}); {len(self.queries)} queries "
@@ -152,6 +154,7 @@ def plan_tail_patch(model: torch.nn.Module, queries: Sequence[Example], proponen
     memo = Memo(layout.work_dir("tailpatch", root), keep=8)
     key = memo_key(model=ck, v=moments.key, lr=probe.lr, code=code)
     cache = memo.load_json("pairs", key) or {}
+    cache.update({k: v for k, v in probe.measured.items() if k not in cache})  # the probe's own steps at this lr
     estimate, passages, pairs = estimate_seconds(queries, proponents, kmax, probe, cache)
     return TailPatchPlan(dataclasses.replace(step, lr=probe.lr), e.tail_patch_lr, e.tail_patch_queries,
                          e.tail_patch_budget_s, moments.source, probe, memoized, queries, proponents, e.tail_patch_ks,

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping, Sequence
 
 import torch
@@ -84,25 +84,45 @@ def _passage_key(ex: Example) -> tuple:
 
 
 class _Stepper:
-    """The vmapped machinery every tail-patch step shares: the model's detached weights, 1 / sqrt(v_hat + eps)
-    (computed once), per-example gradients and the re-score of queries under stepped weights."""
+    """The machinery every tail-patch step shares: the model's detached weights, 1 / sqrt(v_hat + eps) (computed
+    once), per-example gradients, stepped weights written into reused buffers and the re-score of queries under
+    them. One proponent at a time (large models) runs plain autograd and a plain forward; several run vmapped."""
 
     def __init__(self, model: torch.nn.Module, step: Step):
-        self.pad_id, self.device = step.pad_id, next(model.parameters()).device
+        self.model, self.pad_id, self.device = model, step.pad_id, next(model.parameters()).device
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.inv = inverse_sqrt_moments(model, step.v_hat, step.eps)
         self._grads = vmap(grad(lambda pr, ids, mask: _target_loss(model, pr, ids, mask)), in_dims=(None, 0, 0))
         self._score = vmap(lambda pr, ids, mask: _losses(model, pr, ids, mask))
+        self._out: dict[str, torch.Tensor] = {}
 
     def gradients(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Per-example gradients of the summed loss, stacked [len(examples), *parameter shape]."""
         b = collate(list(examples), self.pad_id)
-        return self._grads(self.params, b["input_ids"].to(self.device), b["loss_mask"].to(self.device))
+        ids, mask = b["input_ids"].to(self.device), b["loss_mask"].to(self.device)
+        if len(examples) == 1:  # plain autograd: a vmap of one pays its overhead for nothing (2x on SmolLM2)
+            leaves = {n: p.requires_grad_() for n, p in ((n, p.detach()) for n, p in self.params.items())}
+            with torch.enable_grad():
+                loss = _losses(self.model, leaves, ids, mask).sum()
+                gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            return {n: (torch.zeros_like(p) if g is None else g)[None] for (n, p), g in zip(self.params.items(), gs)}
+        return self._grads(self.params, ids, mask)
 
     def stepped(self, g: Mapping[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
-        """theta - lr * g / sqrt(v_hat + eps) for each stacked gradient (new tensors; the model is untouched)."""
-        return {n: torch.addcmul(p, g[n], self.inv[n], value=-lr) if self.inv[n] is not None else p - lr * g[n]
-                for n, p in self.params.items()}
+        """theta - lr * g / sqrt(v_hat + eps) for each stacked gradient, written into buffers reused from step to
+        step (a fresh parameter-sized allocation per step costs as much as the arithmetic); the model is
+        untouched. The result is valid until the next call."""
+        b = next(iter(g.values())).shape[0]
+        out = {}
+        for n, p in self.params.items():
+            buf = self._out.get(n)
+            if buf is None or buf.shape[0] < b:
+                buf = self._out[n] = torch.empty((b, *p.shape), dtype=p.dtype, device=p.device)
+            if self.inv[n] is not None:
+                out[n] = torch.addcmul(p, g[n], self.inv[n], value=-lr, out=buf[:b])
+            else:
+                out[n] = torch.add(p, g[n], alpha=-lr, out=buf[:b])
+        return out
 
     def first_order(self, gq: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor]) -> list[float]:
         """grad L_q . g / sqrt(v_hat + eps) per stacked (query, passage) gradient pair: the first-order change
@@ -113,17 +133,23 @@ class _Stepper:
             out += (gq[n].double() * u.double()).flatten(1).sum(1)
         return out.cpu().tolist()
 
+    def _neg_losses(self, new: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-loss [weight sets, queries] of each weight set's queries: a plain forward for one weight set."""
+        with torch.no_grad():
+            if ids.shape[0] == 1:
+                return -_losses(self.model, {n: t[0] for n, t in new.items()}, ids[0], mask[0])[None]
+            return -self._score(new, ids, mask)
+
     def rescore(self, new: Mapping[str, torch.Tensor], rows: Sequence[Sequence[Example]]) -> list[list[float]]:
         """log p(target) of the queries of row b under stepped weight set b, `_QUERY_BATCH` queries of each row
-        per vmapped forward; a short row repeats its last query in the padded slots (discarded)."""
+        per forward; a short row repeats its last query in the padded slots (discarded)."""
         width = max(len(r) for r in rows)
         out: list[list[float]] = [[] for _ in rows]
         for c in range(0, width, _QUERY_BATCH):
             cols = range(c, min(c + _QUERY_BATCH, width))
             q = collate([row[min(t, len(row) - 1)] for row in rows for t in cols], self.pad_id)
             shape = (len(rows), len(cols), -1)
-            with torch.no_grad():
-                lp = -self._score(new, q["input_ids"].view(shape).to(self.device),
+            lp = self._neg_losses(new, q["input_ids"].view(shape).to(self.device),
                                   q["loss_mask"].view(shape).to(self.device))
             for b, vals in enumerate(lp.double().cpu().tolist()):
                 out[b] += vals[: max(0, min(len(rows[b]) - c, len(cols)))]
@@ -245,6 +271,8 @@ LR_GRID = tuple(10.0 ** (-e / 2) for e in range(4, 19))
 # first-order mean is ~0, so curvature is what would move the control off zero). A top proponent's step may
 # saturate (the measured gain falls short of the prediction) without losing its meaning, up to half of it.
 TOLERANCE = {"random": 0.2, "top": 0.5}
+# The probe keeps its passages' gradients between its two passes up to this many bytes, else recomputes them.
+_KEEP_BYTES = 1 << 30
 # A predicted change below this many float epsilons (of the model's dtype, in nats) is numerical noise.
 _NOISE_EPS = 100
 
@@ -264,6 +292,7 @@ class Probe:
     pairs: int
     seconds_per_passage: float
     seconds_per_pair: float
+    measured: dict[str, float] = field(default_factory=dict)  # pair_key -> change at `lr` (the probe's pairs)
 
     @property
     def lr(self) -> float:
@@ -317,6 +346,22 @@ def _tolerance(tolerance: Mapping[str, float], group: str) -> float:
     return tolerance.get(group, min(tolerance.values()))
 
 
+def _skip_reason(lr: float, slopes: Sequence[float], base: Sequence[float], labels: Sequence[str], noise: float,
+                 tolerance: Mapping[str, float] = TOLERANCE) -> str | None:
+    """Why grid lr cannot be chosen, known from the first-order slopes alone (no step needed), or None: its
+    median predicted |change| is below the noise floor (the rule never picks such a step), or more than half of
+    the top group's predicted gains exceed their headroom -log p / (1 - the group's tolerance): log p cannot rise
+    above 0, so each such pair's measured gain falls short of its prediction by more than the tolerance, and so
+    does the group's median."""
+    if statistics.median(abs(lr * a) for a in slopes) < noise:
+        return "predicted change below the noise floor"
+    tol = _tolerance(tolerance, "top")
+    top = [lr * a * (1 - tol) > -b for a, b, g in zip(slopes, base, labels) if g == "top"]
+    if tol < 1 and top and sum(top) > len(top) // 2:
+        return "first-order gain of most top pairs beyond their headroom to log p = 0 (over 1 - tolerance)"
+    return None
+
+
 def probe_linearity(model: torch.nn.Module, queries: Sequence[Example],
                     groups: Mapping[str, Sequence[tuple[int, Example]]], step: Step,
                     grid: Sequence[float] = LR_GRID, tolerance: Mapping[str, float] = TOLERANCE) -> Probe:
@@ -324,33 +369,58 @@ def probe_linearity(model: torch.nn.Module, queries: Sequence[Example],
     probe (query index, passage) pair against its first-order prediction lr * grad L_q . g / sqrt(v_hat + eps),
     and choose the largest lr at which every group's median relative error is within its `tolerance` with a median
     prediction above the noise floor. Each passage's gradient is taken once for the whole grid (`step.lr` is
-    not used); `groups` names sets of pairs (e.g. random passages, top proponents) checked separately."""
+    not used); `groups` names sets of pairs (e.g. random passages, top proponents) checked separately. Grid lrs
+    that the slopes alone rule out (`_skip_reason`) are not stepped (a grid of two or more; their row says why).
+    The measured changes at the chosen lr are kept (`Probe.measured`, by `pair_key`) for tail-patch to reuse."""
     labels = [g for g, ps in groups.items() for _ in ps]
     pairs = [p for ps in groups.values() for p in ps]
     grid = sorted(grid, reverse=True)
     st = _Stepper(model, step)
     batch = max(1, (step.batch or _batch_size(model)) // 2)  # a passage's and a query's gradient at once
     base = target_logprobs(model, [queries[i] for i, _ in pairs], step.pad_id)
+    noise = _NOISE_EPS * torch.finfo(next(model.parameters()).dtype).eps
     slopes: list[float] = []
-    measured = [[0.0] * len(pairs) for _ in grid]
-    timing: list[tuple[float, float, int]] = []
-    for s in range(0, len(pairs), batch):
+    grad_t: list[tuple[float, int]] = []
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kept: dict[int, dict[str, torch.Tensor]] = {}  # the passages' gradients, when they fit in _KEEP_BYTES
+    for s in range(0, len(pairs), batch):  # slopes first: they decide which lrs need a step at all
         idx = range(s, min(s + batch, len(pairs)))
         t0 = _clock(st.device)
         g = st.gradients([pairs[j][1] for j in idx])
         slopes += st.first_order(st.gradients([queries[pairs[j][0]] for j in idx]), g)
-        t1 = _clock(st.device)
-        for li, lr in enumerate(grid):
-            vals = st.rescore(st.stepped(g, lr), [[queries[pairs[j][0]]] for j in idx])
-            for j, row in zip(idx, vals):
-                measured[li][j] = row[0] - base[j]
-        timing.append(((t1 - t0) / (2 * len(idx)), (_clock(st.device) - t1) / (len(grid) * len(idx)), len(idx)))
-    noise = _NOISE_EPS * torch.finfo(next(model.parameters()).dtype).eps
-    rows = [_probe_row(lr, slopes, m, labels, tolerance) for lr, m in zip(grid, measured)]
-    ok = [r["lr"] for r in rows if r["predicted"] >= noise and r["error"] <= 1.0]
-    warm = timing[1:] or timing  # the first chunk carries one-time warm-up (allocations, kernels)
-    return Probe(rows, ok[0] if ok else None, tolerance, noise, all(r["predicted"] < noise for r in rows),
-                 len(pairs), statistics.median(t[0] for t in warm), statistics.median(t[1] for t in warm))
+        grad_t.append(((_clock(st.device) - t0) / (2 * len(idx)), len(idx)))
+        if len(pairs) * n_bytes <= _KEEP_BYTES:
+            kept[s] = g
+        del g
+    skip = {lr: _skip_reason(lr, slopes, base, labels, noise, tolerance) if len(grid) > 1 else None for lr in grid}
+    stepped = [lr for lr in grid if skip[lr] is None]
+    measured = {lr: [math.nan] * len(pairs) for lr in stepped}
+    step_t: list[tuple[float, int]] = []
+    if stepped:
+        for s in range(0, len(pairs), batch):
+            idx = range(s, min(s + batch, len(pairs)))
+            g = kept.pop(s) if s in kept else st.gradients([pairs[j][1] for j in idx])
+            t1 = _clock(st.device)
+            for lr in stepped:
+                vals = st.rescore(st.stepped(g, lr), [[queries[pairs[j][0]]] for j in idx])
+                for j, row in zip(idx, vals):
+                    measured[lr][j] = row[0] - base[j]
+            step_t.append(((_clock(st.device) - t1) / (len(stepped) * len(idx)), len(idx)))
+            del g
+    rows = []
+    for lr in grid:
+        if skip[lr] is None:
+            rows.append(_probe_row(lr, slopes, measured[lr], labels, tolerance))
+        else:
+            rows.append({**_probe_row(lr, slopes, [math.inf] * len(pairs), labels, tolerance), "skipped": skip[lr]})
+    ok = [r["lr"] for r in rows if "skipped" not in r and r["predicted"] >= noise and r["error"] <= 1.0]
+    warm = lambda t: statistics.median(x for x, _ in (t[1:] or t)) if t else math.nan  # noqa: E731 (1st: warm-up)
+    probe = Probe(rows, ok[0] if ok else None, tolerance, noise, all(r["predicted"] < noise for r in rows),
+                  len(pairs), warm(grad_t), warm(step_t) if step_t else warm(grad_t))
+    if probe.lr in measured:
+        probe.measured.update({pair_key(queries[i], ex): d for (i, ex), d in zip(pairs, measured[probe.lr])
+                               if math.isfinite(d)})
+    return probe
 
 
 def _clock(device: torch.device) -> float:
