@@ -106,7 +106,7 @@ def save_results(path: Path, res: dict) -> None:
     the same time, e.g. `--steps speed,bergson` next to `--steps main`) wrote meanwhile."""
     cur = load_json(path) or {}
     for k, v in res.items():
-        if k in ("step_seconds", "step_finished_utc", "step_args", "step_loadavg"):
+        if k in ("step_seconds", "step_finished_utc", "step_args", "step_loadavg", "step_commit"):
             cur[k] = {**cur.get(k, {}), **{s: x for s, x in v.items() if s in OWNED}}
         elif k in OWNED or k not in cur:
             cur[k] = v
@@ -820,6 +820,7 @@ def main() -> None:
         log(f"step {s}")
         t0, la0 = time.perf_counter(), os.getloadavg()[0]
         res.setdefault("step_args", {})[s] = res["params"]
+        res.setdefault("step_commit", {})[s] = res["commit"]  # the code each step ran (steps run at different times)
         STEP_FNS[s](args, work, res)
         res.setdefault("step_loadavg", {})[s] = {"start_1min": round(la0, 1), "end_1min": round(os.getloadavg()[0], 1)}
         res.setdefault("step_seconds", {})[s] = round(time.perf_counter() - t0, 1)
