@@ -128,9 +128,9 @@ class _Stepper:
         """grad L_q . g / sqrt(v_hat + eps) per stacked (query, passage) gradient pair: the first-order change
         of log p(target) per unit lr (the step moves theta by -lr u, and log p = -L_q)."""
         out = torch.zeros(next(iter(g.values())).shape[0], dtype=torch.float64, device=self.device)
-        for n, gp in g.items():
+        for n, gp in g.items():  # per parameter in its own dtype (a float64 copy of every gradient costs more)
             u = gp if self.inv[n] is None else gp * self.inv[n]
-            out += (gq[n].double() * u.double()).flatten(1).sum(1)
+            out += torch.linalg.vecdot(gq[n].flatten(1), u.flatten(1)).double()
         return out.cpu().tolist()
 
     def _neg_losses(self, new: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -387,8 +387,8 @@ def probe_linearity(model: torch.nn.Module, queries: Sequence[Example],
         idx = range(s, min(s + batch, len(pairs)))
         t0 = _clock(st.device)
         g = st.gradients([pairs[j][1] for j in idx])
+        grad_t.append(((_clock(st.device) - t0) / len(idx), len(idx)))
         slopes += st.first_order(st.gradients([queries[pairs[j][0]] for j in idx]), g)
-        grad_t.append(((_clock(st.device) - t0) / (2 * len(idx)), len(idx)))
         if len(pairs) * n_bytes <= _KEEP_BYTES:
             kept[s] = g
         del g
