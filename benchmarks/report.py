@@ -375,6 +375,12 @@ def real_model(r: dict) -> list[str]:
            f"{c.get('hidden_size')}, {c.get('heads')} query / {c.get('kv_heads')} key-value heads, tied embeddings: "
            f"{c.get('tie_word_embeddings')}; loading the GGUF took {c.get('load_seconds')} s "
            f"(peak RSS {c.get('peak_rss_mb')} MB)."]
+    if r.get("step_finished_utc"):
+        sc = r.get("step_commit") or {}
+        out += ["", "Each step's code and date (steps run at different times; a step without a recorded commit ran "
+                "before the script recorded one): " + ", ".join(
+                    f"{k} {('`' + sc[k][:7] + '`') if sc.get(k) else 'commit not recorded'} "
+                    f"({str(v)[:10]})" for k, v in r["step_finished_utc"].items()) + "."]
     if r.get("step_loadavg"):
         out += ["", "1-minute load average at the start / end of each step: "
                 + ", ".join(f"{k} {v['start_1min']} / {v['end_1min']}" for k, v in r["step_loadavg"].items())
@@ -451,6 +457,84 @@ def real_model(r: dict) -> list[str]:
                         + ", ".join(f"{k} {_f(v.get('mrr'))}" for k, v in mets.items()) + ".")
         out += tail_patch_checks(rd.get("tail_patch"))
     out += tailpatch_finetuned(r.get("tailpatch_finetuned") or {}) + projection_seeds(r.get("projection_seeds") or {})
+    return out
+
+
+REAL_BEGIN, REAL_END = "<!-- real-model:begin -->", "<!-- real-model:end -->"
+
+
+def real_model_summary(r: dict) -> list[str]:
+    """docs/real-models.md's measured section: the answers a user wants, every figure from results/real_model.json,
+    each step labelled with the commit it ran (step_commit, else the file's commit)."""
+    steps = r.get("step_commit") or {}
+    done = r.get("step_finished_utc") or {}
+
+    def at(step: str) -> str:
+        c = steps.get(step)
+        return f"commit `{c[:7]}`" if c else f"commit not recorded, finished {str(done.get(step, '?'))[:10]}"
+
+    ft, m, s, b = (r.get(k) or {} for k in ("finetune", "main", "speed", "bergson"))
+    gpu = (r.get("machine") or {}).get("gpu")
+    out = [f"Every figure below is from `benchmarks/results/real_model.json`, written by `benchmarks/real_model.py` "
+           f"on {(r.get('machine') or {}).get('cpus', '?')} CPU cores, {'GPU ' + str(gpu) if gpu else 'no GPU'}; each "
+           "step says the commit it ran. benchmarks/README.md has every figure of the file; these answer the "
+           "questions a user has.", ""]
+    if ft.get("train"):
+        out.append(f"- **Does a pretrained model learn the corpus?** On a slice of the fact world ({ft['passages']} "
+                   f"passages, {ft['queries']} held-out queries), {ft['epochs']} epochs of AdamW (lr {ft['lr']:g}, "
+                   f"batch {ft['batch_size']}, {ft['train']['wall_seconds']:.0f} s) take held-out accuracy from "
+                   f"{ft['accuracy_before']['accuracy']:.3f} to {ft['accuracy_after']['accuracy']:.3f} "
+                   f"({at('finetune')}).")
+    mm = (m.get("metrics") or {}).get("metrics/metrics.json") or {}
+    if mm:
+        hj = (m.get("metrics") or {}).get("hessian/hessian.json") or {}
+        ladder = " < ".join(f"{k} {mm[k]['mrr']:.3f}" for k in ("dot", "cosine", "optimizer", "r_train", "trackstar")
+                            if k in mm)
+        rec = ((m.get("metrics") or {}).get("metrics/model.json") or {}).get("tail_patch") or {}
+        ev = ((m.get("repro") or {}).get("stages") or {}).get("evaluate", {}).get("seconds")
+        asked = (m.get("params") or {}).get("projection", {}).get("d")
+        out.append(f"- **Does TrackStar find the facts on it?** With the fine-tuning's true AdamW moments at d = "
+                   f"{m.get('d'):,}" + (f" ({asked:,} asked)" if asked and asked != m.get("d") else "")
+                   + f" on {m.get('modules')} modules, Hessian `{hj.get('structure')}` ({hj.get('blocks')} blocks), "
+                   f"MRR: {ladder}; BM25 {mm.get('bm25', {}).get('mrr', float('nan')):.3f}. The whole pipeline took "
+                   f"{m['repro']['seconds']:.0f} s, `evaluate` {_f(ev, '.0f')} s of it ({at('main')}). Tail-patch@10 "
+                   f"at the lr the probe chose ({_f(rec.get('lr'), '.3g')}, {rec.get('queries')} queries): TrackStar "
+                   f"{_f(mm.get('trackstar', {}).get('tail_patch@10'), '+.4f')}, random "
+                   f"{_f(mm.get('random', {}).get('tail_patch@10'), '+.4f')}; trustworthy: {rec.get('trustworthy')}.")
+    if s.get("trackstar"):
+        ours = s["checkpoint_to_retrievals"]["seconds"]
+        line = (f"- **Without optimizer state** (`correction.kind: estimated`, per-module blocks, d = {s.get('d'):,}, "
+                f"`lm_head` left out), checkpoint → retrievals took {ours:.0f} s for TrackStar MRR "
+                f"{s['trackstar']['mrr']:.3f} ({at('speed')})")
+        if b.get("trackstar"):
+            line += (f"; bergson {b['run']['version']}'s `trackstar` on the same checkpoint, tokens and d took "
+                     f"{b['seconds']:.0f} s for MRR {b['trackstar']['mrr']:.3f} ({at('bergson')})")
+        out.append(line + ".")
+    rows = {(v["structure"], v["mix_k"]): v for v in r.get("structure") or [] if v.get("trackstar")}
+    full, mod = rows.get(("full", 20)), rows.get(("module", 20))
+    if full and mod:
+        eig = lambda v: ((v.get("stages") or {}).get("eigen") or {}).get("seconds")  # noqa: E731
+        out.append(f"- **Blocks or the full R?** On the same encodings the full {s.get('d'):,} × {s.get('d'):,} R gave "
+                   f"MRR {full['trackstar']['mrr']:.3f} at `mix_k` 20 against {mod['trackstar']['mrr']:.3f} for "
+                   f"per-module blocks, for {_f(eig(full), '.0f')} s of `eigen` ({at('structure')}).")
+    for key, what in (("readme", "The README's own-data command on the pretrained model (no optimizer state)"),
+                      ("tailpatch_finetuned", "The same command on the fine-tuned checkpoint with its AdamW state")):
+        t = r.get(key) or {}
+        if not t.get("run"):
+            continue
+        mets = (t.get("metrics") or {}).get("metrics/metrics.json") or {}
+        tp = t.get("tail_patch") or {}
+        line = (f"- **{what}**, fresh clone at `{t['commit'][:7]}`, {t.get('passages')} passages, {t.get('queries')} "
+                f"queries: {'succeeded' if t['run']['rc'] == 0 else 'FAILED'} in {t['run']['seconds']:.0f} s")
+        if mets:
+            line += f", TrackStar MRR {mets['trackstar']['mrr']:.3f} (BM25 {mets['bm25']['mrr']:.3f})"
+        if tp:
+            ts, rnd = tp["methods"].get("trackstar") or {}, tp["methods"].get("random") or {}
+            line += (f". Tail-patch@{tp['k']} at the probe's lr {_f(tp.get('lr'), '.3g')} over {tp.get('queries')} "
+                     f"queries: TrackStar {_f(ts.get('tail_patch'), '+.4f')} (SE {_f(ts.get('tail_patch_se'), '.4f')}), "
+                     f"random {_f(rnd.get('tail_patch'), '+.4f')}; `evaluate` took "
+                     f"{_f(tp.get('evaluate_share'), '.0%')} of the run")
+        out.append(line + ".")
     return out
 
 
@@ -744,11 +828,14 @@ def doc_problems(docs: Path = ROOT) -> list[str]:
 
 
 def generated() -> dict[Path, str]:
-    """README.md and benchmarks/README.md as the results files make them."""
+    """README.md, benchmarks/README.md and docs/real-models.md's measured section as the results files make them."""
     out = {}
     readme = ROOT / "README.md"
     if (ROOT / "metrics/metrics.json").exists():
         out[readme] = replace_block(readme.read_text(), README_BEGIN, README_END, readme_results())
+    real = ROOT / "docs/real-models.md"
+    if load("real_model") and REAL_BEGIN in real.read_text():
+        out[real] = replace_block(real.read_text(), REAL_BEGIN, REAL_END, real_model_summary(load("real_model")))
     bench = HERE / "README.md"
     text = bench.read_text() if bench.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     out[bench] = replace_block(text, BEGIN, END, benchmarks_block())
