@@ -94,3 +94,18 @@ def test_small_store_has_one_chunk_of_its_own_size(tmp_path):
     size = sum(p.stat().st_size for p in (tmp_path / "out.zarr").rglob("*") if p.is_file())
     assert size < 4096, size
     np.testing.assert_array_equal(StoreReader(tmp_path / "out.zarr").read_all(), x)
+
+
+def test_fp16_overflow_is_refused_with_the_fix(tmp_path):
+    """Corrected gradients can exceed float16's range: the row would be stored as inf and fail far downstream."""
+    w = StoreWriter(tmp_path / "o.zarr", tmp_path / "w", StoreSpec(10, 4, ["g"], dtype="fp16"))
+    w.prepare()
+    x = np.ones((10, 4), np.float32)
+    x[3, 2] = 7.0e4
+    with pytest.raises(Exception, match=r"array 'g', chunk 0 \(rows 0..9\): a value of magnitude 7e\+04 overflows "
+                                        r"float16 \(largest 65504\); set encode.dtype to bf16"):
+        w.write_chunk(0, {"g": x})
+    x[3, 2] = 6.0e4  # within range: written
+    w.write_chunk(0, {"g": x})
+    w.finalize()
+    assert StoreReader(tmp_path / "o.zarr").read_all()[3, 2] == np.float16(6.0e4)

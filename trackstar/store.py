@@ -135,7 +135,13 @@ class StoreWriter:
             x = rows[name]
             if x.shape != (stop - start, self.d):
                 raise ValueError(f"chunk {c} of '{name}' has shape {x.shape}, expected {(stop - start, self.d)}")
-            g[name][start:stop] = to_storage(x, self.dtype)
+            stored = to_storage(x, self.dtype)
+            if self.dtype == "fp16" and not np.isfinite(stored).all() and np.isfinite(x).all():
+                big = float(np.abs(x).max())
+                raise TrackStarError(f"{self.path}: array '{name}', chunk {c} (rows {start}..{stop - 1}): a value of "
+                                     f"magnitude {big:.4g} overflows float16 (largest {np.finfo(np.float16).max:.0f}); "
+                                     f"set encode.dtype to bf16 (same size, float32's range) or fp32")
+            g[name][start:stop] = stored
         atomic_write_text(self.done_dir / f"c{c:07d}", f"{start} {stop}\n")
 
     def finalize(self, extra_attrs: dict | None = None) -> None:
