@@ -517,6 +517,15 @@ def real_model_summary(r: dict) -> list[str]:
         out.append(f"- **Blocks or the full R?** On the same encodings the full {s.get('d'):,} × {s.get('d'):,} R gave "
                    f"MRR {full['trackstar']['mrr']:.3f} at `mix_k` 20 against {mod['trackstar']['mrr']:.3f} for "
                    f"per-module blocks, for {_f(eig(full), '.0f')} s of `eigen` ({at('structure')}).")
+    ps = r.get("projection_seeds") or {}
+    if ps.get("spread"):
+        cells = "; ".join(f"k = {k} (d = {_f(v.get('d'), ',')}, `{(v.get('hessian') or {}).get('structure')}` blocks): "
+                          f"{v['mrr_min']:.3f}–{v['mrr_max']:.3f}, spread {v['spread']:.3f}, {v['seconds_mean']:.0f} s "
+                          f"encode → retrieve, peak RSS {v['peak_rss_mb_max']:.0f} MB"
+                          for k, v in ps["spread"].items())
+        out.append(f"- **How much does the projection seed move TrackStar?** On the fine-tuned checkpoint "
+                   f"({ps.get('passages')} passages, {ps.get('queries')} queries, `correction.kind: none`), TrackStar MRR "
+                   f"over `projection.seed` {', '.join(map(str, ps['seeds']))}: {cells} ({at('projection_seeds')}).")
     for key, what in (("readme", "The README's own-data command on the pretrained model (no optimizer state)"),
                       ("tailpatch_finetuned", "The same command on the fine-tuned checkpoint with its AdamW state")):
         t = r.get(key) or {}
@@ -630,6 +639,15 @@ def tail_patch(r: dict) -> list[str]:
                    f"{x['grouped_seconds_per_query']:.1f} | {x['naive_cpu_seconds_per_query']:.1f} | "
                    f"{x['grouped_cpu_seconds_per_query']:.1f} | {x['speedup_wall']:.2f}x | {x['speedup_cpu']:.2f}x | "
                    f"{'-' if diff is None else f'{diff:.1e}'} ({x['max_abs_delta']:.1e}) |")
+    one = (r.get("real") or {}).get("one_at_a_time")
+    if one:
+        a, b = one["vmap_of_one_fresh_tensors"], one["plain_reused_buffers"]
+        out += ["", f"One proponent at a time on {r['real']['model']} ({one['passages']} passages, same run, each way "
+                f"timed twice interleaved, the second kept): a vmap of one with fresh stepped tensors "
+                f"{a['wall_seconds_per_passage']:.3f} s per passage (gradient, step, re-score), plain autograd with "
+                f"reused buffers (what `batched_deltas` does for a large model) {b['wall_seconds_per_passage']:.3f} s: "
+                f"**{one['speedup_wall']:.2f}x**; largest log-prob difference between the two "
+                f"{one['max_abs_log_prob_difference']:.1e}."]
     shares = [(k.split("_")[1], v) for k, v in r.items() if k.startswith("sharing_")]
     if shares:
         out += ["", "Sharing on these lists: " + "; ".join(

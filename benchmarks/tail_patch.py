@@ -1,5 +1,7 @@
 """Tail-patch cost: the per-(query, proponent) loop against the grouped step (one gradient per distinct
-passage, all its queries re-scored in one forward), same model, data and proponent lists, same run.
+passage, all its queries re-scored in one forward), same model, data and proponent lists, same run; and on
+--model, the two ways to step one proponent at a time (a vmap of one with fresh tensors against plain
+autograd with reused buffers, what a large model gets), same passages, same run.
 
 Per query of a fact world, 7 made-up proponent lists of k: BM25's top k, five "ladder" lists (BM25's top 2k
 reordered with seeded noise, sharing top proponents as the real ladder does) and random; no optimizer state
@@ -22,7 +24,7 @@ import torch
 from trackstar.retrieval.bm25 import bm25_search
 from trackstar.data.world import FactWorldConfig, generate_fact_world
 from trackstar.data.examples import Example, collate, pad_token_id, passage_example, per_example_loss, query_example
-from trackstar.evaluation.tailpatch import Step, batched_deltas, pair_key, target_logprobs
+from trackstar.evaluation.tailpatch import Step, _Stepper, batched_deltas, pair_key, target_logprobs
 from trackstar.methods import METHODS as ALL_METHODS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
@@ -75,6 +77,37 @@ def naive(model, qex: list[Example], pairs: list[tuple[int, Example]], pad: int,
         with torch.no_grad():
             logits = torch.func.functional_call(model, new, args=(), kwargs={"input_ids": q["input_ids"]}).logits
         out.append(-float(per_example_loss(logits, q["input_ids"], q["loss_mask"]).sum()) - base[i])
+    return out
+
+
+def one_at_a_time(model, qex: list[Example], pairs: list[tuple[int, Example]], pad: int, lr: float) -> dict:
+    """Seconds per passage of the two ways to step one proponent at a time, same passages, same run: a vmap of
+    one (per-example gradient, fresh stepped tensors, vmapped re-score: the way before the plain path) against
+    what `batched_deltas` does for a large model (plain autograd, stepped weights in reused buffers)."""
+    st = _Stepper(model, Step(lr, None, pad, progress=False))
+    inv = {n: torch.ones_like(p) for n, p in st.params.items()}
+
+    def vmapped(i: int, ex: Example) -> float:
+        b = collate([ex], pad)
+        g = st._grads(st.params, b["input_ids"], b["loss_mask"])
+        new = {n: torch.addcmul(p, g[n], inv[n], value=-lr) for n, p in st.params.items()}
+        q = collate([qex[i]], pad)
+        with torch.no_grad():
+            return -float(st._score(new, q["input_ids"][None], q["loss_mask"][None])[0, 0])
+
+    def plain(i: int, ex: Example) -> float:
+        new = st.stepped(st.gradients([ex]), lr)
+        return st.rescore(new, [[qex[i]]])[0][0]
+
+    out: dict = {"passages": len(pairs)}
+    for name, fn in (("vmap_of_one_fresh_tensors", vmapped), ("plain_reused_buffers", plain)) * 2:
+        fn(*pairs[0])  # warm-up
+        vals, w, c = clock(lambda: [fn(i, ex) for i, ex in pairs])
+        out[name] = {"wall_seconds_per_passage": round(w / len(pairs), 3), "cpu_seconds_per_passage":
+                     round(c / len(pairs), 3), "log_probs": vals}  # twice each, interleaved: the second is kept
+    a, b = out["vmap_of_one_fresh_tensors"], out["plain_reused_buffers"]
+    out["max_abs_log_prob_difference"] = max(abs(x - y) for x, y in zip(a.pop("log_probs"), b.pop("log_probs")))
+    out["speedup_wall"] = round(a["wall_seconds_per_passage"] / b["wall_seconds_per_passage"], 2)
     return out
 
 
@@ -178,6 +211,9 @@ def main() -> None:
         print(f"{label}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
         result["real"] = {"model": label, **compare(model, tok, passages, queries[: args.queries], args.k, args.lr,
                                                     args.seed, args.max_length, args.sample)}
+        qex, pairs, _ = workload(tok, passages, queries[: args.queries], args.k, args.seed, args.max_length)
+        result["real"]["one_at_a_time"] = one_at_a_time(model, qex, pairs[: args.sample], pad_token_id(tok), args.lr)
+        print(f"one at a time: {result['real']['one_at_a_time']}", flush=True)
     for n in (10, 50):  # how much sharing a larger evaluation has (counts only, no model runs)
         _, pairs, n_pass = workload(tok, passages, queries[:n], args.k, args.seed, args.max_length)
         result[f"sharing_{n}_queries"] = {"pairs_total": n * len(METHODS) * args.k, "pairs_distinct": len(pairs),
