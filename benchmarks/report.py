@@ -788,6 +788,7 @@ DOC_FIGURES = [
         f"{w['low_rank_update']['seconds']:.2f} s against {w['dense_f32_eigensolve']['seconds']:.1f} s for a dense "
         f"float32 eigensolve of the mixed R ({cited('whitening')})"))(load("whitening"))),
     DocFigure("docs/reproducing.md", lambda: seeds_phrase()),
+    DocFigure("docs/evaluation.md", lambda: tail_patch_cost_phrase()),
     DocFigure("docs/reproducing.md", lambda: determinism_phrase()),
 ]
 
@@ -810,6 +811,27 @@ def trace_example_problems(readme: Path = ROOT / "README.md") -> list[str]:
     if qid not in seeds["summary"]["trackstar_top1_relevant_every_seed"]:
         return [f"README.md: the trace example ({qid}) does not have a relevant top proponent on every seed"]
     return []
+
+
+def tail_patch_cost_phrase() -> str:
+    """docs/evaluation.md's measured cost of tail-patch on a 135M model, from benchmarks/results/real_model.json."""
+    r = load("real_model")
+    out = []
+    for key, what in (("readme", "the README's own-data command on the pretrained model (`estimated` moments"),
+                      ("tailpatch_finetuned", "the same command on the fine-tuned checkpoint (its AdamW moments")):
+        t = r.get(key) or {}
+        tp, run = t.get("tail_patch") or {}, t.get("run") or {}
+        probe = (((t.get("metrics") or {}).get("metrics/model.json") or {}).get("tail_patch") or {}).get("probe") or {}
+        if not tp:
+            continue
+        ts, rnd = tp["methods"]["trackstar"], tp["methods"]["random"]
+        out.append(f"{what}, {t['passages']} passages, {t['queries']} queries) spent {tp['evaluate_seconds']:.0f} s of "
+                   f"its {run['seconds']:.0f} s in `evaluate` ({tp['evaluate_share']:.0%}), tail-patch on "
+                   f"{tp['queries']} queries at lr {tp['lr']:.0e} with {probe.get('seconds_per_passage', 0):.2f} s per "
+                   f"passage gradient and {probe.get('seconds_per_pair', 0):.2f} s per step and re-score; TrackStar "
+                   f"{ts['tail_patch']:+.3f} against random {rnd['tail_patch']:+.3f} (SE {ts['tail_patch_se']:.3f}; "
+                   f"commit `{t['commit'][:7]}`)")
+    return ("On SmolLM2-135M on 2 CPU cores (`benchmarks/results/real_model.json`), " + "; ".join(out) + ".")
 
 
 def seeds_phrase() -> str:
