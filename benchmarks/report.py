@@ -503,12 +503,15 @@ def real_model_summary(r: dict) -> list[str]:
                    f"{_f(mm.get('random', {}).get('tail_patch@10'), '+.4f')}; trustworthy: {rec.get('trustworthy')}.")
     if s.get("trackstar"):
         ours = s["checkpoint_to_retrievals"]["seconds"]
+        mom = ((s["checkpoint_to_retrievals"].get("stages") or {}).get("moments") or {}).get("seconds")
         line = (f"- **Without optimizer state** (`correction.kind: estimated`, per-module blocks, d = {s.get('d'):,}, "
                 f"`lm_head` left out), checkpoint → retrievals took {ours:.0f} s for TrackStar MRR "
                 f"{s['trackstar']['mrr']:.3f} ({at('speed')})")
         if b.get("trackstar"):
             line += (f"; bergson {b['run']['version']}'s `trackstar` on the same checkpoint, tokens and d took "
-                     f"{b['seconds']:.0f} s for MRR {b['trackstar']['mrr']:.3f} ({at('bergson')})")
+                     f"{b['seconds']:.0f} s for MRR {b['trackstar']['mrr']:.3f} ({at('bergson')}). bergson runs "
+                     f"uncorrected: the {_f(mom, '.0f')} s of `moments` (the estimated correction) are work it does "
+                     f"not do")
         out.append(line + ".")
     rows = {(v["structure"], v["mix_k"]): v for v in r.get("structure") or [] if v.get("trackstar")}
     full, mod = rows.get(("full", 20)), rows.get(("module", 20))
