@@ -12,7 +12,7 @@ growing part). On top of --repo's params.yaml:
   hessian.train_sample = the corpus's rows   R_train from the model's own training passages only (the corpus rows
                                              come first), so MRR against N measures the haystack, not a whitening
                                              that the added passages took over
-  encode.dtype = --dtype (fp16)              half the bytes of fp32 in every store
+  encode.dtype = --dtype (bf16)              half the bytes of fp32 in every store, float32's range
   encode.save_plain = false                  no plain gradients: the ladder's rungs are not run
   retrieve.methods = []                      no ladder rungs
   eval.tail_patch_queries = 0                no tail-patch
@@ -25,7 +25,7 @@ of its outputs in dvc.lock). Per N also the disk used by the scratch repo (works
 once) and the metrics of metrics/metrics.json.
 
     nice -n 10 python benchmarks/scale.py --passages 20000,80000 [--out benchmarks/results/scale.json]
-        [--repo PATH] [--work DIR] [--keep] [--shard-size 100000] [--dtype fp16] [--set projection.d=1856]
+        [--repo PATH] [--work DIR] [--keep] [--shard-size 100000] [--dtype bf16] [--set projection.d=1856]
 
 Writes --out after every N: {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
 peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, ...}]}.
