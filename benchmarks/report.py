@@ -717,11 +717,47 @@ def kill_soak(r: dict) -> list[str]:
 
 
 # each results file's section of benchmarks/README.md, in the README's order
+def scale(r: dict) -> list[str]:
+    """The pipeline at N passages around the default world (scale.py): per N, time, memory, bytes and quality."""
+    runs = r.get("runs") or []
+    if not runs:
+        return []
+    out = [f"### The pipeline at scale (`scale.py`; {machine(r)})", "",
+           f"The default world's corpus and queries with its trained model (fixed checkpoint), plus generated haystack "
+           f"passages that state none of the queries' facts, in shards of {r['params'].get('shard_size'):,}; R_train "
+           "from the corpus rows only; stores in `encode.dtype` " + str((r['params'].get('overrides') or {})
+                                                                         .get('encode', {}).get('dtype', '?'))
+           + "; no ladder rungs, no tail-patch. Each stage one measured process, in `dvc dag` order.", "",
+           "| N | d | total s | largest stage (s) | peak RSS, largest stage (MB) | bytes written (MB) | disk (GiB) | "
+           "TrackStar MRR / recall@10 | BM25 MRR / recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in runs:
+        st = x["stages"]
+        big = max(st, key=lambda k: st[k]["seconds"])
+        rss = max(st, key=lambda k: st[k]["peak_rss_bytes"])
+        out.append(f"| {x['passages']:,} | {x['d']:,} | {x['seconds']:.0f} | `{big}` {st[big]['seconds']:.0f} | "
+                   f"`{rss}` {st[rss]['peak_rss_bytes'] / 2**20:.0f} | "
+                   f"{sum(v['bytes_written'] for v in st.values()) / 2**20:.0f} | {x['disk_used_bytes'] / 2**30:.2f} | "
+                   f"{x['mrr']['trackstar']:.3f} / {x['recall@10']['trackstar']:.3f} | "
+                   f"{x['mrr']['bm25']:.3f} / {x['recall@10']['bm25']:.3f} |")
+    if len(runs) > 1:
+        a, b = runs[0], runs[-1]
+        out += ["", f"From N = {a['passages']:,} to {b['passages']:,} ({b['passages'] / a['passages']:.1f}× the passages), "
+                "per stage, seconds and peak RSS (same run):", "",
+                "| stage | seconds | × | peak RSS (MB) | × |", "|---|---|---|---|---|"]
+        for k, v in b["stages"].items():
+            u = a["stages"].get(k)
+            ratio = lambda x, y: f"{x / y:.1f}" if u and y else "–"  # noqa: E731
+            out.append(f"| `{k}` | {v['seconds']:.1f} | {ratio(v['seconds'], u['seconds'] if u else 0)} | "
+                       f"{v['peak_rss_bytes'] / 2**20:.0f} | "
+                       f"{ratio(v['peak_rss_bytes'], u['peak_rss_bytes'] if u else 0)} |")
+    return out
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "pipeline": pipeline, "encode_throughput": encode, "retrieval": retrieval, "ann_ceiling": ceiling,
     "pipeline_ann": pipeline_ann, "read_rows": read_rows, "correction_gap": gap, "whitening": whitening,
     "hessian_memory": hessian_memory, "experiments": experiments, "d_sweep": sweep, "tail_patch": tail_patch,
-    "real_model": real_model, "kill_soak": kill_soak, "seeds": seeds, "determinism": determinism}
+    "real_model": real_model, "kill_soak": kill_soak, "seeds": seeds, "determinism": determinism, "scale": scale}
 
 
 def benchmarks_block() -> list[str]:
