@@ -100,7 +100,7 @@ class _Stepper:
         """Per-example gradients of the summed loss, stacked [len(examples), *parameter shape]."""
         b = collate(list(examples), self.pad_id)
         ids, mask = b["input_ids"].to(self.device), b["loss_mask"].to(self.device)
-        if len(examples) == 1:  # plain autograd: a vmap of one pays its overhead for nothing (2x on SmolLM2)
+        if len(examples) == 1:  # plain autograd: no vmap overhead for one (with reused buffers 1.08x per SmolLM2 step)
             leaves = {n: p.requires_grad_() for n, p in ((n, p.detach()) for n, p in self.params.items())}
             with torch.enable_grad():
                 loss = _losses(self.model, leaves, ids, mask).sum()
