@@ -22,13 +22,18 @@ DVC's cache links outputs (cache.type hardlink,symlink), so no store is paid twi
 `dvc dag` runs as `dvc repro --single-item <stage>` in topological order, each measured as one child process:
 seconds (wall), peak RSS (the largest of DVC's process and the stage's, from wait4), bytes written (the sizes
 of its outputs in dvc.lock). Per N also the disk used by the scratch repo (workspace and DVC cache, a linked file
-once) and the metrics of metrics/metrics.json.
+once), the metrics of metrics/metrics.json, a brute-force check of `retrieve`'s exact top-k and bottom-k for
+--check-queries queries (every score of the final stores in float64, a full stable sort, ids compared with
+retrievals/trackstar.jsonl), and the time the report site takes to draw its first query panel in headless
+Chromium over http (median of 3 loads, cache off).
 
     nice -n 10 python benchmarks/scale.py --passages 20000,80000 [--out benchmarks/results/scale.json]
         [--repo PATH] [--work DIR] [--keep] [--shard-size 100000] [--dtype bf16] [--set projection.d=1856]
+        [--check-queries 20] [--no-site]
 
 Writes --out after every N: {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
-peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, ...}]}.
+peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, brute_force: {...},
+site: {...}, ...}]}.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.harness
@@ -54,6 +60,8 @@ from trackstar.config import DataParams  # noqa: E402
 from trackstar.data.haystack import haystack_passages  # noqa: E402
 from trackstar.data.records import count_lines, write_jsonl  # noqa: E402
 from trackstar.data.world import world_config  # noqa: E402
+from tests.browser import Chromium  # noqa: E402
+from viewer import serve, time_loads  # noqa: E402
 
 CACHE_TYPE = "hardlink,symlink"
 
@@ -70,6 +78,8 @@ class Options:
     shard_size: int
     dtype: str
     sets: list[str]
+    check_queries: int
+    site: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -81,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--keep", action="store_true", help="keep each N's scratch repo")
     ap.add_argument("--shard-size", type=int, default=100_000, help="haystack passages per shard")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16", help="encode.dtype of the stores")
+    ap.add_argument("--check-queries", type=int, default=20, help="queries checked against a brute-force search")
+    ap.add_argument("--no-site", dest="site", action="store_false", help="skip the report site's load time")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml key (dotted) set last; VALUE is YAML")
     a = ap.parse_args(argv)
@@ -93,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     for s in a.sets:
         if "=" not in s:
             ap.error(f"--set {s!r}: expected KEY=VALUE")
-    return Options(passages, a.out, a.repo.resolve(), a.work and a.work.resolve(), a.keep, a.shard_size, a.dtype, a.sets)
+    return Options(passages, a.out, a.repo.resolve(), a.work and a.work.resolve(), a.keep, a.shard_size, a.dtype, a.sets,
+                   a.check_queries, a.site)
 
 
 def overrides(opts: Options, corpus_rows: int) -> dict:
@@ -192,6 +205,65 @@ def run_stages(repo: Path) -> dict[str, dict]:
     return stages
 
 
+def _float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    """A store's stored rows as float32 (bf16 is kept as the top 16 bits of float32)."""
+    if dtype == "bf16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)
+
+
+def _store_array(path: Path):
+    import zarr
+    g = zarr.open_group(str(path), mode="r")
+    return g["g"], g.attrs["dtype"]
+
+
+def brute_force(repo: Path, n_queries: int) -> dict:
+    """`retrieve`'s TrackStar top-k and bottom-k of n_queries queries (evenly spaced) against every score of
+    the final stores computed in float64 and fully sorted (stable, lower row first on ties): queries whose id
+    lists match exactly, and the largest score difference. Independent of the pipeline's reader and search."""
+    t0 = time.perf_counter()
+    results = [json.loads(line) for line in (repo / "retrievals/trackstar.jsonl").read_text().splitlines()]
+    pick = np.unique(np.linspace(0, len(results) - 1, n_queries).round().astype(int))
+    qa, qdtype = _store_array(repo / "encodings/final/query.zarr")
+    q = _float32(qa[:], qdtype)[pick].astype(np.float64)
+    ta, tdtype = _store_array(repo / "encodings/final/train.zarr")
+    rows = ta.chunks[0]
+    scores = np.concatenate([_float32(ta[a:a + rows], tdtype).astype(np.float64) @ q.T
+                             for a in range(0, ta.shape[0], rows)]).T  # [queries, N]
+    ids = [json.loads(line)["id"] for f in ("data/corpus.jsonl", *sorted(
+        p.relative_to(repo).as_posix() for p in (repo / "data/shards").glob("*.jsonl")))
+        for line in open(repo / f, encoding="utf-8")]
+    if len(ids) != scores.shape[1]:
+        sys.exit(f"{repo}: {len(ids)} corpus lines but {scores.shape[1]} store rows")
+    same = {"proponents": 0, "opponents": 0}
+    max_diff = 0.0
+    for row, s in zip(pick, scores):
+        r = results[row]
+        k = len(r["proponent_ids"])
+        for side, order, got_ids, got_s in (("proponents", np.argsort(-s, kind="stable")[:k], r["proponent_ids"],
+                                             r["proponent_scores"]),
+                                            ("opponents", np.argsort(s, kind="stable")[:len(r["opponent_ids"])],
+                                             r["opponent_ids"], r["opponent_scores"])):
+            same[side] += [ids[i] for i in order] == got_ids
+            max_diff = max(max_diff, float(np.abs(s[order] - np.asarray(got_s)).max()))
+    return {"queries": len(pick), "k": k, "identical_proponents": same["proponents"],
+            "identical_opponents": same["opponents"], "max_abs_score_diff": max_diff,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def site_first_panel(repo: Path, repeats: int = 3) -> dict:
+    """The report site over http in headless Chromium (cache off): median ms to its first query panel."""
+    httpd, base = serve(repo)
+    try:
+        with Chromium(timeout=300) as c:
+            c.send("Network.enable")
+            c.send("Network.setCacheDisabled", cacheDisabled=True)
+            return time_loads(c, f"{base}/report/index.html", repeats)
+    finally:
+        httpd.shutdown()
+
+
 def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
     """One N: set up, run every stage, read the metrics."""
     t0 = time.perf_counter()
@@ -202,12 +274,15 @@ def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
     stages = run_stages(repo)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     attrs = json.loads((repo / "encodings/raw/train.zarr/zarr.json").read_text())["attributes"]
+    check = brute_force(repo, opts.check_queries) if opts.check_queries else None
+    site = site_first_panel(repo) if opts.site else None
     return {"passages": n, "corpus_passages": corpus_rows, "haystack_passages": n - corpus_rows,
             "shards": len(applied["data"]["shards"]), "d": attrs["d"], "setup_seconds": round(setup_s, 2),
             "seconds": round(sum(s["seconds"] for s in stages.values()), 2), "stages": stages,
             "disk_used_bytes": disk_used(repo),
             "mrr": {m: v["mrr"] for m, v in metrics.items()},
-            "recall@10": {m: v["recall@10"] for m, v in metrics.items()}}
+            "recall@10": {m: v["recall@10"] for m, v in metrics.items()},
+            "brute_force": check, "site": site}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(scale_point(repo, opts, n, corpus_rows))
         r = runs[-1]
         print(f"N = {n}: {r['seconds']:.0f} s, MRR trackstar {r['mrr']['trackstar']:.3f} bm25 "
-              f"{r['mrr']['bm25']:.3f}, disk {r['disk_used_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
+              f"{r['mrr']['bm25']:.3f}, disk {r['disk_used_bytes'] / 2 ** 30:.2f} GiB, brute force "
+              f"{r['brute_force']}, site {r['site']}", file=sys.stderr, flush=True)
         write_results(opts.out, params, {"runs": runs})
         if not opts.keep:
             shutil.rmtree(repo)
