@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from trackstar.data.records import Passage, Query, count_lines, iter_corpus, query_record, read_queries, write_jsonl
+from trackstar.data.records import IdSet, Passage, Query, count_lines, iter_corpus, query_record, read_queries, write_jsonl
 from trackstar.data.world import RELATIONS, FactWorldConfig, generate_fact_world
 from trackstar.errors import InputError
 
@@ -273,3 +273,28 @@ def test_fact_world_contradictions_repeat_a_statement_with_another_value():
     assert 20 < half["contradiction_passages"] < 60
     with pytest.raises(ValueError, match="contradicted"):
         generate_fact_world(FactWorldConfig(contradicted=1.5))
+
+
+def test_id_set_against_a_python_set_across_flushes():
+    """IdSet (hashes, flushed into a sorted array every `buffer` ids) answers as a set of the strings does."""
+    ids = IdSet(buffer=7)
+    ref: set[str] = set()
+    for i in range(100):
+        pid = f"p{i % 60}"  # ids 60..99 repeat 0..39
+        assert ids.add(pid) == (pid not in ref)
+        ref.add(pid)
+    assert len(ids) == len(ref) == 60
+    assert all(f"p{i}" in ids for i in range(60)) and "p60" not in ids and 3 not in ids
+
+
+def test_hash_collision_is_not_a_duplicate_but_a_repeat_is(tmp_path, monkeypatch):
+    """Every id hashing alike: distinct ids still pass (confirmed on the ids), a real repeat names its first line."""
+    monkeypatch.setattr(IdSet, "_hash", staticmethod(lambda pid: 1))
+    lines = [json.dumps({"id": f"p{i}", "text": "t"}) for i in range(5)]
+    a = _write(tmp_path, "a.jsonl", "\n".join(lines) + "\n")
+    assert [x.id for x in iter_corpus(a)] == [f"p{i}" for i in range(5)]
+    b = _write(tmp_path, "b.jsonl", json.dumps({"id": "p9", "text": "t"}) + "\n" + lines[3] + "\n")
+    with pytest.raises(InputError) as ei:
+        list(iter_corpus([a, b]))
+    _expect(ei.value, b, 2, "id")
+    assert f"first on {a}:4" in str(ei.value)

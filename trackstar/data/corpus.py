@@ -4,10 +4,11 @@ larger than RAM never sits in memory. The passage text and id come from configur
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterator
 
-from trackstar.data.records import Passage, check_str, iter_corpus
+from trackstar.data.records import IdSet, Passage, check_str, iter_corpus
 from trackstar.errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -23,20 +24,27 @@ def read_passages(path: str | Path, text_column: str = "text", id_column: str = 
     if not p.is_dir() and p.suffix in (".jsonl", ".json"):
         yield from iter_corpus(p, text_field=text_column, id_field=id_column)
         return
-    rows = _batches(p, text_column, id_column, batch_rows)
-    seen: dict[str, int] = {}
+    seen = IdSet()
     n = 0
-    for batch in rows:
-        for pid, text in zip(batch[id_column], batch[text_column]):
-            n += 1
-            pid = _value(p, n, pid, id_column, allow_int=True)
-            text = _value(p, n, text, text_column)
-            if pid in seen:
-                raise InputError(str(p), f"duplicate id {pid!r} (first on row {seen[pid]})", line=n, field=id_column)
-            seen[pid] = n
-            yield Passage(pid, text)
+    for pid, text in _rows(p, text_column, id_column, batch_rows):
+        n += 1
+        pid = _value(p, n, pid, id_column, allow_int=True)
+        text = _value(p, n, text, text_column)
+        if not seen.add(pid):
+            earlier = itertools.islice(_rows(p, text_column, id_column, batch_rows), n - 1)
+            first = next((m for m, (other, _) in enumerate(earlier, start=1)
+                          if _value(p, m, other, id_column, allow_int=True) == pid), None)
+            if first is not None:
+                raise InputError(str(p), f"duplicate id {pid!r} (first on row {first})", line=n, field=id_column)
+        yield Passage(pid, text)
     if n == 0:
         raise InputError(str(p), "holds no rows")
+
+
+def _rows(p: Path, text_column: str, id_column: str, batch_rows: int) -> Iterator[tuple[object, object]]:
+    """(id, text) of every row, in order, from `_batches`."""
+    for batch in _batches(p, text_column, id_column, batch_rows):
+        yield from zip(batch[id_column], batch[text_column])
 
 
 def _value(path: Path, n: int, v, column: str, allow_int: bool = False) -> str:

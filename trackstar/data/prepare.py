@@ -14,34 +14,59 @@ from trackstar import layout
 from trackstar.atomic import atomic_write_text, replace_dir
 from trackstar.config import DataParams
 from trackstar.data.corpus import read_passages
-from trackstar.data.records import query_record, read_queries, write_jsonl
+from trackstar.data.records import IdSet, query_record, read_queries, write_jsonl
 from trackstar.data.world import generate_fact_world, world_config
 from trackstar.errors import InputError
 
 
-def copy_passages(src: str, dest: Path, p: DataParams, seen: dict[str, str]) -> int:
+class CorpusIds:
+    """The ids of the corpus files read so far (hashed, `IdSet`), to refuse one already in an earlier file."""
+
+    def __init__(self) -> None:
+        self.ids = IdSet()
+        self.files: list[str] = []
+
+    def add(self, src: str, pid: str, line: int, field: str, p: DataParams) -> None:
+        """Record pid of src's row `line`; InputError when an earlier file holds it (a hash hit is confirmed by
+        re-reading the earlier files)."""
+        if not self.ids.add(pid):
+            earlier = next((f for f in self.files if any(x.id == pid for x in read_passages(f, *columns(f, p)))), None)
+            if earlier is not None:
+                raise InputError(src, f"duplicate id {pid!r} (also in {earlier})", line=line, field=field)
+
+
+def columns(src: str, p: DataParams) -> tuple[str, str]:
+    """(text column, id column) of a corpus file: data.text_column / data.id_column, or text / id for the
+    pipeline's own jsonl (the default fields), as `copy_passages` reads it."""
+    return ("text", "id") if _plain(src, p) else (p.text_column, p.id_column)
+
+
+def _plain(src: str, p: DataParams) -> bool:
+    return Path(src).suffix == ".jsonl" and (p.text_column, p.id_column) == ("text", "id")
+
+
+def copy_passages(src: str, dest: Path, p: DataParams, seen: CorpusIds) -> int:
     """Stream one corpus file into jsonl, refusing an id already seen in an earlier file; returns the count.
     A jsonl file with the default fields is validated, then copied byte for byte."""
-    if Path(src).suffix == ".jsonl" and (p.text_column, p.id_column) == ("text", "id"):
+    if _plain(src, p):
         n = 0
         for x in read_passages(src):
             n += 1
-            if x.id in seen:
-                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", line=n, field="id")
-            seen[x.id] = src
+            seen.add(src, x.id, n, "id", p)
         shutil.copyfile(src, dest)
+        seen.files.append(src)
         return n
 
     def rows():
         for n, x in enumerate(read_passages(src, p.text_column, p.id_column), start=1):
-            if x.id in seen:
-                raise InputError(src, f"duplicate id {x.id!r} (also in {seen[x.id]})", line=n, field=p.id_column)
-            seen[x.id] = src
+            seen.add(src, x.id, n, p.id_column, p)
             yield {"id": x.id, "text": x.text}
-    return write_jsonl(dest, rows())
+    count = write_jsonl(dest, rows())
+    seen.files.append(src)
+    return count
 
 
-def write_shards(folder: Path, p: DataParams, seen: dict[str, str]) -> dict:
+def write_shards(folder: Path, p: DataParams, seen: CorpusIds) -> dict:
     """folder/: one jsonl per shard of data.shards and shards.json (name -> source, passages)."""
     folder.mkdir()
     manifest = {name: {"source": src, "passages": copy_passages(src, folder / f"{name}.jsonl", p, seen)}
@@ -56,13 +81,13 @@ def _stage(p: DataParams, tmp: Path) -> dict:
         passages, queries, stats = generate_fact_world(world_config(p))
         write_jsonl(tmp / layout.CORPUS.name, ({"id": x.id, "text": x.text} for x in passages))
         write_jsonl(tmp / layout.QUERIES.name, (query_record(q) for q in queries))
-        write_shards(tmp / layout.SHARD_DATA.name, p, {})
+        write_shards(tmp / layout.SHARD_DATA.name, p, CorpusIds())
         return stats
-    seen: dict[str, str] = {}
+    seen = CorpusIds()
     copy_passages(p.corpus, tmp / layout.CORPUS.name, p, seen)
     shards = write_shards(tmp / layout.SHARD_DATA.name, p, seen)
-    queries = read_queries(p.queries, corpus_ids=set(seen))
-    stats = {"passages": len(seen), "queries": len(queries)}
+    queries = read_queries(p.queries, corpus_ids=seen.ids)
+    stats = {"passages": len(seen.ids), "queries": len(queries)}
     if shards:
         stats["shards"] = {k: v["passages"] for k, v in shards.items()}
     shutil.copyfile(p.queries, tmp / layout.QUERIES.name)

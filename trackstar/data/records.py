@@ -8,10 +8,13 @@ queries.jsonl: {"id": str, "prompt": str, "target": str,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Container, Iterable, Iterator
+
+import numpy as np
 
 from trackstar.atomic import atomic_open
 from trackstar.errors import InputError
@@ -93,21 +96,71 @@ def _check_unicode(path, n: int, v: str, name: str) -> None:
                          line=n, field=name) from None
 
 
+class IdSet:
+    """The ids seen so far as 64-bit hashes, most of them in one sorted array: ~8 bytes an id where a set of
+    strings takes ~100-200, so checking a 10M-passage corpus for repeats costs ~80 MB. A hit may be a hash
+    collision (odds ~N^2 / 2^65): callers confirm it on the ids themselves before reporting a repeat."""
+
+    def __init__(self, buffer: int = 1 << 17):
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+        self._buffer = buffer
+
+    @staticmethod
+    def _hash(pid: str) -> int:
+        return int.from_bytes(hashlib.blake2b(pid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, str):
+            return False
+        h = self._hash(pid)
+        return h in self._recent or self._in_sorted(h)
+
+    def _in_sorted(self, h: int) -> bool:
+        i = int(np.searchsorted(self._sorted, np.uint64(h)))
+        return i < len(self._sorted) and int(self._sorted[i]) == h
+
+    def add(self, pid: str) -> bool:
+        """Record pid; False when its hash was already there (a repeat, or a collision to confirm)."""
+        h = self._hash(pid)
+        if h in self._recent or self._in_sorted(h):
+            return False
+        self._recent.add(h)
+        if len(self._recent) >= self._buffer:
+            self._sorted = np.sort(np.concatenate([self._sorted, np.fromiter(self._recent, np.uint64)]))
+            self._recent = set()
+        return True
+
+
 def iter_corpus(path, text_field: str = "text", id_field: str = "id") -> Iterator[Passage]:
     """Stream passages from corpus.jsonl, validating each line (ids must be unique). `path` may be a list
     of files read one after the other as one corpus (the base corpus, then its shards): ids unique across all."""
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
-    seen: dict[str, tuple[str, int]] = {}
-    for one in paths:
+    seen = IdSet()
+    for j, one in enumerate(paths):
         for n, obj in _iter_objects(one):
             pid = _req_str(one, n, obj, id_field)
             text = _req_str(one, n, obj, text_field)
-            if pid in seen:
-                first = seen[pid]
-                where = f"line {first[1]}" if first[0] == str(one) else f"{first[0]}:{first[1]}"
-                raise InputError(str(one), f"duplicate id {pid!r} (first on {where})", line=n, field=id_field)
-            seen[pid] = (str(one), n)
+            if not seen.add(pid):
+                first = _first_line(paths[:j + 1], id_field, pid, stop=(str(one), n))
+                if first is not None:
+                    where = f"line {first[1]}" if first[0] == str(one) else f"{first[0]}:{first[1]}"
+                    raise InputError(str(one), f"duplicate id {pid!r} (first on {where})", line=n, field=id_field)
             yield Passage(pid, text)
+
+
+def _first_line(paths: list, id_field: str, pid: str, stop: tuple[str, int]) -> tuple[str, int] | None:
+    """(file, line) where pid first occurs before `stop` (file, line), or None (the hash hit was a collision)."""
+    for one in paths:
+        for n, obj in _iter_objects(one):
+            if (str(one), n) == stop:
+                return None
+            if isinstance(obj, dict) and obj.get(id_field) == pid:
+                return str(one), n
+    return None
 
 
 def corpus_files(data_dir: str | Path = "data") -> list[Path]:
@@ -116,7 +169,7 @@ def corpus_files(data_dir: str | Path = "data") -> list[Path]:
     return [data_dir / "corpus.jsonl", *sorted((data_dir / "shards").glob("*.jsonl"))]
 
 
-def read_queries(path, corpus_ids: set[str] | None = None) -> list[Query]:
+def read_queries(path, corpus_ids: Container[str] | None = None) -> list[Query]:
     """Read and validate queries.jsonl; relevant ids are checked against corpus_ids when given."""
     out: list[Query] = []
     seen: dict[str, int] = {}
