@@ -3,7 +3,7 @@
 Corpora: `default`, the default pipeline's report/ and retrievals/ in the repo root (after `dvc repro`), and
 `synthetic`, a generated world of ~100k passages (--entities) with --queries queries and six methods of --k random
 hits each (a relevant one at a random rank in half of the queries), built by the `report` stage's function. Each
-in headless Chromium, cache off, over a localhost http.server, median of --repeats loads: the report (first panel
+in headless Chromium, cache off, served by `trackstar view` on localhost, median of --repeats loads: the report (first panel
 drawn, then a query on another data page) against the same page reading the TrackStar and BM25 result files whole
 (`?jsonl_path=...&sxs_jsonl_path=...`, as the paper's viewer does); and their bytes. Writes results/viewer.json.
 """
@@ -11,15 +11,14 @@ drawn, then a query on another data page) against the same page reading the Trac
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
 import random
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,16 +35,29 @@ HERE = ROOT / "benchmarks"
 METHODS = ["trackstar", "bm25", "dot", "cosine", "optimizer", "r_train"]
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+class View:
+    """`trackstar view --root root` on a free localhost port (what a user runs), as a child process."""
+
+    def __init__(self, root: Path):
+        exe = Path(sys.executable).parent / "trackstar"
+        self.proc = subprocess.Popen([str(exe), "view", "--root", str(root), "--port", "0", "--no-browser"],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        found = re.search(r"(http://[^/\s]+)/report/index.html", line)
+        if not found:
+            self.shutdown()
+            raise RuntimeError(f"trackstar view --root {root} printed no address: {line!r}")
+        self.base = found.group(1)
+
+    def shutdown(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
-def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """Serve root on a free localhost port from a thread."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+def serve(root: Path) -> tuple[View, str]:
+    """`trackstar view` of root, and its base address."""
+    view = View(root)
+    return view, view.base
 
 
 def synthetic(root: Path, entities: int, n_queries: int, k: int, seed: int = 0) -> dict[str, int]:
