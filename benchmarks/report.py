@@ -739,10 +739,22 @@ def scale(r: dict) -> list[str]:
                    f"{sum(v['bytes_written'] for v in st.values()) / 2**20:.0f} | {x['disk_used_bytes'] / 2**30:.2f} | "
                    f"{x['mrr']['trackstar']:.3f} / {x['recall@10']['trackstar']:.3f} | "
                    f"{x['mrr']['bm25']:.3f} / {x['recall@10']['bm25']:.3f} |")
+    checks = [x for x in runs if x.get("brute_force")]
+    if checks:
+        out += ["", "Exact search against brute force (every score of the final stores in float64, fully sorted), "
+                "and the report site's first query panel in headless Chromium (`trackstar view`, cache off):", "",
+                "| N | queries checked | identical top-k / bottom-k | largest score difference | first panel (ms) |",
+                "|---|---|---|---|---|"]
+        for x in checks:
+            c = x["brute_force"]
+            site = (x.get("site") or {}).get("first_panel_ms")
+            out.append(f"| {x['passages']:,} | {c['queries']} (k = {c['k']}) | {c['identical_proponents']} / "
+                       f"{c['identical_opponents']} | {c['max_abs_score_diff']:.1e} | {_f(site, '.0f')} |")
     if len(runs) > 1:
-        a, b = runs[0], runs[-1]
-        out += ["", f"From N = {a['passages']:,} to {b['passages']:,} ({b['passages'] / a['passages']:.1f}× the passages), "
-                "per stage, seconds and peak RSS (same run):", "",
+        a = next((x for x in runs if x["passages"] == 100_000), runs[0])
+        b = runs[-1]
+        out += ["", f"From N = {a['passages']:,} to {b['passages']:,} ({b['passages'] / a['passages']:.1f}× the passages; "
+                f"total time {b['seconds'] / a['seconds']:.1f}×), per stage, seconds and peak RSS (same run):", "",
                 "| stage | seconds | × | peak RSS (MB) | × |", "|---|---|---|---|---|"]
         for k, v in b["stages"].items():
             u = a["stages"].get(k)
@@ -750,6 +762,51 @@ def scale(r: dict) -> list[str]:
             out.append(f"| `{k}` | {v['seconds']:.1f} | {ratio(v['seconds'], u['seconds'] if u else 0)} | "
                        f"{v['peak_rss_bytes'] / 2**20:.0f} | "
                        f"{ratio(v['peak_rss_bytes'], u['peak_rss_bytes'] if u else 0)} |")
+    if (RES / "scale.png").exists():
+        out += ["", "![time and peak RSS against N](results/scale.png)"]
+    return out
+
+
+def scale_remeasure(r: dict) -> list[str]:
+    """Stages of the scale run measured again on its kept repos at a later commit (scale.py --remeasure)."""
+    runs = r.get("runs") or []
+    if not runs:
+        return []
+    base = load("scale") or {}
+    first = {x["passages"]: x for x in base.get("runs", [])}
+    out = ["### Stages re-measured on the scale run's repos (`scale.py --remeasure`)", "",
+           f"The same corpora, stores and params as the scale run (commit `{str(base.get('commit', '?'))[:7]}`), this "
+           "commit's code for the named stages; outputs compared byte for byte with the run's.", "",
+           "| N | stage | seconds | peak RSS (MB) | in the scale run: seconds / peak RSS (MB) | same outputs |",
+           "|---|---|---|---|---|---|"]
+    for x in runs:
+        for st, v in x["stages"].items():
+            old = first.get(x["passages"], {}).get("stages", {}).get(st)
+            was = f"{old['seconds']:.1f} / {old['peak_rss_bytes'] / 2**20:.0f}" if old else "–"
+            out.append(f"| {x['passages']:,} | `{st}` | {v['seconds']:.1f} | {v['peak_rss_bytes'] / 2**20:.0f} | {was} | "
+                       f"{'yes' if v['same_outputs'] else '**no**'} |")
+    return out
+
+
+def serve(r: dict) -> list[str]:
+    """`trackstar serve` latency per world (serve.py): 1 and 8 clients against a fresh `trackstar trace`."""
+    out = ["### Live tracing (`serve.py`)", "",
+           "`trackstar serve` answering the world's own queries (TrackStar, k = 10) from 1 client, then from 8 "
+           "at once (queueing included); median step times from its Server-Timing header; against "
+           "`trackstar trace --json` run as a fresh process. Each world's row names its commit and machine.", "",
+           "| world | passages | clients | p50 s | p95 s | traces/s | median encode / whiten / search / text (ms) | "
+           "traces per search | `trace` process p50 s | server peak RSS (MB) | commit, CPUs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, w in r.get("worlds", {}).items():
+        srv = w["server"]
+        for key in ("1_client", "8_clients"):
+            x = srv[key]
+            ms = x["server_ms_median"]
+            steps = " / ".join(_f(ms.get(k), ".0f") for k in ("encode", "whiten", "search", "text"))
+            out.append(f"| {label} | {w['passages']:,} | {x['clients']} | {x['p50_s']:.3f} | {x['p95_s']:.3f} | "
+                       f"{x['traces_per_s']:.2f} | {steps} | {_f(x.get('batch_mean'), '.1f')} | "
+                       f"{w['trace_cli']['p50_s']:.1f} | {srv['peak_rss_mb']:.0f} | "
+                       f"`{str(w.get('commit', r.get('commit', '?')))[:7]}`, {(w.get('machine') or r.get('machine', {})).get('cpus', '?')} |")
     return out
 
 
@@ -757,7 +814,8 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "pipeline": pipeline, "encode_throughput": encode, "retrieval": retrieval, "ann_ceiling": ceiling,
     "pipeline_ann": pipeline_ann, "read_rows": read_rows, "correction_gap": gap, "whitening": whitening,
     "hessian_memory": hessian_memory, "experiments": experiments, "d_sweep": sweep, "tail_patch": tail_patch,
-    "real_model": real_model, "kill_soak": kill_soak, "seeds": seeds, "determinism": determinism, "scale": scale}
+    "real_model": real_model, "kill_soak": kill_soak, "seeds": seeds, "determinism": determinism, "scale": scale,
+    "scale_remeasure": scale_remeasure, "serve": serve}
 
 
 def benchmarks_block() -> list[str]:

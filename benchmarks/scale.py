@@ -30,8 +30,14 @@ Chromium over http (median of 3 loads, cache off).
     nice -n 10 python benchmarks/scale.py --passages 20000,80000 [--out benchmarks/results/scale.json]
         [--repo PATH] [--work DIR] [--keep] [--shard-size 100000] [--dtype bf16] [--set projection.d=1856]
         [--check-queries 20] [--no-site]
+    python benchmarks/scale.py --remeasure bm25 --work DIR --out FILE
 
-Writes --out after every N: {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
+--remeasure STAGE,...: in every scratch repo a --keep run left under --work (n<N>/), this checkout's
+trackstar/ and stages/ replace the repo's and each named stage runs again, measured the same way (the same
+corpus, stores and params: a later commit's figures for those stages, side by side with the run's); each
+stage's outputs are compared byte for byte with what the run had written (`same_outputs`).
+
+Writes --out after every N (and beside it the plot of time and peak RSS against N, --out with .png): {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
 peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, brute_force: {...},
 site: {...}, ...}]}.
 """
@@ -71,6 +77,7 @@ class Options:
     """The command line."""
 
     passages: list[int]
+    remeasure: list[str]
     out: Path
     repo: Path
     work: Path | None
@@ -84,7 +91,7 @@ class Options:
 
 def parse_args(argv: list[str] | None = None) -> Options:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--passages", required=True, help="corpus sizes N1,N2,... (each >= the corpus's rows)")
+    ap.add_argument("--passages", default="", help="corpus sizes N1,N2,... (each >= the corpus's rows)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
     ap.add_argument("--repo", type=Path, default=ROOT, help="a built repo: data/, model/, params.yaml")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
@@ -93,11 +100,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16", help="encode.dtype of the stores")
     ap.add_argument("--check-queries", type=int, default=20, help="queries checked against a brute-force search")
     ap.add_argument("--no-site", dest="site", action="store_false", help="skip the report site's load time")
+    ap.add_argument("--remeasure", metavar="STAGE,...", help="rerun these stages in the kept repos under --work")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml key (dotted) set last; VALUE is YAML")
     a = ap.parse_args(argv)
+    remeasure = [x for x in (a.remeasure or "").split(",") if x]
+    if remeasure and (a.passages or not a.work):
+        ap.error("--remeasure takes --work (the kept repos) and no --passages")
+    if not remeasure and not a.passages:
+        ap.error("--passages is required")
     try:
-        passages = [int(x) for x in a.passages.split(",")]
+        passages = [int(x) for x in a.passages.split(",")] if a.passages else []
     except ValueError:
         ap.error(f"--passages: not a comma-separated list of integers: {a.passages!r}")
     if a.shard_size < 1:
@@ -105,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     for s in a.sets:
         if "=" not in s:
             ap.error(f"--set {s!r}: expected KEY=VALUE")
-    return Options(passages, a.out, a.repo.resolve(), a.work and a.work.resolve(), a.keep, a.shard_size, a.dtype, a.sets,
+    return Options(passages, remeasure, a.out, a.repo.resolve(), a.work and a.work.resolve(), a.keep, a.shard_size, a.dtype, a.sets,
                    a.check_queries, a.site)
 
 
@@ -285,8 +298,96 @@ def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
             "brute_force": check, "site": site}
 
 
+def grouped(stages: dict[str, dict]) -> dict[str, dict]:
+    """Stages with the per-shard ones (encode_shard@h000, ...) as one each: seconds summed, peak RSS the max."""
+    out: dict[str, dict] = {}
+    for name, v in stages.items():
+        key = name.split("@")[0] + " (all shards)" if "_shard@" in name else name
+        g = out.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
+        g["seconds"] += v["seconds"]
+        g["peak_rss_bytes"] = max(g["peak_rss_bytes"], v["peak_rss_bytes"])
+    return out
+
+
+def _growth(stages: list[dict], stage: str, key: str) -> float:
+    """How much a stage's figure grew from the first N it ran at to the largest."""
+    have = [st[stage][key] for st in stages if stage in st]
+    return have[-1] / have[0] if have[0] else 0.0
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Time and peak RSS against N (log-log): the total and the three longest stages at the largest N; the
+    largest peak RSS and the three stages whose RSS grew most (the per-shard stages summed over shards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["passages"] for r in runs]
+    stages = [grouped(r["stages"]) for r in runs]
+    last = stages[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, scale, title in [(axes[0], "seconds", 1, "wall time (s)"),
+                                  (axes[1], "peak_rss_bytes", 2 ** -20, "peak RSS (MiB)")]:
+        if key == "seconds":
+            ax.plot(ns, [r["seconds"] for r in runs], "-o", color="black", label="all stages")
+        else:
+            ax.plot(ns, [max(s[key] for s in r["stages"].values()) * scale for r in runs], "-o", color="black",
+                    label="largest of any stage")
+        rank = (lambda k: -last[k][key]) if key == "seconds" else (lambda k: -_growth(stages, k, key))
+        for stage in sorted(last, key=rank)[:3]:
+            pts = [(n, st[stage][key] * scale) for n, st in zip(ns, stages) if stage in st]
+            ax.plot(*zip(*pts), "--.", label=stage)
+        if key == "peak_rss_bytes":
+            ax.axhline(8 * 1024, color="grey", lw=0.8)
+            ax.text(ns[0], 8 * 1024 * 0.8, "hessian.memory_gb default (8 GiB)", fontsize=7, color="grey")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("passages N")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def out_digests(repo: Path, stage: str) -> dict[str, str]:
+    """path -> md5 of each output of a stage, as dvc.lock records them."""
+    entry = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {o["path"]: o.get("md5", "") for o in entry.get("outs", [])}
+
+
+def remeasure(opts: Options) -> None:
+    """--remeasure: the named stages again in each kept repo, with this checkout's library and stage scripts."""
+    runs = []
+    repos = sorted((d for d in opts.work.glob("n*") if (d / "dvc.lock").exists()), key=lambda d: int(d.name[1:]))
+    if not repos:
+        sys.exit(f"{opts.work}: no kept scratch repo (n<N>/ with a dvc.lock); run with --keep first")
+    for repo in repos:
+        for folder in ("trackstar", "stages"):
+            shutil.rmtree(repo / folder)
+            shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        before = {st: out_digests(repo, st) for st in opts.remeasure}
+        stages = {}
+        for stage in opts.remeasure:
+            m = measured([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", stage], repo,
+                         child_env(repo))
+            if m.rc:
+                sys.exit(f"dvc repro --single-item {stage} failed in {repo} ({m.rc}):\n{m.stderr[-3000:]}")
+            stages[stage] = {"seconds": round(m.seconds, 2), "peak_rss_bytes": round(m.peak_rss_mb * 2 ** 20),
+                             "bytes_written": outs_bytes(repo, stage), "cpu_seconds": round(m.cpu_seconds, 2),
+                             "same_outputs": out_digests(repo, stage) == before[stage]}
+            print(f"  N = {repo.name[1:]} {stage}: {m.seconds:.1f} s, {m.peak_rss_mb:.0f} MiB peak, same outputs "
+                  f"{stages[stage]['same_outputs']}", file=sys.stderr, flush=True)
+        runs.append({"passages": int(repo.name[1:]), "stages": stages})
+        write_results(opts.out, {"remeasure": opts.remeasure, "work": str(opts.work)}, {"runs": runs})
+    print(f"wrote {opts.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
+    if opts.remeasure:
+        return remeasure(opts)
     corpus = opts.repo / "data/corpus.jsonl"
     if not corpus.exists() or not (opts.repo / "model").is_dir():
         sys.exit(f"{opts.repo}: no data/corpus.jsonl or model/ (run `dvc repro` there first, or pass --repo)")
@@ -306,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['mrr']['bm25']:.3f}, disk {r['disk_used_bytes'] / 2 ** 30:.2f} GiB, brute force "
               f"{r['brute_force']}, site {r['site']}", file=sys.stderr, flush=True)
         write_results(opts.out, params, {"runs": runs})
+        plot(runs, opts.out.with_suffix(".png"))
         if not opts.keep:
             shutil.rmtree(repo)
     if opts.work is None and not opts.keep:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from trackstar.retrieval.bm25 import bm25_search
+from trackstar.retrieval.bm25 import bm25_search, bm25_stream
 
 # Tokenization is bm25s' documented convention (lower-case, \w\w+ words, its English stopword
 # list); the test checks scoring and ranking, so it reuses the stopword list.
@@ -151,3 +151,24 @@ def test_top_k_selection_stable_under_ties():
         k = int(rng.integers(1, 70))
         ref = sorted(range(n), key=lambda i: (-s[i], i))[:k]
         assert list(_top_k_stable(s, k)) == ref
+
+
+@pytest.mark.parametrize("k1,b,k", [(1.5, 0.75, 5), (0.9, 0.4, 9), (1.2, 1.0, 3), (2.0, 0.0, 20)])
+def test_streamed_bm25_gives_bm25s_ids_and_scores_exactly(k1, b, k):
+    """bm25_stream (two passes, batches of 2 so that merging across batches is exercised) against bm25s."""
+    want = bm25_search(CORPUS, QUERIES, k=k, k1=k1, b=b)
+    got = bm25_stream(lambda: iter(CORPUS), QUERIES, k=k, k1=k1, b=b, batch=2)
+    assert got == want
+
+
+def test_streamed_bm25_on_a_generated_world_equals_bm25s():
+    """Thousands of passages, hundreds of queries, many tied scores: the same ids and bit-equal scores."""
+    from trackstar.data.world import FactWorldConfig, generate_fact_world
+
+    passages, queries, _ = generate_fact_world(FactWorldConfig(seed=3, entities=60))
+    corpus = [(p.id, p.text) for p in passages]
+    qs = [(q.id, q.prompt + q.target) for q in queries]
+    want = bm25_search(corpus, qs, k=50)
+    got = bm25_stream(lambda: iter(corpus), qs, k=50, batch=333)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == [w[1] for w in want]

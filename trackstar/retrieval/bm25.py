@@ -21,11 +21,20 @@ share a word with the query (the rest score 0 and follow in corpus order).
 
 BM25 has no notion of opponents: results built from it carry empty opponent lists, as
 in the paper's published BM25 result files.
+
+Two ways to run it, one scoring: :class:`BM25Index` (bm25s) holds the whole corpus's sparse
+matrix and answers any query later (the trace CLI, the server); :func:`bm25_stream` (the
+`bm25` stage, whose queries are known up front) streams the corpus twice and keeps only
+the queries' terms, so its memory does not grow with N. It repeats bm25s' tokenization
+and float32 arithmetic step for step, so both give the same ids and the same scores.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+import re
+from collections import Counter
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -122,3 +131,140 @@ def bm25_search(passages: Iterable[tuple[str, str]], queries: Iterable[tuple[str
         rows, scores = index.search(qtext, k)
         out.append(([index.ids[i] for i in rows], [float(s) for s in scores]))
     return out
+
+
+_WORDS = re.compile(r"(?u)\b\w\w+\b").findall  # bm25s' default splitter
+
+
+def _tokenizer() -> Callable[[str], list[str]]:
+    """bm25s' Tokenizer(lower=True, stopwords="en", stemmer=None) as words: lower-case, \\w\\w+, no stopwords."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    stop = frozenset(STOPWORDS_EN)
+    return lambda text: [w for w in _WORDS(text.lower()) if w not in stop]
+
+
+def bm25_stream(passages: Callable[[], Iterable[tuple[str, str]]], queries: Sequence[tuple[str, str]], k: int,
+                k1: float = 1.5, b: float = 0.75, batch: int = 8192) -> list[tuple[list[str], list[float]]]:
+    """Lucene BM25 top-k of every query, as :func:`bm25_search` gives them (same ids, same scores), in two
+    streaming passes over ``passages()`` (called twice): document frequencies of the queries' terms and
+    the mean length, then scores `batch` passages at a time merged into a running top-k per query.
+    Memory: the queries' terms, one batch and Q × k hits; nothing per passage of the corpus."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k1 < 0:
+        raise ValueError(f"k1 must be >= 0, got {k1}")
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"b must be in [0, 1], got {b}")
+    tokens = _tokenizer()
+    q_terms = [tokens(text) for _, text in queries]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(t for ts in q_terms for t in ts))}
+    df = np.zeros(len(vocab), dtype=np.int64)
+    n_docs = total_len = 0
+    for _, text in passages():
+        words = tokens(text)
+        n_docs += 1
+        total_len += len(words)
+        for t in set(words).intersection(vocab):
+            df[vocab[t]] += 1
+    if n_docs == 0:
+        raise ValueError("empty corpus")
+    avgdl = np.float64(total_len) / n_docs  # as np.mean of the lengths: one float64 division of an exact sum
+    idf = np.zeros(len(vocab), dtype=np.float32)
+    for i in np.flatnonzero(df):
+        idf[i] = math.log(1 + (n_docs - int(df[i]) + 0.5) / (int(df[i]) + 0.5))
+    q_ids = [np.array([vocab[t] for t in ts], dtype=np.int64) for ts in q_terms]
+    k = min(k, n_docs)
+    top = [_Top() for _ in queries]
+    start = 0
+    for ids, texts in _batches(passages(), batch):
+        weights = _batch_weights([tokens(t) for t in texts], vocab, idf, avgdl, k1, b)
+        for qi, terms in enumerate(q_ids):
+            scores = np.zeros(len(ids), dtype=np.float32)
+            for t in terms:  # bm25s adds one query term's column after another, in float32
+                rows, w = weights.get(int(t), _NONE)
+                scores[rows] += w
+            top[qi].merge(scores, start, ids, k)
+        start += len(ids)
+    out = []
+    for t in top:
+        rows, ids, scores = t.result()
+        if len(rows) < k:  # fewer than k passages share a word: the rest score 0, in corpus order
+            ids, scores = _fill_zeros(passages(), rows, ids, scores, k)
+        out.append((ids, [float(s) for s in scores]))
+    return out
+
+
+_NONE = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
+
+
+def _batches(items: Iterable[tuple[str, str]], size: int):
+    ids: list[str] = []
+    texts: list[str] = []
+    for pid, text in items:
+        ids.append(str(pid))
+        texts.append(text)
+        if len(ids) == size:
+            yield ids, texts
+            ids, texts = [], []
+    if ids:
+        yield ids, texts
+
+
+def _batch_weights(docs: list[list[str]], vocab: dict[str, int], idf: np.ndarray, avgdl: np.float64, k1: float,
+                   b: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """term -> (rows in the batch, float32 BM25 weights) for the queries' terms, each weight computed as bm25s
+    computes its index: float32(idf * tf / (k1 * ((1 - b) + b * |D| / avgdl) + tf)) with tf float32, the
+    rest float64."""
+    rows: dict[int, list[int]] = {}
+    tfs: dict[int, list[int]] = {}
+    lengths = np.array([len(d) for d in docs], dtype=np.float64)
+    for r, words in enumerate(docs):
+        for t, n in Counter(w for w in words if w in vocab).items():
+            rows.setdefault(vocab[t], []).append(r)
+            tfs.setdefault(vocab[t], []).append(n)
+    out = {}
+    for t, rs in rows.items():
+        r = np.array(rs, dtype=np.int64)
+        tf = np.array(tfs[t], dtype=np.float32)
+        denom = k1 * ((1 - b) + b * lengths[r] / avgdl)
+        out[t] = (r, (idf[t].astype(np.float64) * (tf / (denom + tf))).astype(np.float32))
+    return out
+
+
+class _Top:
+    """A query's k best (score, row) so far, ties to the earlier row; only positive scores enter."""
+
+    def __init__(self) -> None:
+        self.scores = np.empty(0, dtype=np.float32)
+        self.rows = np.empty(0, dtype=np.int64)
+        self.ids: list[str] = []
+
+    def merge(self, scores: np.ndarray, start: int, ids: list[str], k: int) -> None:
+        cand = np.flatnonzero(scores > 0)
+        if len(self.rows) == k and len(cand):
+            cand = cand[scores[cand] > self.scores[-1]]  # a tie with the k-th loses to the earlier row
+        if not len(cand):
+            return
+        s = np.concatenate([self.scores, scores[cand]])
+        r = np.concatenate([self.rows, cand + start])
+        order = np.lexsort((r, -s.astype(np.float64)))[:k]
+        by_row = dict(zip(self.rows.tolist(), self.ids))
+        self.scores, self.rows = s[order], r[order]
+        self.ids = [by_row[int(x)] if int(x) in by_row else ids[int(x) - start] for x in self.rows]
+
+    def result(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        return self.rows, self.ids, self.scores.astype(np.float64)
+
+
+def _fill_zeros(passages: Iterable[tuple[str, str]], rows: np.ndarray, ids: list[str], scores: np.ndarray,
+                k: int) -> tuple[list[str], np.ndarray]:
+    """The hits, then the first passages in corpus order that are not hits (score 0) up to k."""
+    taken = set(rows.tolist())
+    extra = []
+    for r, (pid, _) in enumerate(passages):
+        if len(ids) + len(extra) == k:
+            break
+        if r not in taken:
+            extra.append(str(pid))
+    return ids + extra, np.concatenate([scores, np.zeros(len(extra))])
