@@ -6,15 +6,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from trackstar.evaluation.breakdown import CATEGORIES, TOP, method_breakdown, metric_names, query_breakdown
 from trackstar.model.checkpoint import load_checkpoint
 from trackstar.config import load_params
 from trackstar.data.records import corpus_files, iter_corpus, read_queries, write_jsonl
-from trackstar.evaluation.metrics import METHODS, dev_test_split, metrics_table, plot_methods, random_ranking, split_metrics
+from trackstar.evaluation.metrics import METHODS, dev_test_split, metrics_table, plot_methods, random_rows, split_metrics
 from trackstar.data.examples import pad_token_id, passage_example, query_example
 from trackstar.evaluation.predict import predict
 from trackstar.retrieval.results import read_results
 from trackstar.runner import run_main
+from trackstar.serve.passages import PassageText
 from trackstar.evaluation.influence import AUTO_QUERIES, plan_tail_patch, run_tail_patch
 
 
@@ -28,9 +31,11 @@ def main() -> None:
     for path in sorted(Path("retrievals/ladder").glob("*.jsonl")):
         rankings[path.stem] = read_results(path)
     ranked = {m: {r.example_id: r.proponent_ids for r in res} for m, res in rankings.items()}
-    passage_ids = [p.id for p in iter_corpus(corpus_files())]
+    corpus = PassageText(corpus_files())  # one byte offset per passage, not its id
     k = max(len(v) for v in ranked["trackstar"].values())
-    ranked["random"] = dict(zip([q.id for q in queries], random_ranking(passage_ids, len(queries), k, e.seed)))
+    rows = random_rows(len(corpus), len(queries), k, e.seed)
+    found = corpus.get(np.concatenate(rows).tolist()) if rows else {}
+    ranked["random"] = {q.id: [found[int(j)].id for j in idx] for q, idx in zip(queries, rows)}
     metrics = metrics_table(ranked, relevant)
 
     sample = queries[: AUTO_QUERIES if e.tail_patch_queries == "auto" else e.tail_patch_queries]

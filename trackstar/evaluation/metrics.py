@@ -154,8 +154,8 @@ def split_metrics(method_rankings: Mapping[str, Mapping[str, Sequence[str]]],
     return out
 
 
-def random_ranking(passage_ids: Sequence[str], n_queries: int, k: int, seed: int) -> list[list[str]]:
-    """Seeded random proponents: for query i, min(k, N) distinct passage ids drawn uniformly.
+def random_rows(n: int, n_queries: int, k: int, seed: int) -> list[np.ndarray]:
+    """Seeded random proponent rows: for query i, min(k, n) distinct rows of 0..n-1 drawn uniformly.
 
     Query i uses the generator ``np.random.default_rng([seed, i])``, so its draw does not
     depend on n_queries or on the other queries.
@@ -164,16 +164,15 @@ def random_ranking(passage_ids: Sequence[str], n_queries: int, k: int, seed: int
         raise ValueError(f"k must be >= 1, got {k}")
     if n_queries < 0:
         raise ValueError(f"n_queries must be >= 0, got {n_queries}")
-    n = len(passage_ids)
     if n == 0:
         raise ValueError("no passages to draw from")
     kk = min(k, n)
-    out = []
-    for i in range(n_queries):
-        rng = np.random.default_rng([int(seed), i])
-        idx = rng.choice(n, size=kk, replace=False)
-        out.append([passage_ids[int(j)] for j in idx])
-    return out
+    return [np.random.default_rng([int(seed), i]).choice(n, size=kk, replace=False) for i in range(n_queries)]
+
+
+def random_ranking(passage_ids: Sequence[str], n_queries: int, k: int, seed: int) -> list[list[str]]:
+    """`random_rows` as passage ids (row j is passage_ids[j])."""
+    return [[passage_ids[int(j)] for j in idx] for idx in random_rows(len(passage_ids), n_queries, k, seed)]
 
 
 def plot_methods(metrics: Mapping[str, Mapping[str, Any]], out_png: str | os.PathLike, title: str | None = None) -> None:
