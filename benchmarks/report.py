@@ -756,15 +756,58 @@ def scale(r: dict) -> list[str]:
         out += ["", f"From N = {a['passages']:,} to {b['passages']:,} ({b['passages'] / a['passages']:.1f}× the passages; "
                 f"total time {b['seconds'] / a['seconds']:.1f}×), per stage, seconds and peak RSS (same run):", "",
                 "| stage | seconds | × | peak RSS (MB) | × |", "|---|---|---|---|---|"]
-        for k, v in b["stages"].items():
-            u = a["stages"].get(k)
+        sa, sb = _by_stage(a["stages"]), _by_stage(b["stages"])
+        for k, v in sb.items():
+            u = sa.get(k)
             ratio = lambda x, y: f"{x / y:.1f}" if u and y else "–"  # noqa: E731
             out.append(f"| `{k}` | {v['seconds']:.1f} | {ratio(v['seconds'], u['seconds'] if u else 0)} | "
                        f"{v['peak_rss_bytes'] / 2**20:.0f} | "
                        f"{ratio(v['peak_rss_bytes'], u['peak_rss_bytes'] if u else 0)} |")
+    if len(runs) > 1:
+        out += ["", *scale_projection(runs)]
     if (RES / "scale.png").exists():
         out += ["", "![time and peak RSS against N](results/scale.png)"]
     return out
+
+
+def _by_stage(stages: dict[str, dict]) -> dict[str, dict]:
+    """Stages with the per-shard ones (encode_shard@h000, ...) as one row each: seconds summed over the shards,
+    peak RSS the largest."""
+    out: dict[str, dict] = {}
+    for name, v in stages.items():
+        key = name.split("@")[0] + "@* (all shards)" if "_shard@" in name else name
+        g = out.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
+        g["seconds"] += v["seconds"]
+        g["peak_rss_bytes"] = max(g["peak_rss_bytes"], v["peak_rss_bytes"])
+    return out
+
+
+def _linear(a: float, b: float, na: int, nb: int, n: int) -> float:
+    """The line through (na, a) and (nb, b) at n."""
+    return b + (b - a) / (nb - na) * (n - nb)
+
+
+def scale_projection(runs: list[dict], n: int = 10_000_000) -> list[str]:
+    """What a run of n passages would take here, from the measured slopes between the last two N (time and
+    disk linear in N; peak RSS per stage as measured, since no stage's grows with N by design)."""
+    a, b = runs[-2], runs[-1]
+    secs = _linear(a["seconds"], b["seconds"], a["passages"], b["passages"], n)
+    disk = _linear(a["disk_used_bytes"], b["disk_used_bytes"], a["passages"], b["passages"], n)
+    return [f"Projected from the slopes between N = {a['passages']:,} and {b['passages']:,} (time and disk linear "
+            f"in N, at the same d = {b['d']:,} and store dtype): N = {n:,} would take about {secs / 3600:.1f} h on "
+            f"this machine and {disk / 2**30:.0f} GiB of disk (the shards' encodes, about "
+            f"{sum(v['seconds'] for k, v in b['stages'].items() if k.startswith('encode_shard@')) / (b['passages'] - b['corpus_passages']) * 1e6 / 3600:.2f} h "
+            "per million passages, are independent stages that can run on as many machines as there are shards)."]
+
+
+def scale_phrase() -> str:
+    """README.md's measured line about the largest scale run, from benchmarks/results/scale.json."""
+    r = load("scale")
+    b = r["runs"][-1]
+    peak = max(v["peak_rss_bytes"] for v in b["stages"].values())
+    return (f"{b['passages']:,} passages (d = {b['d']:,}, bf16 stores) took {b['seconds'] / 3600:.1f} h here on 2 CPU "
+            f"cores, no stage above {peak / 2**30:.1f} GiB of RAM, {b['disk_used_bytes'] / 2**30:.0f} GiB of disk; "
+            f"TrackStar MRR {b['mrr']['trackstar']:.3f} (BM25 {b['mrr']['bm25']:.3f})")
 
 
 def scale_remeasure(r: dict) -> list[str]:
@@ -887,6 +930,7 @@ DOC_FIGURES = [
     DocFigure("docs/reproducing.md", lambda: seeds_phrase()),
     DocFigure("docs/evaluation.md", lambda: tail_patch_cost_phrase()),
     DocFigure("docs/reproducing.md", lambda: determinism_phrase()),
+    DocFigure("README.md", lambda: scale_phrase()),
 ]
 
 
