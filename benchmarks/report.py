@@ -819,15 +819,16 @@ def scale_remeasure(r: dict) -> list[str]:
     first = {x["passages"]: x for x in base.get("runs", [])}
     out = ["### Stages re-measured on the scale run's repos (`scale.py --remeasure`)", "",
            f"The same corpora, stores and params as the scale run (commit `{str(base.get('commit', '?'))[:7]}`), this "
-           "commit's code for the named stages; outputs compared byte for byte with the run's.", "",
-           "| N | stage | seconds | peak RSS (MB) | in the scale run: seconds / peak RSS (MB) | same outputs |",
+           "commit's code for the named stages; outputs compared byte for byte with what the repo held before (the "
+           "run's outputs, or an earlier re-measure's).", "",
+           "| N | stage | seconds | peak RSS (MB) | in the scale run: seconds / peak RSS (MB) | outputs that differ |",
            "|---|---|---|---|---|---|"]
     for x in runs:
         for st, v in x["stages"].items():
             old = first.get(x["passages"], {}).get("stages", {}).get(st)
             was = f"{old['seconds']:.1f} / {old['peak_rss_bytes'] / 2**20:.0f}" if old else "–"
             out.append(f"| {x['passages']:,} | `{st}` | {v['seconds']:.1f} | {v['peak_rss_bytes'] / 2**20:.0f} | {was} | "
-                       f"{'yes' if v['same_outputs'] else '**no**'} |")
+                       f"{', '.join(f'`{c}`' for c in v.get('changed_outputs', [])) or 'none'} |")
     return out
 
 

@@ -35,7 +35,7 @@ Chromium over http (median of 3 loads, cache off).
 --remeasure STAGE,...: in every scratch repo a --keep run left under --work (n<N>/), this checkout's
 trackstar/ and stages/ replace the repo's and each named stage runs again, measured the same way (the same
 corpus, stores and params: a later commit's figures for those stages, side by side with the run's); each
-stage's outputs are compared byte for byte with what the run had written (`same_outputs`).
+stage's outputs are compared byte for byte with what the repo held before (`changed_outputs`, `same_outputs`).
 
 Writes --out after every N (and beside it the plot of time and peak RSS against N, --out with .png): {commit, params, machine, runs: [{passages, stages: {<stage>: {seconds,
 peak_rss_bytes, bytes_written, cpu_seconds}}, mrr: {trackstar, bm25, random}, recall@10: {...}, brute_force: {...},
@@ -376,9 +376,11 @@ def remeasure(opts: Options) -> None:
                 sys.exit(f"dvc repro --single-item {stage} failed in {repo} ({m.rc}):\n{m.stderr[-3000:]}")
             stages[stage] = {"seconds": round(m.seconds, 2), "peak_rss_bytes": round(m.peak_rss_mb * 2 ** 20),
                              "bytes_written": outs_bytes(repo, stage), "cpu_seconds": round(m.cpu_seconds, 2),
-                             "same_outputs": out_digests(repo, stage) == before[stage]}
-            print(f"  N = {repo.name[1:]} {stage}: {m.seconds:.1f} s, {m.peak_rss_mb:.0f} MiB peak, same outputs "
-                  f"{stages[stage]['same_outputs']}", file=sys.stderr, flush=True)
+                             "changed_outputs": sorted(k for k, v in out_digests(repo, stage).items()
+                                                       if before[stage].get(k) != v)}
+            stages[stage]["same_outputs"] = not stages[stage]["changed_outputs"]
+            print(f"  N = {repo.name[1:]} {stage}: {m.seconds:.1f} s, {m.peak_rss_mb:.0f} MiB peak, changed outputs "
+                  f"{stages[stage]['changed_outputs']}", file=sys.stderr, flush=True)
         runs.append({"passages": int(repo.name[1:]), "stages": stages})
         write_results(opts.out, {"remeasure": opts.remeasure, "work": str(opts.work)}, {"runs": runs})
     print(f"wrote {opts.out}")
