@@ -3,7 +3,8 @@
 POST /api/trace for the pipeline's own queries from 1 client, then from 8 threads at once (p50 / p95, queueing
 included, and throughput); the median time of each step from the Server-Timing header; the server's start-up
 time and peak RSS (VmHWM); against --cli-runs runs of `trackstar trace ... --json` as a fresh process (wall and
-CPU seconds, peak RSS). Writes results/serve.json under --label, keeping the other labels' figures.
+CPU seconds, peak RSS). Writes results/serve.json under --label, keeping the other labels' figures (each label
+records the commit and machine it ran on).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def post(base: str, body: dict) -> tuple[float, dict[str, float]]:
     conn.close()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {data[:300]!r}")
-    steps = {}
+    steps = {"batch": 1.0}  # traces searched together with this one (the server says when more than one)
     for part in (r.getheader("Server-Timing") or "").split(","):
         if ";dur=" in part:
             name, dur = part.strip().split(";dur=")
             steps[name] = float(dur)
+        elif part.strip().startswith("batch;desc="):
+            steps["batch"] = float(part.strip().split("=", 1)[1])
     return seconds, steps
 
 
@@ -60,10 +63,11 @@ def latencies(base: str, bodies: list[dict], clients: int) -> dict:
         done = list(pool.map(lambda b: post(base, b), bodies))
     wall = time.perf_counter() - t0
     secs = [s for s, _ in done]
-    steps = {k: round(statistics.median(t[k] for _, t in done if k in t), 2) for k in done[0][1]}
+    steps = {k: round(statistics.median(t[k] for _, t in done if k in t), 2) for k in done[0][1] if k != "batch"}
     return {"clients": clients, "requests": len(bodies), "p50_s": round(percentile(secs, 0.5), 4),
             "p95_s": round(percentile(secs, 0.95), 4), "mean_s": round(statistics.mean(secs), 4),
-            "traces_per_s": round(len(bodies) / wall, 2), "server_ms_median": steps}
+            "traces_per_s": round(len(bodies) / wall, 2), "server_ms_median": steps,
+            "batch_mean": round(statistics.mean(t["batch"] for _, t in done), 2)}
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -151,7 +155,7 @@ def main() -> None:
             server.kill()
     cli = cli_baseline(root, bodies, args.cli_runs)
     print("trackstar trace (fresh process):", json.dumps(cli), flush=True)
-    figures = {"passages": sum(count_lines(f) for f in corpus_files(root / "data")), "queries": len(queries),
+    figures = {"commit": harness.commit(), "machine": harness.machine(), "passages": sum(count_lines(f) for f in corpus_files(root / "data")), "queries": len(queries),
                "server": {"startup_s": round(startup, 2), "peak_rss_mb": round(rss, 1), "1_client": one,
                           "8_clients": eight},
                "trace_cli": cli, "cli_over_server_p50": round(cli["p50_s"] / one["p50_s"], 1)}

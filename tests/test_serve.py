@@ -22,7 +22,7 @@ import pytest
 from tests.browser import Chromium
 from tests.pipeline import run, set_param
 from trackstar.data.records import read_queries
-from trackstar.errors import ArtifactMismatch, TrackStarError
+from trackstar.errors import ArtifactMismatch, InputError, TrackStarError
 from trackstar.serve.app import Limits, access_for, create_app, listen, uvicorn_server
 from trackstar.serve.tracer import Traced, TraceRequest, Tracer
 
@@ -215,6 +215,22 @@ def test_an_exception_inside_the_model_is_a_500_and_the_server_lives_on(server, 
     assert status == 200 and rec["proponent_ids"]
 
 
+def test_traces_searched_together_answer_as_each_alone(tracer, queries):
+    """trace_many: TrackStar requests of the same k share one search, with each one's own answer (same ids,
+    scores to float rounding); a bad request in the batch gets its own error and the rest are answered."""
+    reqs = [TraceRequest(q.prompt, q.target, k, m) for q, k, m in
+            zip(queries[:6], [10, 10, 5, 10, 10, 5], ["trackstar", "trackstar", "trackstar", "bm25", "trackstar", "trackstar"])]
+    bad = TraceRequest(queries[6].prompt, queries[6].target, 10, "nope")
+    got = tracer.trace_many([*reqs[:3], bad, *reqs[3:]])
+    assert isinstance(got[3], InputError) and got[3].field == "method"
+    for req, done in zip(reqs, got[:3] + got[4:]):
+        alone = tracer.trace(req)
+        assert done.record["proponent_ids"] == alone.record["proponent_ids"]
+        assert done.record["opponent_ids"] == alone.record["opponent_ids"]
+        assert done.record["proponent_scores"] == pytest.approx(alone.record["proponent_scores"], abs=1e-5)
+        assert done.seconds.get("batch", 1) == {"trackstar": 3 if req.k == 10 else 2}.get(req.method, 1)
+
+
 class _SlowTracer:
     """A stand-in tracer whose traces wait for a gate: the queue bound is what is tested."""
 
@@ -224,13 +240,10 @@ class _SlowTracer:
         self.gate = threading.Event()
         self.started = threading.Semaphore(0)
 
-    def check(self, req: TraceRequest) -> None:
-        pass
-
-    def trace(self, req: TraceRequest) -> Traced:
+    def trace_many(self, reqs: list[TraceRequest]) -> list[Traced]:
         self.started.release()
         assert self.gate.wait(30)
-        return Traced({"example_id": "trace", "proponent_ids": []}, {"search": 0.0})
+        return [Traced({"example_id": "trace", "proponent_ids": []}, {"search": 0.0}) for _ in reqs]
 
     def info(self) -> dict[str, Any]:
         return {"methods": self.methods}

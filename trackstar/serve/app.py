@@ -51,6 +51,7 @@ class Limits:
     chars: int = 8_000  # prompt or target, before tokenizing (tokens are then checked against gradients.max_length)
     k: int = 100  # proponents / opponents per trace
     queue: int = 32  # traces waiting or running; more get 503
+    batch: int = 8  # traces the worker takes at once (TrackStar ones share one search)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class TraceApi:
     def __init__(self, tracer: "Tracer", access: Access, limits: Limits):
         self.tracer, self.access, self.limits = tracer, access, limits
         self.pending = 0  # traces queued or running (touched only on the event loop)
+        self.waiting: list[tuple["TraceRequest", asyncio.Future]] = []  # queued, not yet taken by the worker
+        self.draining = False  # a _drain task is feeding the worker
         self.pool: ThreadPoolExecutor | None = None
 
     def authorize(self, request: Request) -> None:
@@ -186,24 +189,58 @@ class TraceApi:
                 raise Refused(503, f"busy: {self.pending} traces are queued; retry shortly", None, {"Retry-After": "1"})
             self.pending += 1
             try:
-                done = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, req)
+                done = await self._submit(req)
             finally:
                 self.pending -= 1
         except Refused as e:
             return _error(e)
-        timing = ", ".join(f"{k};dur={1000 * v:.2f}" for k, v in done.seconds.items())
+        timing = ", ".join(f"{k};dur={1000 * v:.2f}" for k, v in done.seconds.items() if k != "batch")
+        if "batch" in done.seconds:
+            timing += f", batch;desc={int(done.seconds['batch'])}"
         return JSONResponse(done.record, headers={**HEADERS, "Cache-Control": "no-store", "Server-Timing": timing})
 
-    def _run(self, req: "TraceRequest") -> "Traced":
-        """On the worker thread: the token-length check, then the trace; errors become Refused."""
+    async def _submit(self, req: "TraceRequest") -> "Traced":
+        """Queue a trace and wait for it. The single worker thread takes every trace waiting when it is free
+        (up to `Limits.batch`) as one batch: TrackStar traces in a batch share one search."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self.waiting.append((req, fut))
+        if not self.draining:
+            self.draining = True
+            loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.tracer.check(req)
-            return self.tracer.trace(req)
-        except InputError as e:
-            raise Refused(422, str(e), e.field) from None
-        except Exception as e:  # noqa: BLE001 - a failure inside the model must not take the server down
-            log.exception("trace failed: %r", req)
-            raise Refused(500, f"the trace failed inside the server: {type(e).__name__}: {e}") from None
+            while self.waiting:
+                batch, self.waiting = self.waiting[:self.limits.batch], self.waiting[self.limits.batch:]
+                try:
+                    results = await loop.run_in_executor(self.pool, self._run, [r for r, _ in batch])
+                except Exception as e:  # noqa: BLE001 - the worker itself failed: every trace of the batch says so
+                    results = [Refused(500, f"the trace failed inside the server: {type(e).__name__}: {e}")] * len(batch)
+                for (_, fut), res in zip(batch, results):
+                    if fut.done():
+                        continue
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+        finally:
+            self.draining = False
+
+    def _run(self, reqs: list["TraceRequest"]) -> list["Traced | Refused"]:
+        """On the worker thread: the token-length checks, then the traces; errors become Refused."""
+        out: list["Traced | Refused"] = []
+        for req, done in zip(reqs, self.tracer.trace_many(reqs)):
+            if isinstance(done, InputError):
+                out.append(Refused(422, str(done), done.field))
+            elif isinstance(done, Exception):  # a failure inside the model must not take the server down
+                log.error("trace failed: %r", req, exc_info=done)
+                out.append(Refused(500, f"the trace failed inside the server: {type(done).__name__}: {done}"))
+            else:
+                out.append(done)
+        return out
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette):

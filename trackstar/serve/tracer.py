@@ -157,23 +157,75 @@ class Tracer:
                              f"gradients.max_length={self.max_length} (shorten it; it is never cut here)", field="prompt")
 
     def trace(self, req: TraceRequest) -> Traced:
-        """Top (and, for gradient methods, bottom) k passages of one request, with their texts."""
-        seconds: dict[str, float] = {}
-        extra: dict[str, Any] = {"method": req.method}
-        target = req.target
-        if target is None:
-            t0 = time.perf_counter()
-            target = extra["prediction"] = self.greedy_answer(req.prompt)
-            seconds["answer"] = time.perf_counter() - t0
-            if not target.strip():
-                raise InputError(REQUEST, f"the model's greedy answer {target!r} is empty: give a target", field="target")
-        if req.method == "bm25":
-            t0 = time.perf_counter()
-            rows, scores = self.bm25.search(req.prompt + target, req.k)
-            seconds["search"] = time.perf_counter() - t0
-            top, bottom = (rows, scores), (np.empty(0, dtype=np.int64), np.empty(0))
-        else:
-            top, bottom = self._gradient_search(req.prompt, target, req, seconds)
+        """Top (and, for gradient methods, bottom) k passages of one request, with their texts (no length check:
+        the prompt is cut as the pipeline cuts it)."""
+        done = self.trace_many([req], check=False)[0]
+        if isinstance(done, Exception):
+            raise done
+        return done
+
+    def trace_many(self, reqs: Sequence[TraceRequest], check: bool = True) -> list[Traced | Exception]:
+        """Each request's trace (after `check` when asked), or the exception it raised (the others are still
+        answered). TrackStar requests
+        asking for the same k share one search: a `flat` index is one pass over the final store for all
+        of them instead of one each (the pass is most of a trace's time on a large store)."""
+        out: list[Traced | Exception | None] = [None] * len(reqs)
+        batched: dict[int, list[tuple[int, TraceRequest, str, dict, dict, np.ndarray]]] = {}
+        for i, req in enumerate(reqs):
+            try:
+                if check:
+                    self.check(req)
+                seconds: dict[str, float] = {}
+                extra: dict[str, Any] = {"method": req.method}
+                target = self._target(req, seconds, extra)
+                if req.method == "trackstar":
+                    batched.setdefault(req.k, []).append((i, req, target, extra, seconds,
+                                                          self._trackstar_query(req.prompt, target, seconds)))
+                    continue
+                if req.method == "bm25":
+                    t0 = time.perf_counter()
+                    rows, scores = self.bm25.search(req.prompt + target, req.k)
+                    seconds["search"] = time.perf_counter() - t0
+                    top, bottom = (rows, scores), (np.empty(0, dtype=np.int64), np.empty(0))
+                else:
+                    top, bottom = self._rung_search(req, target, seconds)
+                out[i] = self._record(req, target, extra, seconds, top, bottom)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own answer
+                out[i] = e
+        for k, group in batched.items():
+            try:
+                t0 = time.perf_counter()
+                ts, ti, bs, bi = self.searcher.search(np.concatenate([g[5] for g in group]), k)
+                took = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                for g in group:
+                    out[g[0]] = e
+                continue
+            for j, (i, req, target, extra, seconds, _) in enumerate(group):
+                seconds["search"] = took
+                if len(group) > 1:
+                    seconds["batch"] = len(group)
+                (s, r), (bs_j, bi_j) = valid_hits(ts[j], ti[j]), valid_hits(bs[j], bi[j])
+                try:
+                    out[i] = self._record(req, target, extra, seconds, (r, s), (bi_j, bs_j))
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+        return out  # type: ignore[return-value]
+
+    def _target(self, req: TraceRequest, seconds: dict[str, float], extra: dict[str, Any]) -> str:
+        """The request's target, or the model's greedy answer (recorded as `prediction`) when it gave none."""
+        if req.target is not None:
+            return req.target
+        t0 = time.perf_counter()
+        target = extra["prediction"] = self.greedy_answer(req.prompt)
+        seconds["answer"] = time.perf_counter() - t0
+        if not target.strip():
+            raise InputError(REQUEST, f"the model's greedy answer {target!r} is empty: give a target", field="target")
+        return target
+
+    def _record(self, req: TraceRequest, target: str, extra: dict[str, Any], seconds: dict[str, float],
+                top: tuple[np.ndarray, np.ndarray], bottom: tuple[np.ndarray, np.ndarray]) -> Traced:
+        """The trace's record from (rows, scores) of its top and bottom hits, their texts looked up."""
         t0 = time.perf_counter()
         found = self.passages.get(np.concatenate([top[0], bottom[0]]).tolist())
         texts = {p.id: p.text for p in found.values()}
@@ -182,10 +234,8 @@ class Tracer:
         seconds["text"] = time.perf_counter() - t0
         return Traced(record, seconds)
 
-    def _gradient_search(self, prompt: str, target: str, req: TraceRequest, seconds: dict[str, float]):
-        """((top rows, scores), (bottom rows, scores)) of TrackStar or a ladder rung."""
-        from trackstar.hessian.whitening import whiten
-
+    def _encode(self, prompt: str, target: str, seconds: dict[str, float]):
+        """(corrected, plain) gradient encodings of the query example, [1, d] each."""
         t0 = time.perf_counter()
         try:
             example = self.enc.query_example(prompt, target)
@@ -193,18 +243,26 @@ class Tracer:
             raise InputError(REQUEST, str(e), field="target") from None
         g, plain = self.enc.encode([example])
         seconds["encode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if req.method == "trackstar":
-            q = whiten(g, self.w_mix, normalize=True)
-            seconds["whiten"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ts, ti, bs, bi = self.searcher.search(q, req.k)
-        else:
-            from trackstar.retrieval.ladder import rung_search
+        return g, plain
 
-            train, w = self.rungs[req.method]
-            ts, ti, bs, bi = rung_search(req.method, plain if RUNGS[req.method].array == "g_plain" else g,
-                                         train, w, req.k)
+    def _trackstar_query(self, prompt: str, target: str, seconds: dict[str, float]) -> np.ndarray:
+        """The whitened, unit-norm query row [1, d] that TrackStar searches with."""
+        from trackstar.hessian.whitening import whiten
+
+        g, _ = self._encode(prompt, target, seconds)
+        t0 = time.perf_counter()
+        q = whiten(g, self.w_mix, normalize=True)
+        seconds["whiten"] = time.perf_counter() - t0
+        return q
+
+    def _rung_search(self, req: TraceRequest, target: str, seconds: dict[str, float]):
+        """((top rows, scores), (bottom rows, scores)) of a ladder rung."""
+        from trackstar.retrieval.ladder import rung_search
+
+        g, plain = self._encode(req.prompt, target, seconds)
+        t0 = time.perf_counter()
+        train, w = self.rungs[req.method]
+        ts, ti, bs, bi = rung_search(req.method, plain if RUNGS[req.method].array == "g_plain" else g, train, w, req.k)
         seconds["search"] = time.perf_counter() - t0
         (ts, ti), (bs, bi) = valid_hits(ts[0], ti[0]), valid_hits(bs[0], bi[0])
         return (ti, ts), (bi, bs)
