@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -128,13 +129,17 @@ def main() -> None:
               for q in (queries * (args.requests // len(queries) + 1))[:args.requests]]
 
     t0 = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen([sys.executable, "-m", "trackstar.cli", "serve", "--root", str(root), "--port", "0",
                                "--no-browser"], cwd=root, env=harness.child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                              stderr=log, text=True, start_new_session=True)
     try:
         line = server.stdout.readline()
+        while line and " at http://" not in line:  # a library's own output before the address
+            line = server.stdout.readline()
         if " at http://" not in line:
-            raise RuntimeError(f"trackstar serve did not start (exit {server.poll()}): {line!r}")
+            log.seek(0)
+            raise RuntimeError(f"trackstar serve did not start (exit {server.poll()}): {line!r}\n{log.read()[-3000:]}")
         startup = time.perf_counter() - t0
         base = line.split(" at http://")[1].split("/")[0]
         for b in bodies[:3]:  # warm-up: first-call allocations, page cache
