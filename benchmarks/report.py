@@ -800,6 +800,20 @@ def scale_projection(runs: list[dict], n: int = 10_000_000) -> list[str]:
             "per million passages, are independent stages that can run on as many machines as there are shards)."]
 
 
+def serve_phrase() -> str:
+    """docs/serve.md's measured latencies, from benchmarks/results/serve.json."""
+    r = load("serve")
+    parts = []
+    for label, w in r["worlds"].items():
+        one, eight = w["server"]["1_client"], w["server"]["8_clients"]
+        parts.append(f"{label} ({w['passages']:,} passages): p50 {one['p50_s']:.2f} s from 1 client (search "
+                     f"{one['server_ms_median']['search'] / 1000:.2f} s of it), {eight['p50_s']:.2f} s from 8 at once "
+                     f"({eight['traces_per_s']:.2f} traces/s, {eight.get('batch_mean', 1):.1f} traces per search), "
+                     f"against {w['trace_cli']['p50_s']:.1f} s for `trackstar trace` as a fresh process; server peak RSS "
+                     f"{w['server']['peak_rss_mb'] / 1024:.1f} GiB (commit `{str(w.get('commit', r['commit']))[:7]}`)")
+    return "Measured on 2 CPU cores (`benchmarks/results/serve.json`): " + "; ".join(parts) + "."
+
+
 def scale_phrase() -> str:
     """README.md's measured line about the largest scale run, from benchmarks/results/scale.json."""
     r = load("scale")
@@ -932,6 +946,7 @@ DOC_FIGURES = [
     DocFigure("docs/evaluation.md", lambda: tail_patch_cost_phrase()),
     DocFigure("docs/reproducing.md", lambda: determinism_phrase()),
     DocFigure("README.md", lambda: scale_phrase()),
+    DocFigure("docs/serve.md", lambda: serve_phrase()),
 ]
 
 
