@@ -66,7 +66,7 @@ from trackstar.config import DataParams  # noqa: E402
 from trackstar.data.haystack import haystack_passages  # noqa: E402
 from trackstar.data.records import count_lines, write_jsonl  # noqa: E402
 from trackstar.data.world import world_config  # noqa: E402
-from tests.browser import Chromium  # noqa: E402
+from tests.browser import Chromium, find_chromium  # noqa: E402
 from viewer import serve, time_loads  # noqa: E402
 
 CACHE_TYPE = "hardlink,symlink"
@@ -288,7 +288,14 @@ def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     attrs = json.loads((repo / "encodings/raw/train.zarr/zarr.json").read_text())["attributes"]
     check = brute_force(repo, opts.check_queries) if opts.check_queries else None
-    site = site_first_panel(repo) if opts.site else None
+    site = None
+    if opts.site:
+        try:
+            find_chromium()
+            site = site_first_panel(repo)
+        except FileNotFoundError as e:  # the run's figures stand without it; say why it is missing
+            site = {"skipped": str(e)}
+            print(f"  site check skipped: {e}", file=sys.stderr, flush=True)
     return {"passages": n, "corpus_passages": corpus_rows, "haystack_passages": n - corpus_rows,
             "shards": len(applied["data"]["shards"]), "d": attrs["d"], "setup_seconds": round(setup_s, 2),
             "seconds": round(sum(s["seconds"] for s in stages.values()), 2), "stages": stages,
