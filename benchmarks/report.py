@@ -756,7 +756,7 @@ def scale(r: dict) -> list[str]:
         out += ["", f"From N = {a['passages']:,} to {b['passages']:,} ({b['passages'] / a['passages']:.1f}× the passages; "
                 f"total time {b['seconds'] / a['seconds']:.1f}×), per stage, seconds and peak RSS (same run):", "",
                 "| stage | seconds | × | peak RSS (MB) | × |", "|---|---|---|---|---|"]
-        sa, sb = _by_stage(a["stages"]), _by_stage(b["stages"])
+        sa, sb = by_stage(a["stages"]), by_stage(b["stages"])
         for k, v in sb.items():
             u = sa.get(k)
             ratio = lambda x, y: f"{x / y:.1f}" if u and y else "–"  # noqa: E731
@@ -770,7 +770,7 @@ def scale(r: dict) -> list[str]:
     return out
 
 
-def _by_stage(stages: dict[str, dict]) -> dict[str, dict]:
+def by_stage(stages: dict[str, dict]) -> dict[str, dict]:
     """Stages with the per-shard ones (encode_shard@h000, ...) as one row each: seconds summed over the shards,
     peak RSS the largest."""
     out: dict[str, dict] = {}

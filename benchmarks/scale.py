@@ -67,6 +67,7 @@ from trackstar.data.haystack import haystack_passages  # noqa: E402
 from trackstar.data.records import count_lines, write_jsonl  # noqa: E402
 from trackstar.data.world import world_config  # noqa: E402
 from tests.browser import Chromium, find_chromium  # noqa: E402
+from report import by_stage  # noqa: E402
 from viewer import serve, time_loads  # noqa: E402
 
 CACHE_TYPE = "hardlink,symlink"
@@ -305,17 +306,6 @@ def scale_point(repo: Path, opts: Options, n: int, corpus_rows: int) -> dict:
             "brute_force": check, "site": site}
 
 
-def grouped(stages: dict[str, dict]) -> dict[str, dict]:
-    """Stages with the per-shard ones (encode_shard@h000, ...) as one each: seconds summed, peak RSS the max."""
-    out: dict[str, dict] = {}
-    for name, v in stages.items():
-        key = name.split("@")[0] + " (all shards)" if "_shard@" in name else name
-        g = out.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
-        g["seconds"] += v["seconds"]
-        g["peak_rss_bytes"] = max(g["peak_rss_bytes"], v["peak_rss_bytes"])
-    return out
-
-
 def _growth(stages: list[dict], stage: str, key: str) -> float:
     """How much a stage's figure grew from the first N it ran at to the largest."""
     have = [st[stage][key] for st in stages if stage in st]
@@ -331,7 +321,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ns = [r["passages"] for r in runs]
-    stages = [grouped(r["stages"]) for r in runs]
+    stages = [by_stage(r["stages"]) for r in runs]
     last = stages[-1]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, scale, title in [(axes[0], "seconds", 1, "wall time (s)"),
