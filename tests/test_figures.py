@@ -33,6 +33,7 @@ def test_the_check_fails_when_a_doc_figure_differs(tmp_path, monkeypatch):
     phrase = report.DOC_FIGURES[0].phrase()
     doc.write_text((ROOT / "docs/pipeline.md").read_text().replace(phrase, phrase.replace("minutes", "min")))
     shutil.copytree(ROOT / "docs", tmp_path / "docs", dirs_exist_ok=True, ignore=lambda d, names: ["pipeline.md"])
+    shutil.copyfile(ROOT / "README.md", tmp_path / "README.md")  # README.md quotes figures too
     assert report.doc_problems(tmp_path) == [f"docs/pipeline.md: lacks {phrase!r}"]
 
 
