@@ -15,7 +15,7 @@ from tests.harness import ROOT, child_env, git, set_param  # noqa: F401 (the tes
 
 TINY = {
     "data": {"entities": 12, "relations": 2, "paraphrases": 2, "distractors_per_entity": 1, "contradicted": 0.0,
-             "query_wording": "held_out"},
+             "digests": 0.0, "query_wording": "held_out"},
     "model": {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "vocab_size": 300},
     "train": {"epochs": 2},
     "projection": {"k": 4},

@@ -1,10 +1,11 @@
 import json
 import os
+import re
 
 import pytest
 
 from trackstar.data.records import IdSet, Passage, Query, count_lines, iter_corpus, query_record, read_queries, write_jsonl
-from trackstar.data.world import RELATIONS, FactWorldConfig, generate_fact_world
+from trackstar.data.world import RELATIONS, FactWorldConfig, generate_fact_world, world_names
 from trackstar.errors import InputError
 
 GOOD_P = '{"id": "p1", "text": "Alpha was born in Beta."}'
@@ -140,11 +141,11 @@ def _entity_of(prompt):
 
 def test_fact_world_deterministic_and_consistent(tmp_path):
     cfg = FactWorldConfig(seed=3, entities=30, relations=4, paraphrases=3, distractors_per_entity=2, contradicted=0.0,
-                          query_wording="held_out")
+                          digests=0.0, query_wording="held_out")
     p1, q1, s1 = generate_fact_world(cfg)
     p2, q2, s2 = generate_fact_world(cfg)
     assert p1 == p2 and q1 == q2 and s1 == s2
-    p3, _, _ = generate_fact_world(FactWorldConfig(seed=4, entities=30, contradicted=0.0, query_wording="held_out"))
+    p3, _, _ = generate_fact_world(FactWorldConfig(seed=4, entities=30, contradicted=0.0, digests=0.0, query_wording="held_out"))
     assert [p.text for p in p3] != [p.text for p in p1]
 
     n_qa = round(0.5 * 30)
@@ -253,8 +254,8 @@ def test_fact_world_lexical_realism():
 def test_fact_world_contradictions_repeat_a_statement_with_another_value():
     """`contradicted` adds, for that share of facts, one of the fact's own statements word for word with another
     value of the same relation; queries and their relevant ids are those of the world without it."""
-    plain_p, plain_q, _ = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=0.0, query_wording="held_out"))
-    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=1.0, query_wording="held_out"))
+    plain_p, plain_q, _ = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=0.0, digests=0.0, query_wording="held_out"))
+    passages, queries, stats = generate_fact_world(FactWorldConfig(seed=1, entities=20, contradicted=1.0, digests=0.0, query_wording="held_out"))
     assert stats["contradiction_passages"] == stats["facts"] == 80
     assert len(passages) == len(plain_p) + 80
     extra = sorted(p.text for p in passages)
@@ -273,6 +274,38 @@ def test_fact_world_contradictions_repeat_a_statement_with_another_value():
     assert 20 < half["contradiction_passages"] < 60
     with pytest.raises(ValueError, match="contradicted"):
         generate_fact_world(FactWorldConfig(contradicted=1.5))
+
+
+def test_fact_world_digests_join_two_true_facts_of_question_trained_entities():
+    """`digests` adds that share of two-statement passages, each a true fact of an entity that has Q/A passages (so
+    of no queried entity); the queries, their relevant passages and every other passage are those without it."""
+    cfg = dict(seed=3, entities=30, query_wording="held_out")
+    plain_p, plain_q, plain_s = generate_fact_world(FactWorldConfig(**cfg, digests=0.0))
+    passages, queries, stats = generate_fact_world(FactWorldConfig(**cfg, digests=0.1))
+    assert stats["digest_passages"] == round(0.1 * len(plain_p)) and plain_s["digest_passages"] == 0
+    extra = sorted(p.text for p in passages)
+    for t in (p.text for p in plain_p):
+        extra.remove(t)
+    assert len(extra) == stats["digest_passages"]
+    qa = {p.text for p in plain_p if p.text.startswith("Q:")}
+    queried, entities = {q.entity for q in plain_q}, world_names(FactWorldConfig(**cfg)).entities
+    for t in extra:
+        halves = [h.strip() + "." for h in t.split(".")[:-1]]
+        assert len(halves) == 2 and " ".join(halves) == t, t
+        for h in halves:  # a statement template filled with an entity's true value, known from its Q/A passage
+            fills = [(m["e"], r, m["v"]) for r in RELATIONS for tpl in r.statements
+                     if (m := re.fullmatch(re.escape(tpl.format(e="ENTITY", v="VALUE"))
+                                           .replace("ENTITY", r"(?P<e>\w+)").replace("VALUE", r"(?P<v>\w+)"), h))
+                     and m["e"] in entities]
+            assert len(fills) == 1, (h, fills)
+            e, r, v = fills[0]
+            assert e not in queried and f"Q: {r.train_question.format(e=e)} A: {v}." in qa, h
+    by_id = {p.id: p.text for p in passages}
+    plain_by_id = {p.id: p.text for p in plain_p}
+    assert [(q.prompt, q.target, sorted(by_id[r] for r in q.relevant_ids)) for q in queries] == \
+        [(q.prompt, q.target, sorted(plain_by_id[r] for r in q.relevant_ids)) for q in plain_q]
+    with pytest.raises(ValueError, match="digests"):
+        generate_fact_world(FactWorldConfig(digests=1.5))
 
 
 def test_id_set_against_a_python_set_across_flushes():

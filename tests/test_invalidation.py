@@ -50,6 +50,7 @@ EXPECTED: dict[str, tuple[object, set[str]]] = {
     "data.confuser_true_value": (0.25, {"data"}),
     "data.near_miss_fraction": (0.1, {"data"}),
     "data.contradicted": (0.5, {"data"}),
+    "data.digests": (0.1, {"data"}),
     "data.query_wording": ("training", {"data"}),  # the test pipeline asks in the held_out wording
     "data.text_column": ("body", {"data"}),
     "data.id_column": ("doc_id", {"data"}),

@@ -37,6 +37,7 @@ class DataParams(_Section):
     confuser_true_value: float = Field(0.75, ge=0.0, le=1.0)
     near_miss_fraction: float = Field(0.3, ge=0.0, le=0.5)
     contradicted: float = Field(1.0, ge=0.0, le=1.0)
+    digests: float = Field(0.1, ge=0.0, le=1.0)  # two-fact passages about question-trained entities, per other passage
     query_wording: Literal["held_out", "training"] = "training"  # queries' question: one no passage uses, or the Q/A one
     text_column: str = Field("text", min_length=1)  # field / column holding the passage (files: jsonl, parquet, arrow)
     id_column: str = Field("id", min_length=1)  # field / column holding the passage id
@@ -72,7 +73,7 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(60, ge=0)
+    epochs: int = Field(54, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -1,5 +1,5 @@
 """The generated fact world: invented entities, facts written as paraphrased passages, distractors,
-confusers, near-miss names and contradictions, and held-out queries with the passages that state them."""
+confusers, near-miss names, contradictions and two-fact digests, and held-out queries with the passages that state them."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class FactWorldConfig:
     near_miss_fraction: float = _D.near_miss_fraction  # entities named as another entity with a different ending
     # share of facts with one statement repeated naming another value (corpora disagree)
     contradicted: float = _D.contradicted
+    # two-fact passages ("A was born in X. B plays the Y.") per other passage, about question-trained entities only,
+    # so no digest is relevant to a query: longer than a statement, so their gradients are larger
+    digests: float = _D.digests
     # the queries' question: "held_out" (a wording no passage uses) or "training" (the Q/A passages' own wording,
     # asked about entities that have no Q/A passage)
     query_wording: str = _D.query_wording
@@ -212,6 +215,8 @@ def _check(cfg: FactWorldConfig) -> None:
         raise ValueError("near_miss_fraction must be in [0, 0.5]")
     if not 0.0 <= cfg.contradicted <= 1.0:
         raise ValueError("contradicted must be in [0, 1]")
+    if not 0.0 <= cfg.digests <= 1.0:
+        raise ValueError("digests must be in [0, 1]")
     if cfg.query_wording not in ("held_out", "training"):
         raise ValueError(f"query_wording must be held_out or training, got {cfg.query_wording!r}")
 
@@ -286,11 +291,20 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
             raw.append((t.format(e=entities[ei], v=drng.choice([x for x in values[rname] if x != v])),
                         "contradiction", None))
 
+    grng = random.Random(f"{cfg.seed}-digests")
+    qa_facts = sorted(k for k in facts if k[0] in qa_entities)
+    for _ in range(int(round(cfg.digests * len(raw))) if qa_facts else 0):
+        parts = []
+        for ei, rname in grng.sample(qa_facts, min(2, len(qa_facts))):
+            r = next(x for x in rels if x.name == rname)
+            parts.append(grng.choice(r.statements).format(e=entities[ei], v=facts[(ei, rname)]))
+        raw.append((" ".join(parts), "digest", None))
+
     rng.shuffle(raw)
     width = max(6, len(str(len(raw) - 1)))
     passages: list[Passage] = []
     support: dict[tuple[int, str], list[str]] = {}
-    kinds = {"statement": 0, "question": 0, "distractor": 0, "confuser": 0, "contradiction": 0}
+    kinds = {"statement": 0, "question": 0, "distractor": 0, "confuser": 0, "contradiction": 0, "digest": 0}
     for i, (text, kind, key) in enumerate(raw):
         pid = f"p{i:0{width}d}"
         passages.append(Passage(pid, text))
@@ -325,6 +339,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         "distractor_passages": kinds["distractor"],
         "confuser_passages": kinds["confuser"],
         "contradiction_passages": kinds["contradiction"],
+        "digest_passages": kinds["digest"],
         "near_miss_entities": int(round(cfg.near_miss_fraction * cfg.entities)),
         "question_trained_entities": len(qa_entities),
         "queries": len(queries),
