@@ -12,12 +12,12 @@ from trackstar.evaluation.breakdown import CATEGORIES, TOP, method_breakdown, me
 from trackstar.model.checkpoint import load_checkpoint
 from trackstar.config import load_params
 from trackstar.data.records import corpus_files, iter_corpus, read_queries, write_jsonl
+from trackstar.data.rows import PassageText
 from trackstar.evaluation.metrics import METHODS, dev_test_split, metrics_table, plot_methods, random_rows, split_metrics
 from trackstar.data.examples import pad_token_id, passage_example, query_example
 from trackstar.evaluation.predict import predict
 from trackstar.retrieval.results import read_results
 from trackstar.runner import run_main
-from trackstar.serve.passages import PassageText
 from trackstar.evaluation.influence import AUTO_QUERIES, plan_tail_patch, run_tail_patch
 
 

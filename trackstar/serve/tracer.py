@@ -20,10 +20,10 @@ import numpy as np
 from trackstar import layout
 from trackstar.config import Params, load_params
 from trackstar.data.records import Query, corpus_files, iter_corpus
+from trackstar.data.rows import PassageText
 from trackstar.errors import ArtifactMismatch, InputError
 from trackstar.methods import RUNGS
 from trackstar.retrieval.results import Hits, make_result, valid_hits
-from trackstar.serve.passages import PassageText
 
 BASE_METHODS = ("trackstar", "bm25")
 MAX_ANSWER_TOKENS = 16  # a greedy answer stops at end-of-text, a newline or this many tokens
