@@ -29,8 +29,8 @@ class FactWorldConfig:
     near_miss_fraction: float = _D.near_miss_fraction  # entities named as another entity with a different ending
     # share of facts with one statement repeated naming another value (corpora disagree)
     contradicted: float = _D.contradicted
-    # two-fact passages ("A was born in X. B plays the Y.") per other passage, about question-trained entities only,
-    # so no digest is relevant to a query: longer than a statement, so their gradients are larger
+    # two-fact passages ("A was born in X. B plays the Y.", the shortest wordings) per other passage, about
+    # question-trained entities only, so no digest is relevant to a query
     digests: float = _D.digests
     # the queries' question: "held_out" (a wording no passage uses) or "training" (the Q/A passages' own wording,
     # asked about entities that have no Q/A passage)
@@ -297,7 +297,7 @@ def generate_fact_world(cfg: FactWorldConfig) -> tuple[list[Passage], list[Query
         parts = []
         for ei, rname in grng.sample(qa_facts, min(2, len(qa_facts))):
             r = next(x for x in rels if x.name == rname)
-            parts.append(grng.choice(r.statements).format(e=entities[ei], v=facts[(ei, rname)]))
+            parts.append(r.statements[0].format(e=entities[ei], v=facts[(ei, rname)]))  # the shortest wording
         raw.append((" ".join(parts), "digest", None))
 
     rng.shuffle(raw)
